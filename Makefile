@@ -1,0 +1,40 @@
+# tmr-ray: the README's commands. `make demo` and `make test` install what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tmr-installed
+export RAY_USAGE_STATS_ENABLED ?= 0
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+export AWS_EC2_METADATA_DISABLED ?= true
+export TOKENIZERS_PARALLELISM ?= false
+export PYTHONUNBUFFERED ?= 1
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+# torch goes first so nothing pulls a CUDA build; the stamp makes a second run take seconds.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test,plots]"
+	@touch $(STAMP)
+
+demo: install
+	$(PY) -m jobs.run_demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m benchmarks.run_all
+
+lint: install
+	$(PY) -m ruff check tmr_core jobs serve tests benchmarks
+
+clean:
+	rm -rf outputs .cache mlruns mlflow.db .pytest_cache

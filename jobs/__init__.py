@@ -1,0 +1,1 @@
+"""Ray job entrypoints: one file per job, run as ``python -m jobs.<verb_noun>``."""

@@ -1,0 +1,408 @@
+"""One typed config system for every job: defaults < ``--config FILE.yaml`` < ``--key value``.
+
+A job declares a dataclass whose fields are built with :func:`opt` (type, default, one-line doc).
+:func:`parse_config` resolves the precedence chain, parses every value by its field's type and
+collects *all* problems before raising one :class:`ConfigError`, so a user fixes a config in one go.
+
+    @dataclass
+    class Config:
+        batch_size: int = opt(8, "Rows per batch.")
+        data: DataConfig = opt(DataConfig, "Where the tables live.")
+
+    cfg = parse_config(Config, argv, prog="jobs.my_job")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+_MISSING = dataclasses.MISSING
+
+
+class ConfigError(ValueError):
+    """All problems found in a config, one per line, each naming where it came from."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def opt(default: Any, doc: str) -> Any:
+    """A config field with a default and a one-line doc.
+
+    A dataclass type or a mutable value (list, dict) becomes a ``default_factory``.
+    """
+    if isinstance(default, type) and dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=default, metadata={"doc": doc})
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+# --------------------------------------------------------------------------- type handling
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + "|".join(str(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        inner = " | ".join(_type_name(a) for a in args)
+        return f"{inner} or null" if len(args) < len(get_args(tp)) else inner
+    if origin in (list, tuple):
+        args = get_args(tp)
+        return f"list[{_type_name(args[0])}]" if args else "list"
+    if origin is dict:
+        k, v = get_args(tp) or (str, Any)
+        return f"dict[{_type_name(k)}, {_type_name(v)}]"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + "|".join(str(m.value) for m in tp)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _from_cli_text(text: str) -> Any:
+    """A command-line value is read as YAML (so ``8``, ``true``, ``[a, b]`` and ``null`` work)."""
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def _coerce(value: Any, tp: Any, from_cli: bool) -> Any:
+    """Parse ``value`` as type ``tp``; raise ``TypeError`` with a short reason otherwise."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None or (from_cli and value in ("null", "None", "none")):
+            if type(None) in args:
+                return None
+            raise TypeError("null is not allowed")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, from_cli)
+            except TypeError as exc:
+                errors.append(str(exc))
+        raise TypeError("; ".join(errors))
+    if origin is Literal:
+        allowed = get_args(tp)
+        for candidate in allowed:
+            if value == candidate or (from_cli and str(value) == str(candidate)):
+                return candidate
+        raise TypeError(f"not one of {list(allowed)}")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        for member in tp:
+            if value == member.value or str(value) == str(member.value) or value == member.name:
+                return member
+        raise TypeError(f"not one of {[m.value for m in tp]}")
+    if origin in (list, tuple):
+        (item_tp, *_) = get_args(tp) or (Any,)
+        if from_cli and isinstance(value, str):
+            value = [_from_cli_text(part) for part in value.split(",")] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise TypeError("not a list")
+        items = [_coerce(item, item_tp, from_cli) for item in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        key_tp, val_tp = get_args(tp) or (str, Any)
+        if not isinstance(value, dict):
+            raise TypeError("not a mapping")
+        return {_coerce(k, key_tp, from_cli): _coerce(v, val_tp, from_cli) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_cli and str(value).lower() in ("true", "false", "1", "0", "yes", "no"):
+            return str(value).lower() in ("true", "1", "yes")
+        raise TypeError("not a boolean (true/false)")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError("not an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise TypeError("not a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if from_cli and value is not None and not isinstance(value, (list, dict)):
+            return str(value)
+        raise TypeError("not a string")
+    if _is_dataclass_type(tp):
+        raise TypeError("is a section: set its keys, e.g. section.key")
+    raise TypeError(f"unsupported field type {tp!r}")
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def field_paths(cls: type, prefix: str = "") -> dict[str, tuple[Any, dataclasses.Field]]:
+    """Every leaf field of a (nested) config class as ``dotted.key -> (type, field)``."""
+    paths: dict[str, tuple[Any, dataclasses.Field]] = {}
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = prefix + f.name
+        if _is_dataclass_type(tp):
+            paths.update(field_paths(tp, key + "."))
+        else:
+            paths[key] = (tp, f)
+    return paths
+
+
+def _flatten(mapping: dict, dict_fields: set[str] = frozenset(), prefix: str = "") -> dict[str, Any]:
+    """Nested YAML sections to dotted keys; values of dict-typed fields stay whole."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and dotted not in dict_fields:
+            flat.update(_flatten(value, dict_fields, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    leaf_matches = [v for v in valid if v.split(".")[-1] == key.split(".")[-1]]
+    best = leaf_matches[0] if leaf_matches else (match[0] if match else None)
+    return f" (closest valid key: '{best}')" if best else ""
+
+
+def _yaml_line_numbers(path: Path) -> dict[str, int]:
+    """Dotted key -> line number in a YAML mapping, so errors point at ``file:line``."""
+    lines: dict[str, int] = {}
+    try:
+        root = yaml.compose(path.read_text())
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                dotted = prefix + str(key_node.value)
+                lines[dotted] = key_node.start_mark.line + 1
+                walk(value_node, dotted + ".")
+
+    walk(root, "")
+    return lines
+
+
+def _load_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError([f"--config {path}: no such file"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}:1: expected a mapping of keys to values, found {type(data).__name__}"])
+    return data
+
+
+def _split_cli(argv: list[str]) -> tuple[Path | None, list[tuple[str, str | None]], list[str]]:
+    """Split argv into the --config path, (key, raw value) overrides and problems."""
+    config_path: Path | None = None
+    overrides: list[tuple[str, str | None]] = []
+    problems: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            problems.append(f"command line: unexpected argument '{token}' (expected --key value)")
+            i += 1
+            continue
+        key, eq, inline = token[2:].partition("=")
+        if eq:
+            value: str | None = inline
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            i += 2
+        else:
+            value = None  # a bare flag: only valid for booleans
+            i += 1
+        if key == "config":
+            if value is None:
+                problems.append("command line: --config needs a file path")
+            else:
+                config_path = Path(value)
+        else:
+            overrides.append((key.replace("-", "_"), value))
+    return config_path, overrides, problems
+
+
+def _build(cls: type, flat: dict[str, Any], prefix: str = "") -> Any:
+    hints = _field_types(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = prefix + f.name
+        if _is_dataclass_type(tp):
+            kwargs[f.name] = _build(tp, flat, key + ".")
+        elif key in flat:
+            kwargs[f.name] = flat[key]
+    return cls(**kwargs)
+
+
+def parse_config(cls: type, argv: list[str] | None = None, prog: str | None = None) -> Any:
+    """Resolve a job config: dataclass defaults < ``--config FILE.yaml`` < ``--key value``.
+
+    Raises:
+        ConfigError: listing every unknown key (with the closest valid one), every value that
+            does not parse as its field's type, and every ``__post_init__`` check that failed.
+        SystemExit: after printing ``--help``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(format_help(cls, prog or cls.__module__))
+        raise SystemExit(0)
+    config_path, overrides, problems = _split_cli(argv)
+    paths = field_paths(cls)
+    dict_fields = {k for k, (tp, _) in paths.items() if get_origin(tp) is dict}
+    valid = sorted(paths)
+    values: dict[str, Any] = {}
+
+    def accept(key: str, raw: Any, where: str, from_cli: bool) -> None:
+        if key not in paths:
+            problems.append(f"{where}: unknown key '{key}'{_closest(key, valid)}")
+            return
+        tp, _ = paths[key]
+        if raw is None and from_cli:
+            if tp is bool:
+                values[key] = True
+                return
+            problems.append(f"{where}: --{key} needs a value ({_type_name(tp)})")
+            return
+        try:
+            values[key] = _coerce(_from_cli_text(raw) if from_cli else raw, tp, from_cli)
+        except TypeError as exc:
+            problems.append(
+                f"{where}: field '{key}' expects {_type_name(tp)}, got {raw!r} ({exc})"
+            )
+
+    if config_path is not None:
+        try:
+            data = _load_yaml(config_path)
+        except ConfigError as exc:
+            raise ConfigError(problems + exc.problems) from None
+        lines = _yaml_line_numbers(config_path)
+        for key, raw in _flatten(data, dict_fields).items():
+            accept(key, raw, f"{config_path}:{lines.get(key, 1)}", from_cli=False)
+    for key, raw in overrides:
+        accept(key, raw, "command line", from_cli=True)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        return _build(cls, values)
+    except (ValueError, TypeError) as exc:
+        source = f"{config_path} + command line" if config_path else "command line"
+        raise ConfigError([f"{source}: {exc}"]) from None
+
+
+def load_config_file(cls: type, path: str | Path) -> Any:
+    """Validate a YAML file against a config class (used by tests and by ``run_pipeline``)."""
+    return parse_config(cls, ["--config", str(path)])
+
+
+# --------------------------------------------------------------------------- output
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """A plain, YAML-safe dict of a config (enums as their values)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, enum.Enum):
+            return value.value
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(cfg)
+
+
+def config_to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def print_config(cfg: Any, title: str) -> None:
+    """Print the resolved config at job start, so logs say exactly what ran."""
+    print(f"[{title}] resolved config:\n" + "\n".join("  " + l for l in config_to_yaml(cfg).splitlines()))
+
+
+def format_help(cls: type, prog: str) -> str:
+    doc = (cls.__doc__ or "").strip().splitlines()
+    lines = [f"usage: python -m {prog} [--config FILE.yaml] [--key value ...]", ""]
+    if doc and not doc[0].startswith(cls.__name__ + "("):
+        lines += [doc[0], ""]
+    lines.append("Precedence: defaults < --config FILE.yaml < --key value (dotted keys for sections).")
+    lines.append("")
+    defaults = _flatten(config_to_dict(_build(cls, {}))) if _all_defaulted(cls) else {}
+    for key, (tp, f) in field_paths(cls).items():
+        default = defaults.get(key, "(required)")
+        lines.append(f"  --{key} {_type_name(tp)}  (default: {default!r})")
+        lines.append(f"      {f.metadata.get('doc', '')}")
+    return "\n".join(lines)
+
+
+def _all_defaulted(cls: type) -> bool:
+    for f in dataclasses.fields(cls):
+        if f.default is _MISSING and f.default_factory is _MISSING:
+            return False
+    return True
+
+
+def save_config(cfg: Any, output_uri: str, name: str = "config.yaml", options: Any = None) -> str:
+    """Save the resolved config beside a job's outputs; returns the file's URI."""
+    from tmr_core import storage
+
+    uri = storage.join(output_uri, name)
+    storage.write_text_atomic(uri, config_to_yaml(cfg), options)
+    return uri
+
+
+def run_main(main: Any) -> None:
+    """Run a job's ``main(argv)``; config and data errors end in one line, not a traceback."""
+    from tmr_core.errors import TMRError
+
+    try:
+        code = main(sys.argv[1:])
+    except (ConfigError, TMRError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(code or 0)

@@ -1,0 +1,1 @@
+"""Ray Serve application for the composite TMR model."""

@@ -1,0 +1,1 @@
+"""TMR method core: pure PyTorch + transformers + diffusers + stanza (no Ray, no MLflow)."""
