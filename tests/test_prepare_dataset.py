@@ -1,0 +1,243 @@
+"""jobs.prepare_dataset end to end on the real TMR samples, with tiny images made here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs._config import ConfigError
+from jobs.prepare_dataset import main
+from tmr_core.errors import DataFormatError
+from tmr_core.readers import chunk_entities, read_mnre, read_twitter_ner
+from tmr_core.schema import base_schema
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "tmr-data"
+NER_FILES = {
+    "twitter2015": {"train": "train.txt", "valid": "val.txt", "test": "test.txt"},
+    "twitter2017": {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"},
+}
+MNRE_FILES = {"train": "ours_train.txt", "valid": "ours_val.txt", "test": "ours_test.txt"}
+
+
+def write_image(path: Path, fmt: str = "JPEG") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (4, 4), (200, 30, 30)).save(path, fmt)
+
+
+def ner_images(dataset: str, image_dir: Path) -> dict[str, list[str]]:
+    """One tiny JPEG per IMGID of every split; returns the ids per split."""
+    ids = {}
+    for split, name in NER_FILES[dataset].items():
+        ids[split] = [s.image_id for s in read_twitter_ner(DATA / dataset / name)]
+        for image_id in ids[split]:
+            write_image(image_dir / f"{image_id}.jpg")
+    return ids
+
+
+def read_split(output: Path | str, split: str, filesystem=None):
+    return pq.read_table(f"{output}/{split}.parquet", filesystem=filesystem)
+
+
+@pytest.fixture(scope="module")
+def t17_images(tmp_path_factory):
+    image_dir = tmp_path_factory.mktemp("t17_images")
+    return image_dir, ner_images("twitter2017", image_dir)
+
+
+def test_cli_twitter2017_end_to_end(tmp_path, t17_images):
+    image_dir, ids = t17_images
+    output = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.prepare_dataset", "--format", "twitter2017",
+         "--data_dir", str(DATA / "twitter2017"), "--image_dir", str(image_dir), "--output", str(output)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "resolved config" in result.stdout
+    for split in ("train", "valid", "test"):
+        table = read_split(output, split)
+        assert table.schema.equals(base_schema("ner"))
+        rows = table.to_pylist()
+        assert [r["id"] for r in rows] == ids[split] == [r["image_id"] for r in rows]
+        sentences = read_twitter_ner(DATA / "twitter2017" / NER_FILES["twitter2017"][split])
+        assert [r["tokens"] for r in rows] == [s.tokens for s in sentences]
+        assert [r["tags"] for r in rows] == [s.tags for s in sentences]
+        assert {r["split"] for r in rows} == {split} and {r["task"] for r in rows} == {"ner"}
+        assert all(r["image_uri"] == str(image_dir / f"{r['id']}.jpg") for r in rows)
+        entities = sum(len(chunk_entities(s.tags)) for s in sentences)
+        assert f"  {split}: 200 rows read, 200 written; images missing 0, corrupt 0" in result.stdout
+        assert f"entities per type ({entities}):" in result.stdout
+    saved = (output / "config.yaml").read_text()
+    assert "format: twitter2017" in saved and "task: ner" in saved
+
+
+def test_twitter2015_other_becomes_misc(tmp_path):
+    image_dir = tmp_path / "images"
+    ner_images("twitter2015", image_dir)
+    output = tmp_path / "out"
+    assert main(["--format", "twitter2015", "--data_dir", str(DATA / "twitter2015"),
+                 "--image_dir", str(image_dir), "--output", str(output)]) == 0
+    tags = {t for split in ("train", "valid", "test") for row in read_split(output, split).to_pylist() for t in row["tags"]}
+    assert "B-MISC" in tags and not any("OTHER" in t for t in tags)
+
+
+def mnre_images(image_dir: Path, layout: str) -> dict[str, list]:
+    """Tiny JPEGs for every MNRE image, flat or in TMR's img_org/{train,val,test}/ layout."""
+    instances = {}
+    for split, name in MNRE_FILES.items():
+        instances[split] = read_mnre(DATA / "mnre" / name)
+        folder = image_dir / {"train": "train", "valid": "val", "test": "test"}[split] if layout == "tmr" else image_dir
+        for inst in instances[split]:
+            write_image(folder / inst.image_id)
+    return instances
+
+
+def test_mnre_with_tmr_image_layout(tmp_path, capsys):
+    image_dir = tmp_path / "img_org"
+    instances = mnre_images(image_dir, layout="tmr")
+    output = tmp_path / "out"
+    assert main(["--format", "mnre", "--data_dir", str(DATA / "mnre"), "--image_dir", str(image_dir),
+                 "--output", str(output)]) == 0
+    summary = capsys.readouterr().out
+    for split, expected in (("train", 200), ("valid", 200), ("test", 202)):
+        table = read_split(output, split)
+        assert table.schema.equals(base_schema("re"))
+        rows = table.to_pylist()
+        assert len(rows) == expected == len({r["id"] for r in rows})
+        for row, inst in zip(rows, instances[split]):
+            assert row["id"].startswith(Path(inst.image_id).stem + "-")
+            assert row["image_id"] == inst.image_id and row["relation"] == inst.relation
+            assert row["head"] == {"name": inst.head.name, "start": inst.head.start, "end": inst.head.end}
+            assert row["tail"] == {"name": inst.tail.name, "start": inst.tail.start, "end": inst.tail.end}
+            tmr_split = {"train": "train", "valid": "val", "test": "test"}[split]
+            assert row["image_uri"] == str(image_dir / tmr_split / inst.image_id)
+        assert f"  {split}: {expected} rows read, {expected} written" in summary
+    assert "relations per label (200): None 112," in summary  # ours_val sample: 112 of 200 are None
+
+
+def test_rerun_gives_identical_tables(tmp_path, t17_images):
+    image_dir, _ = t17_images
+    args = ["--format", "twitter2017", "--data_dir", str(DATA / "twitter2017"), "--image_dir", str(image_dir),
+            "--splits", "test"]
+    assert main(args + ["--output", str(tmp_path / "a")]) == 0
+    assert main(args + ["--output", str(tmp_path / "b")]) == 0
+    assert read_split(tmp_path / "a", "test").equals(read_split(tmp_path / "b", "test"))
+    assert not (tmp_path / "a" / "train.parquet").exists()
+
+
+@pytest.fixture
+def t17_test_with_gaps(tmp_path):
+    """Images for twitter2017/test.txt with two missing and one corrupt."""
+    image_dir = tmp_path / "images"
+    sentences = read_twitter_ner(DATA / "twitter2017" / "test.txt")
+    for s in sentences:
+        write_image(image_dir / f"{s.image_id}.jpg")
+    missing = [sentences[3], sentences[10]]
+    for s in missing:
+        (image_dir / f"{s.image_id}.jpg").unlink()
+    corrupt = sentences[5]
+    (image_dir / f"{corrupt.image_id}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return image_dir, sentences, missing, corrupt
+
+
+def run_policy(image_dir: Path, output: Path, policy: str) -> int:
+    return main(["--format", "twitter2017", "--data_dir", str(DATA / "twitter2017"), "--image_dir", str(image_dir),
+                 "--output", str(output), "--splits", "test", "--on_missing_image", policy])
+
+
+def test_missing_image_policy_error(tmp_path, t17_test_with_gaps):
+    image_dir, _, missing, _ = t17_test_with_gaps
+    with pytest.raises(DataFormatError) as info:
+        run_policy(image_dir, tmp_path / "out", "error")
+    message = str(info.value)
+    assert message.startswith(f"{DATA / 'twitter2017' / 'test.txt'}:{missing[0].line}: no image at ")
+    assert "2 sample(s) of split 'test' have a missing image and 1 a corrupt one" in message
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_missing_image_policy_skip(tmp_path, t17_test_with_gaps, capsys):
+    image_dir, sentences, missing, corrupt = t17_test_with_gaps
+    assert run_policy(image_dir, tmp_path / "out", "skip") == 0
+    ids = read_split(tmp_path / "out", "test").column("id").to_pylist()
+    dropped = {s.image_id for s in missing} | {corrupt.image_id}
+    assert ids == [s.image_id for s in sentences if s.image_id not in dropped]
+    assert "test: 200 rows read, 197 written; images missing 2, corrupt 1" in capsys.readouterr().out
+
+
+def test_missing_image_policy_keep(tmp_path, t17_test_with_gaps, capsys):
+    image_dir, sentences, missing, corrupt = t17_test_with_gaps
+    assert run_policy(image_dir, tmp_path / "out", "keep") == 0
+    rows = read_split(tmp_path / "out", "test").to_pylist()
+    assert len(rows) == 200
+    nulls = {r["id"] for r in rows if r["image_uri"] is None}
+    assert nulls == {s.image_id for s in missing} | {corrupt.image_id}
+    assert "test: 200 rows read, 200 written; images missing 2, corrupt 1" in capsys.readouterr().out
+
+
+def synthetic_layout(root: Path) -> None:
+    """The benchmark's layout, built from a few real sample lines: ner/, re/, images/*.png."""
+    for split, name in NER_FILES["twitter2017"].items():
+        blocks = (DATA / "twitter2017" / name).read_text(encoding="utf-8").split("\n\n")[:3]
+        blocks = [b.replace("IMGID:", f"IMGID:syn_{split}_") for b in blocks]
+        (root / "ner").mkdir(parents=True, exist_ok=True)
+        (root / "ner" / f"{split}.txt").write_text("\n\n".join(blocks) + "\n\n", encoding="utf-8")
+        for s in read_twitter_ner(root / "ner" / f"{split}.txt"):
+            write_image(root / "images" / f"{s.image_id}.png", "PNG")
+    (root / "re").mkdir()
+    (root / "re" / "ours_rel2id.json").write_bytes((DATA / "mnre" / "ours_rel2id.json").read_bytes())
+    for split, name in MNRE_FILES.items():
+        lines = (DATA / "mnre" / name).read_text(encoding="utf-8").splitlines(keepends=True)[:4]
+        (root / "re" / name).write_text("".join(lines), encoding="utf-8")
+        for inst in read_mnre(root / "re" / name):
+            write_image(root / "images" / inst.image_id, "PNG")
+
+
+@pytest.mark.parametrize("task", ["ner", "re"])
+def test_synthetic_layout(tmp_path, task):
+    synthetic_layout(tmp_path / "bench")
+    output = tmp_path / "out"
+    assert main(["--format", "synthetic", "--task", task, "--data_dir", str(tmp_path / "bench"),
+                 "--output", str(output)]) == 0
+    rows = read_split(output, "train").to_pylist()
+    assert {r["task"] for r in rows} == {task}
+    if task == "ner":
+        assert [r["id"] for r in rows][0] == "syn_train_" + read_twitter_ner(DATA / "twitter2017" / "train.txt")[0].image_id
+        assert all(r["image_uri"] == str(tmp_path / "bench" / "images" / f"{r['id']}.png") for r in rows)
+    else:
+        assert len(rows) == 4
+        assert all(r["image_uri"] == str(tmp_path / "bench" / "images" / r["image_id"]) for r in rows)
+
+
+def test_config_conflicts_are_rejected_together(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        main(["--format", "synthetic", "--splits", "[]", "--output", str(tmp_path)])
+    assert "--task" in str(info.value) and "--splits" in str(info.value)
+    with pytest.raises(ConfigError, match=r"--task re: --format twitter2015 is a ner dataset"):
+        main(["--format", "twitter2015", "--task", "re", "--image_dir", "x"])
+    with pytest.raises(ConfigError, match=r"--image_dir: --format mnre needs"):
+        main(["--format", "mnre"])
+
+
+def test_writes_to_s3(tmp_path, t17_images, s3_endpoint, s3_bucket):
+    image_dir, ids = t17_images
+    output = f"s3://{s3_bucket}/tmr/twitter2017"
+    assert main(["--format", "twitter2017", "--data_dir", str(DATA / "twitter2017"), "--image_dir", str(image_dir),
+                 "--output", output, "--storage.endpoint_url", s3_endpoint]) == 0
+    fs = pafs.S3FileSystem(endpoint_override=s3_endpoint.removeprefix("http://"), scheme="http", region="us-east-1")
+    listed = {info.base_name for info in fs.get_file_info(pafs.FileSelector(f"{s3_bucket}/tmr/twitter2017"))}
+    assert listed == {"train.parquet", "valid.parquet", "test.parquet", "config.yaml"}
+    for split in ("train", "valid", "test"):
+        table = pq.read_table(f"{s3_bucket}/tmr/twitter2017/{split}.parquet", filesystem=fs)
+        assert table.schema.equals(base_schema("ner"))
+        assert table.column("id").to_pylist() == ids[split]
+    with fs.open_input_stream(f"{s3_bucket}/tmr/twitter2017/config.yaml") as handle:
+        assert f"endpoint_url: {s3_endpoint}" in handle.read().decode()
