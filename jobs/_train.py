@@ -1,0 +1,465 @@
+"""The Ray Train wiring both training jobs share: configs, checkpoints, resume and progress.
+
+A job writes one ``train_loop_per_worker`` and calls, in order:
+
+    state = restore_or_start(model, optimizer, scheduler, loop["run_folder"], loop["local_mode"])
+    for epoch in range(state.epoch, epochs):
+        ...  # train on ray.train.get_dataset_shard("train"), evaluate valid on rank 0
+        state.finish_epoch(valid_metric, steps)
+        report_epoch(metrics, state, model, optimizer, scheduler, loop["run_folder"], loop["local_mode"])
+
+A checkpoint folder (``checkpoint_epoch_0003/``) holds everything a resume needs, weights in
+safetensors only:
+
+    model/config.json, model/model.safetensors    the unwrapped model (``save_pretrained``)
+    optimizer.safetensors, optimizer.json         AdamW moments; param groups + scheduler state
+    train_state.json                              epoch, global step, best epoch, MLflow run id
+
+Ray Train persists it to ``<storage_path>/<name>/`` (local or ``s3://``) and, on a worker
+failure (``FailureConfig(max_failures)``) or when a job is resubmitted with the same name and
+storage path, hands it back through ``ray.train.get_checkpoint()``. Local mode
+(``num_workers: 0``) has no Ray storage, so the scaffold persists and finds checkpoints itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobs._config import opt
+
+CHECKPOINT_PREFIX = "checkpoint_epoch_"
+MODEL_DIR = "model"
+STATE_FILE = "train_state.json"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_META = "optimizer.json"
+
+
+@dataclass
+class RayTrainConfig:
+    """How Ray Train runs the loop: workers, resources, storage, retries."""
+
+    num_workers: int = opt(1, "Training workers (DDP ranks); 0: local mode, the loop runs in this process.")
+    use_gpu: bool = opt(False, "One GPU per worker (NCCL); false: CPU workers (gloo).")
+    cpus_per_worker: float = opt(1.0, "CPUs each worker reserves.")
+    gpus_per_worker: float = opt(1.0, "GPUs each worker reserves when use_gpu is true.")
+    resources_per_worker: dict[str, float] = opt({}, "Extra custom resources per worker, e.g. {accelerator_type:A100: 0.01}.")
+    name: str | None = opt(None, "Ray Train run name (storage subfolder); null: the MLflow run name with / -> _.")
+    storage_path: str = opt("outputs/ray_results", "Where checkpoints persist: a local folder or s3://bucket/prefix.")
+    max_failures: int = opt(2, "Worker-group restarts from the last checkpoint before the run fails; -1: unlimited.")
+    checkpoints_to_keep: int | None = opt(
+        None, "Keep the best N checkpoints by the validation metric (plus the latest); null: keep all."
+    )
+    address: str | None = opt(None, "ray.init address; null: a running cluster if any, else a local one.")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.num_workers < 0:
+            problems.append(f"ray.num_workers: expected >= 0, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            problems.append(f"ray.cpus_per_worker: expected > 0, got {self.cpus_per_worker}")
+        if self.checkpoints_to_keep is not None and self.checkpoints_to_keep < 1:
+            problems.append(f"ray.checkpoints_to_keep: expected >= 1 or null, got {self.checkpoints_to_keep}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass
+class DebugConfig:
+    """Knobs for tests and demos; leave at their defaults for real runs."""
+
+    step_delay_s: float = opt(0.0, "Sleep after each training step (lets a test kill a worker mid-run).")
+    max_steps_per_epoch: int | None = opt(None, "Stop each epoch after this many steps; null: the whole shard.")
+
+
+# --------------------------------------------------------------------------- Ray configs
+
+
+def scaling_config(cfg: RayTrainConfig):
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": cfg.cpus_per_worker, **cfg.resources_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    return ScalingConfig(
+        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu and cfg.num_workers > 0,
+        resources_per_worker=resources if cfg.num_workers > 0 else None,
+    )
+
+
+def run_config(cfg: RayTrainConfig, name: str, storage_options: Any = None, metric: str | None = None):
+    """``RunConfig(name, storage_path)`` with retries and retention; an ``s3://`` path with a custom
+    endpoint gets a pyarrow S3 filesystem so Ray writes where the rest of the pipeline does."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    from tmr_core import storage
+
+    storage_path, filesystem = cfg.storage_path, None
+    if storage.is_remote(cfg.storage_path):
+        endpoint = getattr(storage_options, "endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            filesystem, storage_path = storage.resolve(cfg.storage_path, storage_options)
+    else:
+        storage_path = os.path.abspath(cfg.storage_path)
+    keep = CheckpointConfig(
+        num_to_keep=cfg.checkpoints_to_keep,
+        checkpoint_score_attribute=metric if cfg.checkpoints_to_keep else None,
+        checkpoint_score_order="max",
+    )
+    return RunConfig(
+        name=name, storage_path=storage_path, storage_filesystem=filesystem,
+        failure_config=FailureConfig(max_failures=cfg.max_failures), checkpoint_config=keep,
+    )
+
+
+def run_folder(cfg: RayTrainConfig, name: str) -> str:
+    """``<storage_path>/<name>``: where Ray (or local mode) keeps this run's checkpoints."""
+    from tmr_core import storage
+
+    base = cfg.storage_path if storage.is_remote(cfg.storage_path) else os.path.abspath(cfg.storage_path)
+    return storage.join(base, name)
+
+
+def ray_run_name(mlflow_run_name: str) -> str:
+    """A storage-safe Ray run name from an MLflow run name (``ner/x/full`` -> ``ner_x_full``)."""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", mlflow_run_name).strip("_")
+
+
+def fit(train_loop: Any, loop_config: dict, cfg: RayTrainConfig, name: str, datasets: dict,
+        storage_options: Any = None, metric: str | None = None):
+    """Run ``train_loop`` under a ``TorchTrainer``; only the ``train`` dataset is split across workers."""
+    from ray.train import DataConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker=train_loop,
+        train_loop_config={**loop_config, "local_mode": cfg.num_workers == 0},
+        scaling_config=scaling_config(cfg),
+        run_config=run_config(cfg, name, storage_options, metric),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    return trainer.fit()
+
+
+def init_ray(cfg: RayTrainConfig) -> None:
+    """A bare ``ray.init`` (joins a cluster under ``ray job submit``), once per process."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.address, log_to_driver=True)
+
+
+# --------------------------------------------------------------------------- worker context
+
+
+def world_rank() -> int:
+    import ray.train
+
+    return ray.train.get_context().get_world_rank()
+
+
+def world_size() -> int:
+    import ray.train
+
+    return ray.train.get_context().get_world_size()
+
+
+def is_rank_zero() -> bool:
+    return world_rank() == 0
+
+
+def unwrap(model: Any) -> Any:
+    """The model inside a DDP wrapper (``prepare_model`` wraps only when world size > 1)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def device():
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+# --------------------------------------------------------------------------- train state
+
+
+@dataclass
+class TrainState:
+    """Counters that continue across restarts, saved in every checkpoint's ``train_state.json``."""
+
+    epoch: int = 0  # completed epochs; the next epoch to run
+    global_step: int = 0  # optimizer steps taken so far, summed over epochs
+    best_metric: float | None = None  # best validation score so far (higher is better)
+    best_epoch: int | None = None  # 1-based epoch that reached it
+    best_checkpoint: str | None = None  # folder name of that epoch's checkpoint
+    mlflow_run_id: str | None = None
+    attempts: int = 1  # how many times the loop has (re)started on this run
+    history: list[dict] = field(default_factory=list)  # per-epoch metrics, for the final report
+
+    def finish_epoch(self, metric: float, steps: int, metrics: dict) -> bool:
+        """Advance the counters after an epoch; returns True when ``metric`` is a new best."""
+        self.epoch += 1
+        self.global_step += steps
+        self.history.append({"epoch": self.epoch, "global_step": self.global_step, **metrics})
+        improved = self.best_metric is None or metric > self.best_metric
+        if improved:
+            self.best_metric, self.best_epoch = float(metric), self.epoch
+            self.best_checkpoint = checkpoint_name(self.epoch)
+        return improved
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainState:
+        return cls(**json.loads(text))
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{epoch:04d}"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_optimizer(directory: str, optimizer: Any, scheduler: Any) -> None:
+    """Optimizer tensors to safetensors and the rest (param groups, scheduler) to JSON."""
+    from safetensors.torch import save_file
+
+    state = optimizer.state_dict()
+    tensors = {
+        f"{index}.{key}": value.detach().contiguous().cpu()
+        for index, param_state in state["state"].items()
+        for key, value in param_state.items()
+    }
+    groups = [{k: v for k, v in group.items()} for group in state["param_groups"]]
+    meta = {"param_groups": groups, "scheduler": scheduler.state_dict() if scheduler is not None else None}
+    save_file(tensors, os.path.join(directory, OPTIMIZER_TENSORS))
+    with open(os.path.join(directory, OPTIMIZER_META), "w") as handle:
+        json.dump(meta, handle, default=lambda value: None)
+
+
+def load_optimizer(directory: str, optimizer: Any, scheduler: Any) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.path.join(directory, OPTIMIZER_TENSORS))
+    with open(os.path.join(directory, OPTIMIZER_META)) as handle:
+        meta = json.load(handle)
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if scheduler is not None and meta.get("scheduler"):
+        saved = {k: v for k, v in meta["scheduler"].items() if k != "lr_lambdas"}
+        scheduler.load_state_dict({**scheduler.state_dict(), **saved})
+
+
+def write_checkpoint(directory: str, model: Any, optimizer: Any, scheduler: Any, state: TrainState) -> None:
+    """Fill ``directory`` with the unwrapped model, optimizer, scheduler and train state."""
+    unwrap(model).save_pretrained(os.path.join(directory, MODEL_DIR))
+    if optimizer is not None:
+        save_optimizer(directory, optimizer, scheduler)
+    with open(os.path.join(directory, STATE_FILE), "w") as handle:
+        handle.write(state.to_json())
+
+
+def report_epoch(metrics: dict, state: TrainState, model: Any, optimizer: Any, scheduler: Any,
+                 folder: str, local_mode: bool, storage_options: Any = None) -> None:
+    """``ray.train.report`` this epoch's metrics with a checkpoint written by rank 0.
+
+    Every rank calls it (it is a barrier). In local mode the checkpoint is also copied to
+    ``folder/checkpoint_epoch_NNNN`` because Ray keeps no storage there.
+    """
+    import ray.train
+    from ray.train import Checkpoint
+
+    name = checkpoint_name(state.epoch)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if is_rank_zero():
+            write_checkpoint(tmp, model, optimizer, scheduler, state)
+            if local_mode:
+                persisted = persist_local_checkpoint(tmp, folder, name, storage_options)
+                checkpoint = Checkpoint(persisted) if persisted else Checkpoint.from_directory(tmp)
+            else:
+                checkpoint = Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+def persist_local_checkpoint(source: str, folder: str, name: str, storage_options: Any = None) -> str | None:
+    """Copy a checkpoint folder to ``folder/name`` (local or s3://); returns the local path or None."""
+    from tmr_core import storage
+
+    target = storage.join(folder, name)
+    if storage.is_remote(folder):
+        for root, _, files in os.walk(source):
+            for file_name in files:
+                local = os.path.join(root, file_name)
+                relative = os.path.relpath(local, source).replace(os.sep, "/")
+                with open(local, "rb") as handle:
+                    storage.write_bytes_atomic(storage.join(target, relative), handle.read(), storage_options)
+        return None
+    partial = target + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)  # a half-copied checkpoint is never picked up
+    return target
+
+
+def latest_local_checkpoint(folder: str) -> str | None:
+    """The newest complete ``checkpoint_epoch_*`` folder under a local run folder, or None."""
+    if not os.path.isdir(folder):
+        return None
+    names = sorted(n for n in os.listdir(folder)
+                   if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", n)
+                   and os.path.isfile(os.path.join(folder, n, STATE_FILE)))
+    return os.path.join(folder, names[-1]) if names else None
+
+
+def restore_or_start(model: Any, optimizer: Any, scheduler: Any, folder: str, local_mode: bool,
+                     mlflow_run_id: str | None = None) -> TrainState:
+    """Load the latest checkpoint into the model/optimizer/scheduler if there is one.
+
+    Ray hands it back after a worker failure or on a resubmitted run; local mode looks in
+    ``folder``. Returns the restored :class:`TrainState` (``attempts`` + 1), or a fresh one.
+    """
+    import ray.train
+    from safetensors.torch import load_model
+
+    checkpoint = ray.train.get_checkpoint()
+    local_path = latest_local_checkpoint(folder) if (checkpoint is None and local_mode) else None
+    if checkpoint is None and local_path is None:
+        return TrainState(mlflow_run_id=mlflow_run_id)
+    with (checkpoint.as_directory() if checkpoint is not None else _nullcontext(local_path)) as directory:
+        load_model(unwrap(model), os.path.join(directory, MODEL_DIR, "model.safetensors"), strict=True)
+        if optimizer is not None and os.path.isfile(os.path.join(directory, OPTIMIZER_TENSORS)):
+            load_optimizer(directory, optimizer, scheduler)
+        with open(os.path.join(directory, STATE_FILE)) as handle:
+            state = TrainState.from_json(handle.read())
+    state.attempts += 1
+    state.mlflow_run_id = state.mlflow_run_id or mlflow_run_id
+    return state
+
+
+class _nullcontext:
+    def __init__(self, value: str):
+        self.value = value
+
+    def __enter__(self) -> str:
+        return self.value
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def best_model_dir(folder: str, local_dir: str, storage_options: Any = None) -> tuple[str, TrainState]:
+    """Download (if remote) the best epoch's ``model/`` folder of a finished run.
+
+    Reads ``train_state.json`` of the latest checkpoint in ``folder`` to find the best one.
+
+    Returns:
+        ``(local model folder, latest TrainState)``.
+
+    Raises:
+        FileNotFoundError: the run folder holds no checkpoint.
+    """
+    from tmr_core import storage
+
+    state = _latest_state(folder, storage_options)
+    if state is None or state.best_checkpoint is None:
+        raise FileNotFoundError(f"{folder}: no {CHECKPOINT_PREFIX}* folder with {STATE_FILE}; did training run?")
+    source = storage.join(folder, state.best_checkpoint, MODEL_DIR)
+    if not storage.is_remote(folder):
+        return source, state
+    target = os.path.join(local_dir, MODEL_DIR)
+    os.makedirs(target, exist_ok=True)
+    for file_name in ("config.json", "model.safetensors"):
+        with open(os.path.join(target, file_name), "wb") as handle:
+            handle.write(storage.read_bytes(storage.join(source, file_name), storage_options))
+    return target, state
+
+
+def _latest_state(folder: str, storage_options: Any = None) -> TrainState | None:
+    import pyarrow.fs as pafs
+
+    from tmr_core import storage
+
+    fs, path = storage.resolve(folder, storage_options)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    except (FileNotFoundError, OSError):
+        return None
+    names = sorted(os.path.basename(i.path) for i in infos
+                   if i.type == pafs.FileType.Directory
+                   and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", os.path.basename(i.path)))
+    for name in reversed(names):
+        state_uri = storage.join(folder, name, STATE_FILE)
+        if storage.exists(state_uri, storage_options):
+            return TrainState.from_json(storage.read_bytes(state_uri, storage_options).decode())
+    return None
+
+
+def latest_state(folder: str, storage_options: Any = None) -> TrainState | None:
+    """The train state of the newest checkpoint in a run folder, or None before the first epoch."""
+    return _latest_state(folder, storage_options)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """Rank-0 console progress: ``[job] epoch 2/5 step 40/120 loss 0.53 (12.1 steps/s)``."""
+
+    def __init__(self, title: str, epochs: int, every: int = 10):
+        self.title, self.epochs, self.every = title, epochs, max(1, every)
+        self.start = time.perf_counter()
+
+    def step(self, epoch: int, step: int, global_step: int, loss: float) -> None:
+        if (step + 1) % self.every == 0:
+            rate = (step + 1) / max(time.perf_counter() - self.start, 1e-9)
+            print(f"[{self.title}] epoch {epoch + 1}/{self.epochs} step {step + 1} "
+                  f"(global {global_step + step + 1}) loss {loss:.4f} ({rate:.1f} steps/s)", flush=True)
+
+    def epoch_start(self) -> None:
+        self.start = time.perf_counter()
+
+    def epoch_end(self, epoch: int, metrics: dict) -> None:
+        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"[{self.title}] epoch {epoch}/{self.epochs} done in {time.perf_counter() - self.start:.1f}s: {shown}",
+              flush=True)
+
+
+def shard_batches(shard: Any, batch_size: int, collate: Any, max_steps: int | None = None,
+                  step_delay_s: float = 0.0):
+    """Rows of a Ray Data shard (or a list of row dicts in tests/benchmarks) as collated batches."""
+    if isinstance(shard, list):
+        chunks = (shard[i:i + batch_size] for i in range(0, len(shard), batch_size))
+    else:
+        chunks = (b.to_pylist() for b in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"))
+    for step, rows in enumerate(chunks):
+        if max_steps is not None and step >= max_steps:
+            break
+        yield collate(rows)
+        if step_delay_s:
+            time.sleep(step_delay_s)
+
+
+def dataset_rows(dataset: Any) -> list[dict]:
+    """A whole (small) Ray dataset or shard as row dicts; evaluation splits go through this."""
+    if isinstance(dataset, list):
+        return dataset
+    rows: list[dict] = []
+    for batch in dataset.iter_batches(batch_size=256, batch_format="pyarrow"):
+        rows.extend(batch.to_pylist())
+    return rows
