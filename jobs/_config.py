@@ -294,7 +294,13 @@ def parse_config(cls: type, argv: list[str] | None = None, prog: str | None = No
     valid = sorted(paths)
     values: dict[str, Any] = {}
 
+    sections = {k.rsplit(".", 1)[0] for k in paths if "." in k}
+
     def accept(key: str, raw: Any, where: str, from_cli: bool) -> None:
+        if key in sections:
+            if raw is not None or from_cli:  # a YAML section whose keys are all commented out is empty
+                problems.append(f"{where}: '{key}' is a section: set its keys, e.g. {key}.<key>")
+            return
         if key not in paths:
             problems.append(f"{where}: unknown key '{key}'{_closest(key, valid)}")
             return
@@ -305,8 +311,11 @@ def parse_config(cls: type, argv: list[str] | None = None, prog: str | None = No
                 return
             problems.append(f"{where}: --{key} needs a value ({_type_name(tp)})")
             return
+        value = _from_cli_text(raw) if from_cli else raw
+        if from_cli and value is not None and tp in (str, str | None, typing.Optional[str]):
+            value = raw  # a string field keeps the text as typed: '007' stays '007', 'yes' stays 'yes'
         try:
-            values[key] = _coerce(_from_cli_text(raw) if from_cli else raw, tp, from_cli)
+            values[key] = _coerce(value, tp, from_cli)
         except TypeError as exc:
             problems.append(
                 f"{where}: field '{key}' expects {_type_name(tp)}, got {raw!r} ({exc})"
@@ -372,7 +381,8 @@ def format_help(cls: type, prog: str) -> str:
         lines += [doc[0], ""]
     lines.append("Precedence: defaults < --config FILE.yaml < --key value (dotted keys for sections).")
     lines.append("")
-    defaults = _flatten(config_to_dict(_build(cls, {}))) if _all_defaulted(cls) else {}
+    dict_fields = {k for k, (tp, _) in field_paths(cls).items() if get_origin(tp) is dict}
+    defaults = _flatten(config_to_dict(_build(cls, {})), dict_fields) if _all_defaulted(cls) else {}
     for key, (tp, f) in field_paths(cls).items():
         default = defaults.get(key, "(required)")
         lines.append(f"  --{key} {_type_name(tp)}  (default: {default!r})")
