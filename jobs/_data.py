@@ -1,0 +1,299 @@
+"""Ray Data table helpers shared by the stage jobs (and the training jobs that read their tables).
+
+A dataset is a folder (local or ``s3://``) with one table per split: ``<uri>/<split>.parquet`` (one
+file, as ``prepare_dataset`` writes it) or ``<uri>/<split>/`` (Parquet parts, as Ray Data writes
+them). A stage reads each split present, adds its columns, and writes ``<output>/<split>/``, then
+``config.yaml`` and, last, ``_SUCCESS.json`` with per-split row counts and a fingerprint of its
+config and inputs; a stage whose marker matches is up to date and can be skipped.
+
+Stage UDFs may add private columns next to their real ones: ``_stat_<name>`` (numbers summed, or
+strings counted per value, into the summary) and ``_drop`` (true: the row is left out, e.g.
+``on_missing_image: skip``). :func:`write_split` aggregates and removes them before writing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from jobs._config import config_to_dict, opt
+from tmr_core import storage
+from tmr_core.schema import STAGE_FIELDS
+
+SUCCESS_MARKER = "_SUCCESS.json"
+STAT_PREFIX = "_stat_"
+DROP_COLUMN = "_drop"
+# Forwarded to Ray workers, which may have started before the driver's env was set.
+_FORWARDED_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_EC2_METADATA_DISABLED",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+)
+
+
+@dataclass
+class ComputeConfig:
+    """How a stage's model runs on the cluster: an autoscaling pool of actors, one model each."""
+
+    min_actors: int = opt(1, "Smallest actor pool; the pool grows to max_actors as resources appear.")
+    max_actors: int = opt(1, "Largest actor pool (one model copy per actor).")
+    batch_size: int = opt(8, "Rows per batch handed to an actor (one model call).")
+    num_cpus: float = opt(1.0, "CPUs each actor reserves.")
+    num_gpus: float = opt(0.0, "GPUs (or units of accelerator_resource) each actor reserves.")
+    accelerator_resource: str | None = opt(
+        None, "Request num_gpus of this custom resource instead of GPUs (e.g. fake_gpu in tests)."
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.min_actors < 1:
+            problems.append(f"compute.min_actors: must be ≥ 1, got {self.min_actors}")
+        if self.max_actors < self.min_actors:
+            problems.append(f"compute.max_actors ({self.max_actors}) must be ≥ compute.min_actors ({self.min_actors})")
+        if self.batch_size < 1:
+            problems.append(f"compute.batch_size: must be ≥ 1, got {self.batch_size}")
+        if self.accelerator_resource is not None and self.num_gpus <= 0:
+            problems.append("compute.accelerator_resource needs compute.num_gpus > 0 (units per actor)")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+# --------------------------------------------------------------------------- Ray setup
+
+
+def init_ray() -> None:
+    """A bare ``ray.init()`` (local, or the cluster under ``ray job submit``), progress bars on."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    ray.data.DataContext.get_current().enable_progress_bars = True
+
+
+def worker_env() -> dict[str, Any]:
+    """``ray_remote_args`` passing the driver's storage/offline env vars on to Ray workers."""
+    env = {key: os.environ[key] for key in _FORWARDED_ENV if key in os.environ}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def actor_pool_args(compute: ComputeConfig) -> dict[str, Any]:
+    """``map_batches`` keyword arguments for a model stage.
+
+    Actors restart when killed (``max_restarts=-1``) and their unfinished batch is retried
+    (``max_task_retries=-1``), so a preempted node or a killed process costs time, not rows.
+    """
+    import ray
+
+    args: dict[str, Any] = {
+        "compute": ray.data.ActorPoolStrategy(min_size=compute.min_actors, max_size=compute.max_actors),
+        "batch_size": compute.batch_size,
+        "batch_format": "pyarrow",
+        "num_cpus": compute.num_cpus,
+        "max_restarts": -1,
+        "max_task_retries": -1,
+        **worker_env(),
+    }
+    if compute.accelerator_resource:
+        args["resources"] = {compute.accelerator_resource: compute.num_gpus}
+    elif compute.num_gpus:
+        args["num_gpus"] = compute.num_gpus
+    return args
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def split_uri(dataset_uri: str, split: str, options: storage.StorageOptions | None = None) -> str | None:
+    """Where a split's table is: ``<uri>/<split>.parquet`` or ``<uri>/<split>/``; None if absent."""
+    for candidate in (storage.join(dataset_uri, f"{split}.parquet"), storage.join(dataset_uri, split)):
+        if storage.exists(candidate, options):
+            return candidate
+    return None
+
+
+def present_splits(dataset_uri: str, splits: list[str], options: storage.StorageOptions | None = None) -> list[str]:
+    """The requested splits that exist under ``dataset_uri``.
+
+    Raises:
+        FileNotFoundError: when none does (the message names the folder and what was looked for).
+    """
+    found = [s for s in splits if split_uri(dataset_uri, s, options) is not None]
+    if not found:
+        raise FileNotFoundError(
+            f"--input {dataset_uri}: no split table found (looked for <split>.parquet or <split>/ for "
+            f"splits {list(splits)}); run the previous stage first"
+        )
+    return found
+
+
+def read_split(dataset_uri: str, split: str, options: storage.StorageOptions | None = None) -> Any:
+    """A split as a Ray Dataset (local path or ``s3://``)."""
+    import ray
+
+    uri = split_uri(dataset_uri, split, options)
+    if uri is None:
+        raise FileNotFoundError(f"{dataset_uri}: no table for split '{split}'")
+    fs, path = storage.resolve(uri, options)
+    return ray.data.read_parquet(path, filesystem=fs, ray_remote_args=worker_env() or None)
+
+
+def add_columns(batch: pa.Table, stage: str, values: dict[str, list]) -> pa.Table:
+    """Append a stage's columns to a batch, typed exactly as ``tmr_core.schema.STAGE_FIELDS``.
+
+    Private ``_stat_*`` / ``_drop`` columns may be passed too (types inferred).
+
+    Raises:
+        KeyError: a schema column of ``stage`` is missing from ``values``.
+    """
+    for field in STAGE_FIELDS[stage]:
+        column = pa.array(values[field.name], type=field.type)
+        batch = _set_column(batch, field.name, column)
+    for name, column in values.items():
+        if name.startswith(STAT_PREFIX) or name == DROP_COLUMN:
+            batch = _set_column(batch, name, pa.array(column))
+    return batch
+
+
+def _set_column(batch: pa.Table, name: str, column: pa.Array) -> pa.Table:
+    """Add a column, or replace it when a rerun reads a table that already has it."""
+    if name in batch.column_names:
+        return batch.set_column(batch.column_names.index(name), name, column)
+    return batch.append_column(name, column)
+
+
+def _drop_private(batch: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
+
+    if DROP_COLUMN in batch.column_names:
+        batch = batch.filter(pc.invert(pc.fill_null(batch.column(DROP_COLUMN), False)))
+    private = [n for n in batch.column_names if n.startswith(STAT_PREFIX) or n == DROP_COLUMN]
+    return batch.drop_columns(private)
+
+
+def _collect_stats(ds: Any) -> dict[str, Any]:
+    """Sum numeric ``_stat_*`` columns; count string ones per value (e.g. rows per node)."""
+    private = [n for n in ds.schema().names if n.startswith(STAT_PREFIX) or n == DROP_COLUMN]
+    if not private:
+        return {}
+    import ray
+
+    table = pa.concat_tables(ray.get(ds.select_columns(private).to_arrow_refs()))
+    stats: dict[str, Any] = {}
+    for name in private:
+        column = table.column(name)
+        key = "dropped" if name == DROP_COLUMN else name[len(STAT_PREFIX):]
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            counts: dict[str, int] = {}
+            for value in column.to_pylist():
+                counts[str(value)] = counts.get(str(value), 0) + 1
+            stats[key] = counts
+        else:
+            stats[key] = int(sum(int(v or 0) for v in column.to_pylist()))
+    return stats
+
+
+def read_splits(dataset_uri: str, splits: list[str], options: storage.StorageOptions | None = None) -> Any:
+    """The union of the requested splits (each row keeps its ``split`` column), so one actor pool
+    serves every split."""
+    datasets = [read_split(dataset_uri, split, options) for split in splits]
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+def write_split(ds: Any, output_uri: str, split: str, options: storage.StorageOptions | None = None) -> int:
+    """Write one split's rows to ``<output>/<split>/`` (replacing an older copy); returns the row count."""
+    from ray.data import SaveMode
+
+    fs, path = storage.resolve(storage.join(output_uri, split), options)
+    ds.write_parquet(path, filesystem=fs, mode=SaveMode.OVERWRITE, ray_remote_args=worker_env() or None)
+    return ds.count()
+
+
+def write_splits(ds: Any, output_uri: str, splits: list[str],
+                 options: storage.StorageOptions | None = None) -> tuple[dict[str, int], dict[str, Any]]:
+    """Run a stage's dataset once and write each split under ``<output>/<split>/``.
+
+    Returns:
+        (rows written per split, stats from the private ``_stat_*``/``_drop`` columns).
+    """
+    import pyarrow.compute as pc
+
+    ds = ds.materialize()  # runs the stage once; stats and writes read the same blocks
+    stats = _collect_stats(ds)
+    final = ds.map_batches(_drop_private, batch_format="pyarrow", batch_size=None).materialize()
+    rows = {}
+    for split in splits:
+        part = final.map_batches(
+            lambda b, s=split: b.filter(pc.equal(b.column("split"), s)), batch_format="pyarrow", batch_size=None
+        )
+        rows[split] = write_split(part, output_uri, split, options)
+    return rows, stats
+
+
+# --------------------------------------------------------------------------- markers
+
+
+def fingerprint(job: str, cfg: Any, input_uri: str, splits: list[str],
+                options: storage.StorageOptions | None = None, ignore: tuple[str, ...] = ("force",)) -> str:
+    """sha256 of the job, its resolved config (minus ``ignore``) and its inputs' identity.
+
+    The input's identity is its own ``_SUCCESS.json`` when it has one, else the size and mtime of
+    each split's files.
+    """
+    config = {k: v for k, v in config_to_dict(cfg).items() if k not in ignore}
+    marker = read_success_marker(input_uri, options)
+    if marker is not None:
+        inputs: Any = {"fingerprint": marker.get("fingerprint"), "rows": marker.get("rows")}
+    else:
+        inputs = {split: _file_infos(split_uri(input_uri, split, options), options) for split in splits}
+    blob = json.dumps({"job": job, "config": config, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _file_infos(uri: str | None, options: storage.StorageOptions | None) -> list:
+    import pyarrow.fs as pafs
+
+    if uri is None:
+        return []
+    fs, path = storage.resolve(uri, options)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    else:
+        infos = [info]
+    return sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+
+
+def write_success_marker(output_uri: str, rows: dict[str, int], fingerprint_: str,
+                         summary: dict | None = None, options: storage.StorageOptions | None = None) -> str:
+    """Write ``_SUCCESS.json`` last: its presence means every split and the config are complete."""
+    uri = storage.join(output_uri, SUCCESS_MARKER)
+    payload = {"fingerprint": fingerprint_, "rows": rows, "summary": summary or {}, "finished_at": time.time()}
+    storage.write_text_atomic(uri, json.dumps(payload, indent=2, sort_keys=True, default=str), options)
+    return uri
+
+
+def read_success_marker(output_uri: str, options: storage.StorageOptions | None = None) -> dict | None:
+    uri = storage.join(output_uri, SUCCESS_MARKER)
+    if not storage.exists(uri, options):
+        return None
+    try:
+        return json.loads(storage.read_bytes(uri, options))
+    except ValueError:
+        return None  # a marker that does not parse is no marker
+
+
+def is_up_to_date(output_uri: str, fingerprint_: str, options: storage.StorageOptions | None = None) -> bool:
+    """True when ``output_uri`` holds a finished run with this exact config and input."""
+    marker = read_success_marker(output_uri, options)
+    return marker is not None and marker.get("fingerprint") == fingerprint_

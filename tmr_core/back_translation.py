@@ -1,0 +1,256 @@
+"""Generative back-translation (Eq. 3): an image v' generated from the text t.
+
+TMR treats the sentence as a translation of its image and back-translates it with a text-to-image
+diffusion model, v' = argmax_v̂ p(v̂ | t) approximated by one sample of Stable Diffusion prompted
+with ``' '.join(tokens)``. This module holds everything except the cluster wiring, so the Ray Data
+job (``jobs.generate_back_translations``) and the server share one code path and one image cache:
+
+- :func:`sample_seed` derives a per-sample seed from the sample id (stable across runs and
+  machines), so an image is reproducible;
+- :func:`cache_key` hashes (model, revision, scheduler, steps, guidance, size, seed, prompt); the
+  image lives at ``<cache_uri>/<key[:2]>/<key>.png`` and an existing file is reused, never
+  regenerated;
+- :class:`BackTranslator` loads a diffusers pipeline by name or path and turns a batch of
+  (prompt, seed) into per-sample :class:`BackTranslation` results; a sample that fails (bad prompt,
+  out of memory) gets an ``error`` and no image, the rest of the batch still comes out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tmr_core import storage
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What determines a generated image, besides its prompt and seed.
+
+    Args:
+        model: diffusers pipeline name on the hub or a local/remote folder (``model_index.json``).
+        revision: hub revision (branch, tag or commit); part of the cache key.
+        scheduler: a diffusers scheduler class name (e.g. ``EulerDiscreteScheduler``) built with
+            ``from_config`` from the pipeline's own scheduler config; ``None`` keeps the pipeline's.
+        steps: denoising steps.
+        guidance_scale: classifier-free guidance scale (≤ 1 disables guidance).
+        height, width: output size in pixels (multiples of 8 for Stable Diffusion).
+        dtype, device: where the pipeline runs; not part of the cache key (fp16 and fp32 images
+            of one prompt are the same back-translation for the method).
+
+    Raises:
+        ValueError: naming the field that is out of range.
+    """
+
+    model: str
+    revision: str | None = None
+    scheduler: str | None = None
+    steps: int = 50
+    guidance_scale: float = 7.5
+    height: int = 512
+    width: int = 512
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.model:
+            problems.append("model: must name a diffusers pipeline (hub name or folder)")
+        if self.steps < 1:
+            problems.append(f"steps: must be ≥ 1, got {self.steps}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value < 8 or value % 8:
+                problems.append(f"{name}: must be a positive multiple of 8, got {value}")
+        if self.dtype not in _DTYPES:
+            problems.append(f"dtype: must be one of {list(_DTYPES)}, got {self.dtype!r}")
+        if problems:
+            raise ValueError("invalid GenerationSettings: " + "; ".join(problems))
+
+
+@dataclass
+class BackTranslation:
+    """One sample's outcome: the image's URI, or an error; ``cached`` when the file existed."""
+
+    uri: str | None
+    error: str | None
+    cached: bool
+
+
+def prompt_from_tokens(tokens: Sequence[str]) -> str:
+    """The prompt TMR feeds to the diffusion model: the sentence's tokens joined by spaces."""
+    return " ".join(str(t) for t in tokens)
+
+
+def sample_seed(sample_id: str, base_seed: int = 0) -> int:
+    """A seed in [0, 2**31) from a sample id: stable across processes (unlike ``hash``)."""
+    digest = hashlib.sha256(f"{base_seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (2**31)
+
+
+def cache_key(settings: GenerationSettings, seed: int, prompt: str) -> str:
+    """The content address of one generated image: sha256 over everything that shapes it."""
+    fields = {
+        "model": settings.model,
+        "revision": settings.revision,
+        "scheduler": settings.scheduler,
+        "steps": settings.steps,
+        "guidance_scale": float(settings.guidance_scale),
+        "size": [settings.height, settings.width],
+        "seed": int(seed),
+        "prompt": prompt,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def cache_uri_for(cache_uri: str, key: str) -> str:
+    """``<cache_uri>/<key[:2]>/<key>.png``: a two-character fan-out keeps folders small."""
+    return storage.join(cache_uri, key[:2], f"{key}.png")
+
+
+def load_pipeline(settings: GenerationSettings) -> Any:
+    """A diffusers pipeline by name or path, on ``settings.device`` in ``settings.dtype``.
+
+    Raises:
+        ValueError: when ``settings.scheduler`` is not a diffusers scheduler class.
+    """
+    import diffusers
+    import torch
+
+    pipeline = diffusers.DiffusionPipeline.from_pretrained(
+        settings.model, revision=settings.revision, torch_dtype=getattr(torch, settings.dtype)
+    )
+    if settings.scheduler:
+        scheduler_cls = getattr(diffusers, settings.scheduler, None)
+        if scheduler_cls is None or not hasattr(scheduler_cls, "from_config"):
+            raise ValueError(
+                f"scheduler: {settings.scheduler!r} is not a diffusers scheduler class "
+                "(e.g. EulerDiscreteScheduler, DPMSolverMultistepScheduler, DDIMScheduler)"
+            )
+        pipeline.scheduler = scheduler_cls.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(settings.device)
+
+
+def encode_png(image: Any) -> bytes:
+    """PNG bytes of a PIL image (lossless, so a cached image equals the generated one)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class BackTranslator:
+    """Back-translates batches of prompts into cached PNG files (Eq. 3).
+
+    Args:
+        settings: the pipeline and sampling settings (part of every cache key).
+        cache_uri: folder (local or ``s3://``) holding ``<key[:2]>/<key>.png``.
+        storage_options: endpoint for S3-compatible stores.
+        pipeline: an already-built diffusers pipeline (tests, the server); loaded lazily from
+            ``settings`` on the first cache miss otherwise, so a fully cached rerun loads nothing.
+    """
+
+    def __init__(
+        self,
+        settings: GenerationSettings,
+        cache_uri: str,
+        storage_options: storage.StorageOptions | None = None,
+        pipeline: Any = None,
+    ):
+        self.settings = settings
+        self.cache_uri = cache_uri
+        self.storage_options = storage_options
+        self._pipeline = pipeline
+
+    @property
+    def pipeline(self) -> Any:
+        if self._pipeline is None:
+            self._pipeline = load_pipeline(self.settings)
+        return self._pipeline
+
+    def uri_for(self, prompt: str, seed: int) -> str:
+        return cache_uri_for(self.cache_uri, cache_key(self.settings, seed, prompt))
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Any]:
+        """Run the pipeline once on a batch; one ``torch.Generator`` per sample keeps each image
+        independent of its batch mates. Returns PIL images, one per prompt."""
+        import torch
+
+        if len(prompts) != len(seeds):
+            raise ValueError(f"prompts and seeds differ in length: {len(prompts)} vs {len(seeds)}")
+        generator_device = "cpu" if self.settings.device == "mps" else self.settings.device
+        generators = [torch.Generator(generator_device).manual_seed(int(s)) for s in seeds]
+        with torch.inference_mode():
+            output = self.pipeline(
+                prompt=list(prompts),
+                num_inference_steps=self.settings.steps,
+                guidance_scale=self.settings.guidance_scale,
+                height=self.settings.height,
+                width=self.settings.width,
+                generator=generators,
+                output_type="pil",
+            )
+        return list(output.images)
+
+    def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[BackTranslation]:
+        """Back-translate a batch: reuse cached images, generate the rest, write them atomically.
+
+        Args:
+            prompts: B sentences (``prompt_from_tokens``).
+            seeds: B per-sample seeds (``sample_seed``).
+
+        Returns:
+            B results in input order; a failed sample has ``uri=None`` and an ``error``.
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"prompts and seeds differ in length: {len(prompts)} vs {len(seeds)}")
+        results: list[BackTranslation | None] = [None] * len(prompts)
+        todo: list[int] = []
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            if not isinstance(prompt, str) or not prompt.strip():
+                results[i] = BackTranslation(None, f"bad prompt: expected a non-empty sentence, got {prompt!r}", False)
+                continue
+            uri = self.uri_for(prompt, seed)
+            if storage.exists(uri, self.storage_options):
+                results[i] = BackTranslation(uri, None, True)
+            else:
+                todo.append(i)
+        for i, outcome in zip(todo, self._generate_isolating_failures([prompts[i] for i in todo], [seeds[i] for i in todo])):
+            if isinstance(outcome, str):
+                results[i] = BackTranslation(None, outcome, False)
+                continue
+            uri = self.uri_for(prompts[i], seeds[i])
+            storage.write_bytes_atomic(uri, encode_png(outcome), self.storage_options)
+            results[i] = BackTranslation(uri, None, False)
+        return results  # type: ignore[return-value]
+
+    def _generate_isolating_failures(self, prompts: list[str], seeds: list[int]) -> list[Any]:
+        """Images for a batch; if the batch fails, retry one by one so only the culprit fails.
+
+        Returns a PIL image or an error string per sample.
+        """
+        if not prompts:
+            return []
+        try:
+            return self.generate(prompts, seeds)
+        except Exception as exc:  # a bad sample or OOM must not sink its batch mates
+            _free_accelerator_memory()
+            if len(prompts) == 1:
+                return [f"{type(exc).__name__}: {exc}"[:500]]
+        outcomes: list[Any] = []
+        for prompt, seed in zip(prompts, seeds):
+            outcomes.extend(self._generate_isolating_failures([prompt], [seed]))
+        return outcomes
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
