@@ -121,6 +121,8 @@ def _coerce(value: Any, tp: Any, from_cli: bool) -> Any:
         (item_tp, *_) = get_args(tp) or (Any,)
         if from_cli and isinstance(value, str):
             value = [_from_cli_text(part) for part in value.split(",")] if value else []
+        elif from_cli and isinstance(value, (int, float, bool)):
+            value = [value]  # `--sizes 4`: the command line read "4" as a number, meant as one item
         if not isinstance(value, (list, tuple)):
             raise TypeError("not a list")
         items = [_coerce(item, item_tp, from_cli) for item in value]
