@@ -314,7 +314,7 @@ def parse_config(cls: type, argv: list[str] | None = None, prog: str | None = No
             problems.append(f"{where}: --{key} needs a value ({_type_name(tp)})")
             return
         value = _from_cli_text(raw) if from_cli else raw
-        if from_cli and value is not None and tp in (str, str | None, typing.Optional[str]):
+        if from_cli and value is not None and tp in (str, str | None):
             value = raw  # a string field keeps the text as typed: '007' stays '007', 'yes' stays 'yes'
         try:
             values[key] = _coerce(value, tp, from_cli)

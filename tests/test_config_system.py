@@ -52,7 +52,7 @@ class Cfg:
     flag: bool = opt(False, "A boolean.")
     name: str = opt("base", "A string.")
     sizes: list[int] = opt([1, 2], "A list of integers.")
-    limit: Optional[int] = opt(None, "An optional integer.")
+    limit: Optional[int] = opt(None, "An optional integer.")  # noqa: UP045 (the typing spelling must work too)
     mode: Literal["fast", "slow"] = opt("fast", "A literal choice.")
     color: Color = opt(Color.RED, "An enum.")
     weights: dict[str, float] = opt({"a": 1.0}, "A mapping.")

@@ -113,7 +113,7 @@ def test_mnre_with_tmr_image_layout(tmp_path, capsys):
         assert table.schema.equals(base_schema("re"))
         rows = table.to_pylist()
         assert len(rows) == expected == len({r["id"] for r in rows})
-        for row, inst in zip(rows, instances[split]):
+        for row, inst in zip(rows, instances[split], strict=True):
             assert row["id"].startswith(Path(inst.image_id).stem + "-")
             assert row["image_id"] == inst.image_id and row["relation"] == inst.relation
             assert row["head"] == {"name": inst.head.name, "start": inst.head.start, "end": inst.head.end}
@@ -194,7 +194,7 @@ def synthetic_layout(root: Path) -> None:
             write_image(root / "images" / f"{s.image_id}.png", "PNG")
     (root / "re").mkdir()
     (root / "re" / "ours_rel2id.json").write_bytes((DATA / "mnre" / "ours_rel2id.json").read_bytes())
-    for split, name in MNRE_FILES.items():
+    for name in MNRE_FILES.values():
         lines = (DATA / "mnre" / name).read_text(encoding="utf-8").splitlines(keepends=True)[:4]
         (root / "re" / name).write_text("".join(lines), encoding="utf-8")
         for inst in read_mnre(root / "re" / name):

@@ -62,7 +62,7 @@ def test_twitter_samples_read_exactly_with_misc_normalised(dataset):
         sentences = read_twitter_ner(path, "OTHER" if dataset == "twitter2015" else "MISC")
         raw = raw_sentences(path)
         assert len(sentences) == len(raw) == 200
-        for sentence, (image_id, tokens, tags) in zip(sentences, raw):
+        for sentence, (image_id, tokens, tags) in zip(sentences, raw, strict=True):
             assert sentence.image_id == image_id
             assert sentence.tokens == tokens
             assert sentence.tags == [t.replace("OTHER", "MISC") for t in tags]
@@ -83,8 +83,9 @@ def test_twitter2015_orphan_i_tags_are_kept_and_start_an_entity():
             assert [(k, a, b - 1) for k, a, b in chunk_entities(s.tags)] == get_entities(s.tags)
     assert orphans == {"train.txt": 6, "val.txt": 8, "test.txt": 6}  # FORMATS.md: 6/8/6 in the samples
 
-    st_louis = next(s for s in read_twitter_ner(DATA / "twitter2015" / "train.txt") if s.line <= 1491 and "Louis" in s.tokens and s.tags[s.tokens.index("Louis")] == "I-LOC")
-    i = st_louis.tokens.index("Louis")
+    # train.txt line 1491 is "Louis<TAB>I-LOC" after "St<TAB>O" and ".<TAB>O".
+    st_louis = [s for s in read_twitter_ner(DATA / "twitter2015" / "train.txt") if s.line < 1491][-1]
+    i = 1491 - st_louis.line - 1
     assert st_louis.tokens[i - 2:i + 1] == ["St", ".", "Louis"]
     assert st_louis.tags[i - 2:i + 1] == ["O", "O", "I-LOC"]
     assert ("LOC", i, i + 1) in chunk_entities(st_louis.tags)
@@ -97,13 +98,13 @@ def test_twitter2017_zero_width_tokens_keep_labels_aligned():
         assert with_fe0f, name
         for s in with_fe0f:
             assert len(s.tokens) == len(s.tags)
-            for token, tag in zip(s.tokens, s.tags):
+            for token, tag in zip(s.tokens, s.tags, strict=True):
                 if token == "\ufe0f":
                     assert tag == "O"
         # Each token, and the tag beside it, sits on file line IMGID line + 1 + its index.
         raw_lines = (DATA / "twitter2017" / name).read_text(encoding="utf-8").split("\n")
         for s in with_fe0f:
-            for j, (token, tag) in enumerate(zip(s.tokens, s.tags)):
+            for j, (token, tag) in enumerate(zip(s.tokens, s.tags, strict=True)):
                 assert raw_lines[s.line + j] == f"{token}\t{tag}"
 
 

@@ -488,7 +488,7 @@ def rows_for_split(
                 {"tokens": inst.tokens, "head": vars(inst.head), "tail": vars(inst.tail), "relation": inst.relation},
                 [inst.relation],
             )
-            for sample_id, inst in zip(re_sample_ids(instances, source.text_path), instances)
+            for sample_id, inst in zip(re_sample_ids(instances, source.text_path), instances, strict=True)
         ]
 
     checks: dict[str, ImageCheck] = {}  # MNRE has up to 21 lines per image: look once
