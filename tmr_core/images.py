@@ -1,0 +1,68 @@
+"""Images for the extractor: load by URI, crop grounded regions (paper §3.2, V^r).
+
+The real image ``v`` and its back-translation ``v'`` (Eq. 3) are read from local paths or
+``s3://`` URIs through :mod:`tmr_core.storage`; the grounded regions (the ``regions`` /
+``back_translation_regions`` columns, top boxes per phrase) are cropped from the image they were
+detected on. Boxes partly outside the image are clamped to it; boxes with no area left are
+dropped, so a sample ends up with 0 to ``num_regions`` crops and the collator masks the rest.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+
+from PIL import Image
+
+from tmr_core import storage
+
+
+def load_image(uri: str, options: storage.StorageOptions | None = None) -> Image.Image:
+    """Read an image file (local path or ``s3://`` URI) as RGB.
+
+    Raises:
+        FileNotFoundError: nothing exists at ``uri``.
+        ValueError: the bytes at ``uri`` are not an image PIL can decode.
+    """
+    if not storage.exists(uri, options):
+        raise FileNotFoundError(f"image_uri {uri!r}: no such file")
+    data = storage.read_bytes(uri, options)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as error:
+        raise ValueError(f"image_uri {uri!r}: not a readable image ({error})") from error
+
+
+def clamp_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int] | None:
+    """Clamp ``[x1, y1, x2, y2]`` (pixels) to the image; ``None`` when no area is left."""
+    if len(box) != 4:
+        raise ValueError(f"box {list(box)}: expected [x1, y1, x2, y2]")
+    x1, y1, x2, y2 = (float(v) for v in box)
+    left, top = max(0, int(round(min(x1, x2)))), max(0, int(round(min(y1, y2))))
+    right, bottom = min(width, int(round(max(x1, x2)))), min(height, int(round(max(y1, y2))))
+    if right - left < 1 or bottom - top < 1:
+        return None
+    return left, top, right, bottom
+
+
+def top_regions(regions: Sequence[Mapping] | None, limit: int) -> list[Mapping]:
+    """The ``limit`` regions with the highest ``score`` (stable for ties), as grounding ranks them."""
+    if not regions or limit <= 0:
+        return []
+    ranked = sorted(regions, key=lambda region: -float(region.get("score") or 0.0))
+    return list(ranked[:limit])
+
+
+def crop_regions(image: Image.Image, regions: Sequence[Mapping] | None, limit: int) -> list[Image.Image]:
+    """Crop the top-``limit`` regions (``{box, score, phrase}``) out of ``image``.
+
+    Returns between 0 and ``limit`` RGB crops; regions whose box leaves no area inside the image
+    are skipped rather than padded here (the collator pads and masks).
+    """
+    crops = []
+    for region in top_regions(regions, limit):
+        box = clamp_box(region["box"], image.width, image.height)
+        if box is not None:
+            crops.append(image.crop(box))
+    return crops
