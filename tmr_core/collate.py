@@ -10,7 +10,8 @@ as single ids, and records where ``[unused0]``/``[unused2]`` landed (a cut marke
 [CLS], position 0).
 
 NER labels are per original token (``-100`` where masked), after turning orphan ``I-X`` into
-``B-X`` over the kept tokens so the CRF sees a valid BIO path (the conlleval chunks are the same).
+``B-X`` (over all tokens, then over the kept ones) so the CRF sees a valid BIO path with the same
+conlleval chunks as the gold tags.
 
 Phrases (``phrases``: ``{text, start, end}`` token spans) become word-piece spans over their
 first ``max_phrase_len`` tokens, at most ``max_phrases`` per sample; phrases with no kept piece
@@ -179,7 +180,10 @@ class TMRCollator:
             raise ValueError(f"{where}: {len(tags)} tags for {len(starts)} tokens")
         kept = [i for i, start in enumerate(starts) if start >= 0]
         labels = [IGNORE_INDEX] * len(starts)
-        for i, tag in zip(kept, repair_bio([tags[i] for i in kept])):
+        # Repair over all tokens first (a hole tagged O splits a chunk, as conlleval reads the
+        # gold), then over the kept ones (a dropped token may have carried a B-).
+        whole = repair_bio(tags)
+        for i, tag in zip(kept, repair_bio([whole[i] for i in kept])):
             if tag not in self.label_ids:
                 raise ValueError(f"{where}: tag {tag!r} (token {i}) is not one of labels {list(self.label_ids)}")
             labels[i] = self.label_ids[tag]

@@ -10,7 +10,8 @@ score of -1e4, re-imposed before every use, so Viterbi decoding always yields va
 The CRF runs over the words that reach the model: tokens without a word piece (U+FE0F …) and
 tokens cut by truncation are masked in T^w; the head packs the remaining words to the left for
 the CRF (pytorch-crf needs contiguous masks) and scatters decoded tags back to their original
-positions, where masked tokens read ``O``.
+positions, where masked tokens read ``O`` (an ``I-X`` right after such a hole becomes ``B-X``, the
+same conlleval chunk, so the whole sequence stays valid BIO).
 
 RE: Ğ_ij = T_i ⊕ T_j ⊕ p ⊕ h (Eq. 10), softmax over relations, cross-entropy (Eq. 11). T_i, T_j are
 the encoder states at the entity start markers (``[unused0]`` before the head, ``[unused2]``
@@ -161,18 +162,20 @@ class NERHead(nn.Module):
         return -self.crf(packed_emissions, packed_labels, mask=packed, reduction="mean")
 
     def decode(self, emissions: torch.Tensor, word_mask: torch.Tensor) -> list[list[int]]:
-        """Viterbi tag ids per original position (length ``words``), ``O`` where masked."""
+        """Viterbi tag ids per original position (length ``words``), valid BIO, ``O`` where masked."""
         self.enforce_bio()
         order, packed = left_align(word_mask)
         packed_emissions = emissions.gather(1, order[..., None].expand(-1, -1, emissions.shape[-1]))
         paths = self.crf.decode(packed_emissions, mask=packed)
         counts = word_mask.sum(dim=1).tolist()
+        ids = {tag: index for index, tag in enumerate(self.labels)}
         decoded = []
         for row, path in enumerate(paths):
             tags = [self.outside] * word_mask.shape[1]
             for slot, position in enumerate(order[row, : counts[row]].tolist()):
                 tags[position] = path[slot]
-            decoded.append(tags)
+            # An O in a hole can orphan the next I-X; as a B-X it marks the same conlleval chunk.
+            decoded.append([ids[tag] for tag in repair_bio([self.labels[i] for i in tags])])
         return decoded
 
 
