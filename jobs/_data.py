@@ -37,8 +37,6 @@ _FORWARDED_ENV = (
     "AWS_DEFAULT_REGION",
     "AWS_ENDPOINT_URL",
     "AWS_EC2_METADATA_DISABLED",
-    "HF_HUB_OFFLINE",
-    "TRANSFORMERS_OFFLINE",
 )
 
 
@@ -81,14 +79,18 @@ def init_ray() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = True
 
 
-def worker_env() -> dict[str, Any]:
-    """``ray_remote_args`` passing the driver's storage/offline env vars on to Ray workers."""
+def worker_env(*uris: str | None) -> dict[str, Any]:
+    """``ray_remote_args`` passing the driver's storage env vars on to Ray workers when any of
+    ``uris`` is remote (workers may have started before the driver's credentials were set).
+    Local-only stages get ``{}``: a runtime env costs a dedicated worker process."""
+    if not any(u and storage.is_remote(u) for u in uris):
+        return {}
     env = {key: os.environ[key] for key in _FORWARDED_ENV if key in os.environ}
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
-def actor_pool_args(compute: ComputeConfig) -> dict[str, Any]:
-    """``map_batches`` keyword arguments for a model stage.
+def actor_pool_args(compute: ComputeConfig, *uris: str | None) -> dict[str, Any]:
+    """``map_batches`` keyword arguments for a model stage that reads/writes ``uris``.
 
     Actors restart when killed (``max_restarts=-1``) and their unfinished batch is retried
     (``max_task_retries=-1``), so a preempted node or a killed process costs time, not rows.
@@ -102,7 +104,7 @@ def actor_pool_args(compute: ComputeConfig) -> dict[str, Any]:
         "num_cpus": compute.num_cpus,
         "max_restarts": -1,
         "max_task_retries": -1,
-        **worker_env(),
+        **worker_env(*uris),
     }
     if compute.accelerator_resource:
         args["resources"] = {compute.accelerator_resource: compute.num_gpus}
@@ -145,7 +147,7 @@ def read_split(dataset_uri: str, split: str, options: storage.StorageOptions | N
     if uri is None:
         raise FileNotFoundError(f"{dataset_uri}: no table for split '{split}'")
     fs, path = storage.resolve(uri, options)
-    return ray.data.read_parquet(path, filesystem=fs, ray_remote_args=worker_env() or None)
+    return ray.data.read_parquet(path, filesystem=fs, ray_remote_args=worker_env(uri) or None)
 
 
 def add_columns(batch: pa.Table, stage: str, values: dict[str, list]) -> pa.Table:
@@ -172,37 +174,6 @@ def _set_column(batch: pa.Table, name: str, column: pa.Array) -> pa.Table:
     return batch.append_column(name, column)
 
 
-def _drop_private(batch: pa.Table) -> pa.Table:
-    import pyarrow.compute as pc
-
-    if DROP_COLUMN in batch.column_names:
-        batch = batch.filter(pc.invert(pc.fill_null(batch.column(DROP_COLUMN), False)))
-    private = [n for n in batch.column_names if n.startswith(STAT_PREFIX) or n == DROP_COLUMN]
-    return batch.drop_columns(private)
-
-
-def _collect_stats(ds: Any) -> dict[str, Any]:
-    """Sum numeric ``_stat_*`` columns; count string ones per value (e.g. rows per node)."""
-    private = [n for n in ds.schema().names if n.startswith(STAT_PREFIX) or n == DROP_COLUMN]
-    if not private:
-        return {}
-    import ray
-
-    table = pa.concat_tables(ray.get(ds.select_columns(private).to_arrow_refs()))
-    stats: dict[str, Any] = {}
-    for name in private:
-        column = table.column(name)
-        key = "dropped" if name == DROP_COLUMN else name[len(STAT_PREFIX):]
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            counts: dict[str, int] = {}
-            for value in column.to_pylist():
-                counts[str(value)] = counts.get(str(value), 0) + 1
-            stats[key] = counts
-        else:
-            stats[key] = int(sum(int(v or 0) for v in column.to_pylist()))
-    return stats
-
-
 def read_splits(dataset_uri: str, splits: list[str], options: storage.StorageOptions | None = None) -> Any:
     """The union of the requested splits (each row keeps its ``split`` column), so one actor pool
     serves every split."""
@@ -210,33 +181,63 @@ def read_splits(dataset_uri: str, splits: list[str], options: storage.StorageOpt
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
-def write_split(ds: Any, output_uri: str, split: str, options: storage.StorageOptions | None = None) -> int:
-    """Write one split's rows to ``<output>/<split>/`` (replacing an older copy); returns the row count."""
-    from ray.data import SaveMode
+def _is_private(name: str) -> bool:
+    return name.startswith(STAT_PREFIX) or name == DROP_COLUMN
 
-    fs, path = storage.resolve(storage.join(output_uri, split), options)
-    ds.write_parquet(path, filesystem=fs, mode=SaveMode.OVERWRITE, ray_remote_args=worker_env() or None)
-    return ds.count()
+
+def _kept_rows_of_split(batch: pa.Table, split: str) -> pa.Table:
+    """The batch's rows of ``split`` that are not dropped, without private columns."""
+    import pyarrow.compute as pc
+
+    keep = pc.equal(batch.column("split"), split)
+    if DROP_COLUMN in batch.column_names:
+        keep = pc.and_(keep, pc.invert(pc.fill_null(batch.column(DROP_COLUMN), False)))
+    return batch.filter(keep).drop_columns([n for n in batch.column_names if _is_private(n)])
+
+
+def _collect_stats(ds: Any) -> tuple[dict[str, int], dict[str, Any]]:
+    """Rows kept per split, and the stats: numeric ``_stat_*`` columns summed, string ones counted
+    per value (e.g. rows per node), ``_drop`` counted as ``dropped``."""
+    import ray
+
+    private = [n for n in ds.schema().names if _is_private(n)]
+    table = pa.concat_tables(ray.get(ds.select_columns(["split", *private]).to_arrow_refs()))
+    dropped = table.column(DROP_COLUMN).to_pylist() if DROP_COLUMN in private else [False] * table.num_rows
+    rows: dict[str, int] = {}
+    for split, drop in zip(table.column("split").to_pylist(), dropped):
+        rows[split] = rows.get(split, 0) + (0 if drop else 1)
+    stats: dict[str, Any] = {}
+    for name in private:
+        values = table.column(name).to_pylist()
+        key = "dropped" if name == DROP_COLUMN else name[len(STAT_PREFIX):]
+        if pa.types.is_string(table.column(name).type):
+            counts: dict[str, int] = {}
+            for value in values:
+                counts[str(value)] = counts.get(str(value), 0) + 1
+            stats[key] = counts
+        else:
+            stats[key] = int(sum(int(v or 0) for v in values))
+    return rows, stats
 
 
 def write_splits(ds: Any, output_uri: str, splits: list[str],
                  options: storage.StorageOptions | None = None) -> tuple[dict[str, int], dict[str, Any]]:
-    """Run a stage's dataset once and write each split under ``<output>/<split>/``.
+    """Run a stage's dataset once and write each split under ``<output>/<split>/``, replacing an
+    older copy; private ``_stat_*``/``_drop`` columns are aggregated and left out.
 
     Returns:
-        (rows written per split, stats from the private ``_stat_*``/``_drop`` columns).
+        (rows written per split, stats).
     """
-    import pyarrow.compute as pc
+    from ray.data import SaveMode
 
     ds = ds.materialize()  # runs the stage once; stats and writes read the same blocks
-    stats = _collect_stats(ds)
-    final = ds.map_batches(_drop_private, batch_format="pyarrow", batch_size=None).materialize()
-    rows = {}
+    rows, stats = _collect_stats(ds)
     for split in splits:
-        part = final.map_batches(
-            lambda b, s=split: b.filter(pc.equal(b.column("split"), s)), batch_format="pyarrow", batch_size=None
-        )
-        rows[split] = write_split(part, output_uri, split, options)
+        fs, path = storage.resolve(storage.join(output_uri, split), options)
+        part = ds.map_batches(_kept_rows_of_split, fn_kwargs={"split": split}, batch_format="pyarrow",
+                              batch_size=None, **worker_env(output_uri))
+        part.write_parquet(path, filesystem=fs, mode=SaveMode.OVERWRITE, ray_remote_args=worker_env(output_uri) or None)
+        rows.setdefault(split, 0)
     return rows, stats
 
 
@@ -244,8 +245,10 @@ def write_splits(ds: Any, output_uri: str, splits: list[str],
 
 
 def fingerprint(job: str, cfg: Any, input_uri: str, splits: list[str],
-                options: storage.StorageOptions | None = None, ignore: tuple[str, ...] = ("force",)) -> str:
-    """sha256 of the job, its resolved config (minus ``ignore``) and its inputs' identity.
+                options: storage.StorageOptions | None = None, ignore: tuple[str, ...] = ("force",),
+                extra: Any = None) -> str:
+    """sha256 of the job, its resolved config (minus ``ignore``), its inputs' identity and ``extra``
+    (e.g. :func:`file_infos` of a model checkpoint the config names by path).
 
     The input's identity is its own ``_SUCCESS.json`` when it has one, else the size and mtime of
     each split's files.
@@ -255,18 +258,21 @@ def fingerprint(job: str, cfg: Any, input_uri: str, splits: list[str],
     if marker is not None:
         inputs: Any = {"fingerprint": marker.get("fingerprint"), "rows": marker.get("rows")}
     else:
-        inputs = {split: _file_infos(split_uri(input_uri, split, options), options) for split in splits}
-    blob = json.dumps({"job": job, "config": config, "inputs": inputs}, sort_keys=True, default=str)
+        inputs = {split: file_infos(split_uri(input_uri, split, options), options) for split in splits}
+    blob = json.dumps({"job": job, "config": config, "inputs": inputs, "extra": extra}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def _file_infos(uri: str | None, options: storage.StorageOptions | None) -> list:
+def file_infos(uri: str | None, options: storage.StorageOptions | None = None) -> list:
+    """(path, size, mtime) of a file or of every file under a folder; [] when absent."""
     import pyarrow.fs as pafs
 
     if uri is None:
         return []
     fs, path = storage.resolve(uri, options)
     info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return []
     if info.type == pafs.FileType.Directory:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     else:

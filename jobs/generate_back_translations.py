@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ds = read_splits(cfg.input, splits, options).map_batches(
         GenerateBackTranslations,
         fn_constructor_kwargs={"generation": cfg.generation, "cache_uri": cfg.cache_uri, "storage": cfg.storage},
-        **actor_pool_args(cfg.compute),
+        **actor_pool_args(cfg.compute, cfg.input, cfg.output, cfg.cache_uri),
     )
     rows, stats = write_splits(ds, cfg.output, splits, options)
     seconds = time.perf_counter() - start

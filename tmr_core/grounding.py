@@ -10,12 +10,9 @@ top-k boxes by score. The same grounder runs on the real image v and on its back
 from __future__ import annotations
 
 import inspect
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-
-from tmr_core import storage
 
 
 @dataclass
@@ -28,22 +25,6 @@ class Region:
 
     def to_dict(self) -> dict:
         return {"box": [float(v) for v in self.box], "score": float(self.score), "phrase": self.phrase}
-
-
-def load_image(uri: str, options: storage.StorageOptions | None = None) -> Any:
-    """An RGB PIL image from a local path or URI.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        PIL.UnidentifiedImageError / OSError: the bytes are not a decodable image.
-    """
-    from PIL import Image
-
-    if not storage.exists(uri, options):
-        raise FileNotFoundError(f"image not found: {uri}")
-    image = Image.open(io.BytesIO(storage.read_bytes(uri, options)))
-    image.load()  # decode now, so a truncated file fails here and not later
-    return image.convert("RGB")
 
 
 class PhraseGrounder:
@@ -77,7 +58,7 @@ class PhraseGrounder:
         self.device, self.dtype = device, getattr(torch, dtype)
         self.processor = AutoProcessor.from_pretrained(model, revision=revision)
         self.model = AutoModelForZeroShotObjectDetection.from_pretrained(
-            model, revision=revision, torch_dtype=self.dtype
+            model, revision=revision, dtype=self.dtype
         ).to(device).eval()
         self._post_process = self._pick_post_process()
 
@@ -103,7 +84,7 @@ class PhraseGrounder:
         phrases = [p for p in phrases if p and p.strip()]
         if not phrases:
             return []
-        inputs = self.processor(images=[image], text=[list(phrases)], return_tensors="pt").to(self.device)
+        inputs = self.processor(images=[image], text=[list(phrases)], truncation=True, return_tensors="pt").to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         with torch.inference_mode():
@@ -117,11 +98,14 @@ class PhraseGrounder:
         if "text_threshold" in parameters:
             kwargs["text_threshold"] = self.text_threshold
         (detections,) = self._post_process(outputs, **kwargs)
-        return self._top_regions(detections, phrases)
+        return self._top_regions(detections, phrases, image.width, image.height)
 
-    def _top_regions(self, detections: dict, phrases: Sequence[str]) -> list[Region]:
+    def _top_regions(self, detections: dict, phrases: Sequence[str], width: int, height: int) -> list[Region]:
         scores = detections["scores"].float().cpu()
+        # clamp to the image: untrained or OWL-style heads can predict boxes past its border
         boxes = detections["boxes"].float().cpu()
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
         labels = detections.get("text_labels") or [None] * len(scores)
         indices = detections.get("labels")
         order = scores.argsort(descending=True)[: self.top_k]

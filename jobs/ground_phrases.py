@@ -1,0 +1,155 @@
+"""Ground each sample's noun phrases in its image and in its back-translation (TMR §3.2, V^r).
+
+    python -m jobs.ground_phrases --config configs/ground_phrases.yaml \\
+        --input outputs/back_translations --output outputs/regions --top_k 3
+
+A zero-shot detector from transformers (``AutoModelForZeroShotObjectDetection`` + its processor:
+OWL-ViT, OWLv2 or Grounding DINO) is queried with the ``phrases`` column; the top ``top_k`` regions
+(3 in the paper) of the real image go to ``regions`` and those of the back-translation to
+``back_translation_regions``. A missing or unreadable image follows ``on_missing_image``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from jobs._common import StorageConfig
+from jobs._config import opt, parse_config, print_config, run_main, save_config
+from jobs._data import (
+    DROP_COLUMN,
+    ComputeConfig,
+    actor_pool_args,
+    add_columns,
+    fingerprint,
+    init_ray,
+    is_up_to_date,
+    present_splits,
+    read_splits,
+    write_splits,
+    write_success_marker,
+)
+
+JOB = "ground_phrases"
+
+
+@dataclass
+class DetectorConfig:
+    """The zero-shot detector."""
+
+    model: str = opt("google/owlv2-base-patch16-ensemble", "Detector: hub name or folder (model + processor).")
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit).")
+    threshold: float = opt(0.0, "Minimum detection score kept before taking the top_k.")
+    text_threshold: float = opt(0.25, "Grounding DINO only: token score threshold.")
+    dtype: Literal["float32", "float16", "bfloat16"] = opt("float32", "Detector dtype.")
+    device: str = opt("cpu", "torch device of each actor: cpu or cuda.")
+
+
+@dataclass
+class Config:
+    """Top-k grounded regions for the real image and the back-translation of each sample."""
+
+    input: str = opt("outputs/back_translations", "Dataset folder (local or s3://) with <split>.parquet or <split>/.")
+    output: str = opt("outputs/regions", "Dataset folder to write <split>/, config.yaml, _SUCCESS.json.")
+    splits: list[str] = opt(["train", "valid", "test"], "Splits to process (those present are read).")
+    force: bool = opt(False, "Run even when the output's _SUCCESS.json matches this config and input.")
+    top_k: int = opt(3, "Regions kept per image (paper: 3).")
+    on_missing_image: Literal["error", "skip", "keep"] = opt(
+        "error", "A missing or unreadable image: error, skip the sample, or keep it with null regions."
+    )
+    detector: DetectorConfig = opt(DetectorConfig, "The zero-shot detector.")
+    compute: ComputeConfig = opt(ComputeConfig, "Actor pool, batch size and accelerators.")
+    storage: StorageConfig = opt(StorageConfig, "Where s3:// URIs are served.")
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"top_k: must be ≥ 1, got {self.top_k}")
+
+
+class GroundPhrases:
+    """Ray Data callable: one detector per actor; rows in, rows plus both region columns out."""
+
+    def __init__(self, cfg: Config):
+        from tmr_core.grounding import PhraseGrounder
+
+        d = cfg.detector
+        self.cfg = cfg
+        self.options = cfg.storage.options()
+        self.grounder = PhraseGrounder(
+            d.model, revision=d.revision, top_k=cfg.top_k, threshold=d.threshold,
+            text_threshold=d.text_threshold, device=d.device, dtype=d.dtype,
+        )
+
+    def _regions(self, sample_id: str, uri: str | None, phrases: list[str], column: str) -> tuple[list | None, bool]:
+        """(regions or None, whether the image was missing/unreadable)."""
+        from tmr_core.images import load_image
+
+        if uri is None:
+            return None, column == "image_uri"
+        try:
+            image = load_image(uri, self.options)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            if self.cfg.on_missing_image == "error":
+                raise FileNotFoundError(
+                    f"sample {sample_id!r}: {column} {uri!r} is missing or unreadable ({exc}); "
+                    "set --on_missing_image skip|keep to go on without it"
+                ) from exc
+            return None, True
+        return [r.to_dict() for r in self.grounder(image, phrases)], False
+
+    def __call__(self, batch: Any) -> Any:
+        n = batch.num_rows
+        ids = batch.column("id").to_pylist()
+        image_uris = batch.column("image_uri").to_pylist()
+        bt_uris = (batch.column("back_translation_uri").to_pylist()
+                   if "back_translation_uri" in batch.column_names else [None] * n)
+        phrase_rows = batch.column("phrases").to_pylist() if "phrases" in batch.column_names else [[]] * n
+        regions, bt_regions, missing, bt_missing = [], [], [], []
+        for sample_id, image_uri, bt_uri, phrases in zip(ids, image_uris, bt_uris, phrase_rows):
+            texts = [p["text"] for p in phrases or []]
+            real, real_missing = self._regions(sample_id, image_uri, texts, "image_uri")
+            back, back_missing = self._regions(sample_id, bt_uri, texts, "back_translation_uri")
+            regions.append(real)
+            bt_regions.append(back)
+            missing.append(int(real_missing))
+            bt_missing.append(int(back_missing or bt_uri is None))
+        return add_columns(batch, JOB, {
+            "regions": regions,
+            "back_translation_regions": bt_regions,
+            "_stat_missing_images": missing,
+            "_stat_missing_back_translations": bt_missing,
+            "_stat_regions": [len(r or []) for r in regions],
+            DROP_COLUMN: [bool(m) and self.cfg.on_missing_image == "skip" for m in missing],
+        })
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(Config, argv, prog=f"jobs.{JOB}")
+    print_config(cfg, JOB)
+    options = cfg.storage.options()
+    splits = present_splits(cfg.input, cfg.splits, options)
+    stage_fingerprint = fingerprint(JOB, cfg, cfg.input, splits, options)
+    if not cfg.force and is_up_to_date(cfg.output, stage_fingerprint, options):
+        print(f"[{JOB}] {cfg.output} is up to date (same config and input); nothing to do. --force true reruns it.")
+        return 0
+
+    init_ray()
+    start = time.perf_counter()
+    ds = read_splits(cfg.input, splits, options).map_batches(
+        GroundPhrases, fn_constructor_kwargs={"cfg": cfg}, **actor_pool_args(cfg.compute, cfg.input, cfg.output)
+    )
+    rows, stats = write_splits(ds, cfg.output, splits, options)
+    summary = {**stats, "seconds": round(time.perf_counter() - start, 3)}
+    save_config(cfg, cfg.output, options=options)
+    write_success_marker(cfg.output, rows, stage_fingerprint, summary, options)
+    print(
+        f"[{JOB}] rows {rows} | regions {stats.get('regions', 0)} | missing images "
+        f"{stats.get('missing_images', 0)} ({cfg.on_missing_image}; dropped {stats.get('dropped', 0)}) | "
+        f"missing back-translations {stats.get('missing_back_translations', 0)} | {summary['seconds']:.1f}s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

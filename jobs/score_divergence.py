@@ -1,0 +1,150 @@
+"""Score every (text, image) pair with the trained multimodal divergence estimator (TMR §3.4, Eq. 4).
+
+    python -m jobs.score_divergence --config configs/score_divergence.yaml \\
+        --input outputs/regions --output outputs/divergence --checkpoint outputs/mde/checkpoint
+
+The MDE (a ViLT-style single-stream transformer, ``tmr_core.mde``) maps the sentence and its real
+image to α = (α_s, α_c, α_w): strengthen / complement / weaken, summing to 1, which Eq. 4 uses to
+weight the fine- and coarse-grained streams. ``--checkpoint`` is a folder (local or ``s3://``)
+written by ``save_pretrained`` or an MLflow model/artifact URI (``runs:/…``, ``models:/…``).
+Adds ``divergence``. A missing or unreadable image follows ``on_missing_image``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from jobs._common import StorageConfig
+from jobs._config import opt, parse_config, print_config, run_main, save_config
+from jobs._data import (
+    DROP_COLUMN,
+    ComputeConfig,
+    actor_pool_args,
+    add_columns,
+    file_infos,
+    fingerprint,
+    init_ray,
+    is_up_to_date,
+    present_splits,
+    read_splits,
+    write_splits,
+    write_success_marker,
+)
+
+JOB = "score_divergence"
+_MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+
+
+@dataclass
+class Config:
+    """Divergence scores (strengthen, complement, weaken) for every sample."""
+
+    input: str = opt("outputs/regions", "Dataset folder (local or s3://) with <split>.parquet or <split>/.")
+    output: str = opt("outputs/divergence", "Dataset folder to write <split>/, config.yaml, _SUCCESS.json.")
+    splits: list[str] = opt(["train", "valid", "test"], "Splits to process (those present are read).")
+    force: bool = opt(False, "Run even when the output's _SUCCESS.json matches this config and input.")
+    checkpoint: str = opt("outputs/mde/checkpoint", "MDE folder (save_pretrained) or MLflow URI (runs:/…, models:/…).")
+    processor: str | None = opt(None, "ViLT processor folder or hub name; null: the checkpoint folder.")
+    max_length: int = opt(40, "Word pieces per sentence after truncation (ViLT: 40 text positions).")
+    on_missing_image: Literal["error", "skip", "keep"] = opt(
+        "error", "A missing or unreadable image: error, skip the sample, or keep it with a null divergence."
+    )
+    device: str = opt("cpu", "torch device of each actor: cpu or cuda.")
+    compute: ComputeConfig = opt(ComputeConfig, "Actor pool, batch size and accelerators.")
+    storage: StorageConfig = opt(StorageConfig, "Where s3:// URIs are served.")
+
+
+def local_checkpoint(uri: str) -> str:
+    """A local folder for an MLflow model/artifact URI; other URIs are returned as they are."""
+    if uri.startswith(_MLFLOW_SCHEMES):
+        import mlflow
+
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    return uri
+
+
+class ScoreDivergence:
+    """Ray Data callable: one MDE per actor; rows in, rows plus ``divergence`` out."""
+
+    def __init__(self, cfg: Config):
+        from transformers import AutoProcessor
+
+        from tmr_core.mde import MDECollator, MultimodalDivergenceEstimator
+
+        self.cfg = cfg
+        self.options = cfg.storage.options()
+        checkpoint = local_checkpoint(cfg.checkpoint)
+        self.model = MultimodalDivergenceEstimator.from_pretrained(checkpoint, device=cfg.device, options=self.options)
+        self.model.eval()
+        processor_dir = local_checkpoint(cfg.processor) if cfg.processor else checkpoint
+        self.collator = MDECollator(AutoProcessor.from_pretrained(processor_dir), cfg.max_length, self.options)
+
+    def _image_or_none(self, sample_id: str, uri: str | None) -> Any:
+        from tmr_core.images import load_image
+
+        if uri is None:
+            return None
+        try:
+            return load_image(uri, self.options)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            if self.cfg.on_missing_image == "error":
+                raise FileNotFoundError(
+                    f"sample {sample_id!r}: image_uri {uri!r} is missing or unreadable ({exc}); "
+                    "set --on_missing_image skip|keep to go on without it"
+                ) from exc
+            return None
+
+    def __call__(self, batch: Any) -> Any:
+        ids = batch.column("id").to_pylist()
+        tokens = batch.column("tokens").to_pylist()
+        images = [self._image_or_none(i, u) for i, u in zip(ids, batch.column("image_uri").to_pylist())]
+        scored = [i for i, image in enumerate(images) if image is not None]
+        divergence: list[list[float] | None] = [None] * len(ids)
+        if scored:
+            inputs = self.collator([{"id": ids[i], "tokens": tokens[i], "image": images[i]} for i in scored])
+            inputs = {k: v.to(self.cfg.device) for k, v in inputs.items()}
+            probs = self.model.score(**inputs).float().cpu()  # (B, 3): strengthen, complement, weaken
+            for row, p in zip(scored, probs.tolist()):
+                divergence[row] = p
+        missing = [image is None for image in images]
+        return add_columns(batch, JOB, {
+            "divergence": divergence,
+            "_stat_scored": [int(not m) for m in missing],
+            "_stat_missing_images": [int(m) for m in missing],
+            DROP_COLUMN: [m and self.cfg.on_missing_image == "skip" for m in missing],
+        })
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(Config, argv, prog=f"jobs.{JOB}")
+    print_config(cfg, JOB)
+    options = cfg.storage.options()
+    splits = present_splits(cfg.input, cfg.splits, options)
+    # a retrained checkpoint at the same path must not look up to date
+    model_files = [] if cfg.checkpoint.startswith(_MLFLOW_SCHEMES) else file_infos(cfg.checkpoint, options)
+    stage_fingerprint = fingerprint(JOB, cfg, cfg.input, splits, options, extra={"checkpoint": model_files})
+    if not cfg.force and is_up_to_date(cfg.output, stage_fingerprint, options):
+        print(f"[{JOB}] {cfg.output} is up to date (same config and input); nothing to do. --force true reruns it.")
+        return 0
+
+    init_ray()
+    start = time.perf_counter()
+    ds = read_splits(cfg.input, splits, options).map_batches(
+        ScoreDivergence, fn_constructor_kwargs={"cfg": cfg}, **actor_pool_args(cfg.compute, cfg.input, cfg.output, cfg.checkpoint)
+    )
+    rows, stats = write_splits(ds, cfg.output, splits, options)
+    summary = {**stats, "seconds": round(time.perf_counter() - start, 3)}
+    save_config(cfg, cfg.output, options=options)
+    write_success_marker(cfg.output, rows, stage_fingerprint, summary, options)
+    print(
+        f"[{JOB}] rows {rows} | scored {stats.get('scored', 0)} | missing images "
+        f"{stats.get('missing_images', 0)} ({cfg.on_missing_image}; dropped {stats.get('dropped', 0)}) | "
+        f"{summary['seconds']:.1f}s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
