@@ -37,7 +37,7 @@ def load_image(uri: str, options: storage.StorageOptions | None = None) -> Image
 def clamp_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int] | None:
     """Clamp ``[x1, y1, x2, y2]`` (pixels) to the image; ``None`` when no area is left."""
     if len(box) != 4:
-        raise ValueError(f"box {list(box)}: expected [x1, y1, x2, y2]")
+        raise ValueError(f"regions: box {list(box)} is not [x1, y1, x2, y2]")
     x1, y1, x2, y2 = (float(v) for v in box)
     left, top = max(0, int(round(min(x1, x2)))), max(0, int(round(min(y1, y2))))
     right, bottom = min(width, int(round(max(x1, x2)))), min(height, int(round(max(y1, y2))))
@@ -57,12 +57,20 @@ def top_regions(regions: Sequence[Mapping] | None, limit: int) -> list[Mapping]:
 def crop_regions(image: Image.Image, regions: Sequence[Mapping] | None, limit: int) -> list[Image.Image]:
     """Crop the top-``limit`` regions (``{box, score, phrase}``) out of ``image``.
 
-    Returns between 0 and ``limit`` RGB crops; regions whose box leaves no area inside the image
-    are skipped rather than padded here (the collator pads and masks).
+    Returns between 0 and ``limit`` RGB crops, best score first; a region whose box leaves no
+    area inside the image is skipped and the next one takes its place (the collator pads and masks).
     """
     crops = []
-    for region in top_regions(regions, limit):
-        box = clamp_box(region["box"], image.width, image.height)
+    for region in top_regions(regions, len(regions or ())):
+        if len(crops) == limit:
+            break
+        box = clamp_box(_listed_box(region.get("box")), image.width, image.height)
         if box is not None:
             crops.append(image.crop(box))
     return crops
+
+
+def _listed_box(box) -> list:
+    if box is None:
+        return []
+    return list(box.tolist() if hasattr(box, "tolist") else box)
