@@ -22,6 +22,15 @@ WORDS = "a the dog cat on grass red blue green car sky under tree big small phot
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory):
     from transformers import BertTokenizerFast, ViltImageProcessorPil, ViltProcessor
@@ -37,16 +46,24 @@ def tiny_vilt_config(vocab_size: int):
     from transformers import ViltConfig
 
     return ViltConfig(
-        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, image_size=32, patch_size=16, max_position_embeddings=16,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=16,
+        max_position_embeddings=16,
     )
 
 
 def tiny_mde(processor, seed: int = 0, **fields) -> MultimodalDivergenceEstimator:
     torch.manual_seed(seed)
     config = MDEConfig(
-        backbone="tiny", backbone_config=tiny_vilt_config(len(processor.tokenizer)).to_dict(),
-        projection_dim=16, **fields,
+        backbone="tiny",
+        backbone_config=tiny_vilt_config(len(processor.tokenizer)).to_dict(),
+        projection_dim=16,
+        **fields,
     )
     return MultimodalDivergenceEstimator(config)
 
@@ -55,17 +72,24 @@ def image(colour: str, size=(32, 32)) -> Image.Image:
     return Image.new("RGB", size, COLOURS[colour])
 
 
+# id, caption, image colour, image size, label, source: two sources, weaken rows have a wrong image.
+ROWS = [
+    ("s0", "a red car", "red", (32, 32), "strengthen", "coco"),
+    ("s1", "a blue sky", "blue", (32, 32), "strengthen", "coco"),
+    ("s2", "a green tree", "green", (32, 32), "strengthen", "coco"),
+    ("c0", "photo of a dog", "red", (48, 32), "complement", "laion"),
+    ("c1", "big cat", "green", (48, 32), "complement", "laion"),
+    ("w0", "a red car", "blue", (32, 32), "weaken", "coco"),
+    ("w1", "a green tree", "red", (48, 32), "weaken", "laion"),
+    ("w2", "small dog", "blue", (48, 32), "weaken", "laion"),
+]
+
+
 def rows() -> list[dict]:
-    """Two sources; captions name a colour; the image matches (aligned) or not (weaken)."""
+    keys = ("id", "caption", "image", "label", "source")
     return [
-        {"id": "s0", "caption": "a red car", "image": image("red"), "label": "strengthen", "source": "coco"},
-        {"id": "s1", "caption": "a blue sky", "image": image("blue"), "label": "strengthen", "source": "coco"},
-        {"id": "s2", "caption": "a green tree", "image": image("green"), "label": "strengthen", "source": "coco"},
-        {"id": "c0", "caption": "photo of a dog", "image": image("red", (48, 32)), "label": "complement", "source": "laion"},
-        {"id": "c1", "caption": "big cat", "image": image("green", (48, 32)), "label": "complement", "source": "laion"},
-        {"id": "w0", "caption": "a red car", "image": image("blue"), "label": "weaken", "source": "coco"},
-        {"id": "w1", "caption": "a green tree", "image": image("red", (48, 32)), "label": "weaken", "source": "laion"},
-        {"id": "w2", "caption": "small dog", "image": image("blue", (48, 32)), "label": "weaken", "source": "laion"},
+        dict(zip(keys, (i, text, image(c, size), label, src), strict=True))
+        for i, text, c, size, label, src in ROWS
     ]
 
 
@@ -94,7 +118,11 @@ def test_each_objective_gives_a_finite_loss_with_gradients(processor, batch, obj
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
     assert out.probs.shape == (8, 3)  # extra negatives never show in the outputs
     out.loss.backward()
-    for name in ("backbone.encoder.layer.0.attention.attention.query.weight", "projection.0.weight", "head.weight"):
+    for name in (
+        "backbone.encoder.layer.0.attention.attention.query.weight",
+        "projection.0.weight",
+        "head.weight",
+    ):
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
     assert out.num_negatives == (5 if objective == "ce_negative_sampling" else 0)  # 3 coco + 2 laion rows
@@ -150,7 +178,7 @@ def test_ce_overfits_a_small_batch(processor, batch):
     model = tiny_mde(processor, seed=2, objective="ce")
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(40):
+    for _ in range(60):
         loss = model(**batch).loss
         optimizer.zero_grad()
         loss.backward()
@@ -163,10 +191,12 @@ def test_same_source_swaps_pair_aligned_rows_of_one_source():
     weaken = ALIGNMENT_CATEGORIES.index("weaken")
     labels = torch.tensor([0, 0, 0, 1, 1, weaken, 1, 0, weaken])
     sources = torch.tensor([0, 0, 0, 1, 1, 0, 1, 2, 2])  # source 2 has one aligned row: no swap
-    text_rows, image_rows = same_source_swaps(labels, sources, weaken, generator=torch.Generator().manual_seed(0))
+    text_rows, image_rows = same_source_swaps(
+        labels, sources, weaken, generator=torch.Generator().manual_seed(0)
+    )
     assert sorted(text_rows.tolist()) == [0, 1, 2, 3, 4, 6]  # every eligible row once, weaken rows never
     assert sorted(image_rows.tolist()) == [0, 1, 2, 3, 4, 6]
-    for t, i in zip(text_rows.tolist(), image_rows.tolist()):
+    for t, i in zip(text_rows.tolist(), image_rows.tolist(), strict=True):
         assert t != i and sources[t] == sources[i] and labels[i] != weaken
     again = same_source_swaps(labels, sources, weaken, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again[0], text_rows) and torch.equal(again[1], image_rows)
@@ -190,7 +220,11 @@ def test_negative_sampling_needs_sources_and_labels_are_checked(processor, batch
         model(**{**batch, "labels": torch.full((8,), 3)})
     with pytest.raises(ValueError, match="objective"):
         model(**batch, objective="hinge")
-    too_long = {**batch, "input_ids": torch.ones(8, 17, dtype=torch.long), "attention_mask": torch.ones(8, 17)}
+    too_long = {
+        **batch,
+        "input_ids": torch.ones(8, 17, dtype=torch.long),
+        "attention_mask": torch.ones(8, 17),
+    }
     with pytest.raises(ValueError, match="17 tokens but the backbone has 16"):
         model(**too_long)
 
@@ -225,8 +259,13 @@ def test_from_backbone_loads_a_vilt_folder(processor, batch, tmp_path):
         backbone.embeddings.patch_embeddings.projection.weight,
     )
     reloaded_processor = ViltProcessor.from_pretrained(tmp_path / "mde-backbone")
-    probs = model.eval().score(**{k: v for k, v in MDECollator(reloaded_processor, 16)(rows()[:2]).items()
-                                  if k not in ("labels", "source_ids")})
+    probs = model.eval().score(
+        **{
+            k: v
+            for k, v in MDECollator(reloaded_processor, 16)(rows()[:2]).items()
+            if k not in ("labels", "source_ids")
+        }
+    )
     assert probs.shape == (2, 3)
 
 
@@ -245,11 +284,18 @@ def test_collator_reads_uris_bytes_and_pil_images(processor, tmp_path):
     buffer = io.BytesIO()
     image("red").save(buffer, format="PNG")
     collate = MDECollator(processor, max_length=5)
-    batch = collate([
-        {"tokens": ["a", "green", "tree", "under", "the", "big", "sky"], "image_uri": str(path), "label": 2, "source": "b"},
-        {"caption": "a red car", "image": buffer.getvalue(), "label": "strengthen", "source": "a"},
-        {"caption": "sky", "image": Image.new("L", (32, 32), 128), "label": "complement", "source": "b"},
-    ])
+    batch = collate(
+        [
+            {
+                "tokens": ["a", "green", "tree", "under", "the", "big", "sky"],
+                "image_uri": str(path),
+                "label": 2,
+                "source": "b",
+            },
+            {"caption": "a red car", "image": buffer.getvalue(), "label": "strengthen", "source": "a"},
+            {"caption": "sky", "image": Image.new("L", (32, 32), 128), "label": "complement", "source": "b"},
+        ]
+    )
     assert batch["input_ids"].shape == (3, 5)  # truncated to max_length
     assert batch["labels"].tolist() == [2, 0, 1]
     assert batch["source_ids"].tolist() == [1, 0, 1]
@@ -265,6 +311,8 @@ def test_collator_names_the_bad_row(processor):
     with pytest.raises(ValueError, match=r"rows\[0\]: no 'caption' or 'tokens'"):
         collate([{"image": image("red")}])
     with pytest.raises(ValueError, match=r"rows\[1\]: no 'label' while other rows have one"):
-        collate([{"caption": "a", "image": image("red"), "label": 0}, {"caption": "a", "image": image("red")}])
+        collate(
+            [{"caption": "a", "image": image("red"), "label": 0}, {"caption": "a", "image": image("red")}]
+        )
     with pytest.raises(ValueError, match="label 'aligned' is not one of"):
         collate([{"caption": "a", "image": image("red"), "label": "aligned"}])

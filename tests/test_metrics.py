@@ -67,7 +67,9 @@ def test_ner_scores_equal_seqeval_on_random_tag_sequences(seed):
     assert scores["precision"] == pytest.approx(precision_score(gold, pred, zero_division=0))
     assert scores["recall"] == pytest.approx(recall_score(gold, pred, zero_division=0))
     assert scores["f1"] == pytest.approx(f1_score(gold, pred, zero_division=0))
-    precision, recall, f1, support = precision_recall_fscore_support(gold, pred, average=None, zero_division=0)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        gold, pred, average=None, zero_division=0
+    )
     seqeval_types = sorted({t for sentence in gold + pred for t, _, _ in get_entities(sentence)})
     assert sorted(scores["per_type"]) == seqeval_types
     for index, entity_type in enumerate(seqeval_types):

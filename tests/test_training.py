@@ -43,7 +43,9 @@ def toy_batches(seed: int, count: int = 8) -> list[dict]:
     batches = []
     for _ in range(count):
         labels = torch.randint(0, 3, (16,), generator=generator)
-        batches.append({"features": centers[labels] + 0.5 * torch.randn(16, 4, generator=generator), "labels": labels})
+        batches.append(
+            {"features": centers[labels] + 0.5 * torch.randn(16, 4, generator=generator), "labels": labels}
+        )
     return batches
 
 
@@ -58,8 +60,8 @@ def test_schedule_warms_up_over_ten_percent_then_decays_to_zero():
     rates.append(optimizer.param_groups[0]["lr"])
     assert rates[0] == 0.0
     assert max(rates) == pytest.approx(1e-3) and rates.index(max(rates)) == 5  # 10% of 50 steps
-    assert all(a < b for a, b in zip(rates[:5], rates[1:6]))  # rising during warmup
-    assert all(a > b for a, b in zip(rates[5:50], rates[6:51]))  # falling after it
+    assert all(a < b for a, b in zip(rates[:5], rates[1:6], strict=True))  # rising during warmup
+    assert all(a > b for a, b in zip(rates[5:50], rates[6:51], strict=True))  # falling after it
     assert rates[50] == 0.0
     assert rates[25] == pytest.approx(1e-3 * 25 / 45)  # linear decay
 
@@ -77,8 +79,12 @@ def test_no_weight_decay_on_biases_and_layernorm():
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.01)
     decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
     expected = {
-        "embed.weight": 0.01, "head.weight": 0.01,
-        "embed.bias": 0.0, "head.bias": 0.0, "norm.weight": 0.0, "norm.bias": 0.0,
+        "embed.weight": 0.01,
+        "head.weight": 0.01,
+        "embed.bias": 0.0,
+        "head.bias": 0.0,
+        "norm.weight": 0.0,
+        "norm.bias": 0.0,
     }
     assert {name: decay_of[id(p)] for name, p in model.named_parameters()} == expected
     assert isinstance(optimizer, torch.optim.AdamW)
@@ -106,7 +112,9 @@ def test_tiny_model_trains_and_evaluates():
     optimizer = build_optimizer(model, lr=3e-2)
     scheduler = build_scheduler(optimizer, total_steps=6 * len(batches))
     steps = []
-    first = train_epoch(model, batches, optimizer, scheduler, "cpu", on_step=lambda i, loss: steps.append(loss))
+    first = train_epoch(
+        model, batches, optimizer, scheduler, "cpu", on_step=lambda i, loss: steps.append(loss)
+    )
     for _ in range(5):
         last = train_epoch(model, batches, optimizer, scheduler, "cpu")
     assert first["steps"] == len(batches) and len(steps) == len(batches)
@@ -117,7 +125,13 @@ def test_tiny_model_trains_and_evaluates():
         return batch["labels"].tolist(), model(batch["features"]).logits.argmax(-1).tolist()
 
     model.train()
-    scores = evaluate(model, toy_batches(seed=1, count=2), predict, lambda g, p: classification_scores(g, p, [0, 1, 2]), "cpu")
+    scores = evaluate(
+        model,
+        toy_batches(seed=1, count=2),
+        predict,
+        lambda g, p: classification_scores(g, p, [0, 1, 2]),
+        "cpu",
+    )
     assert scores["accuracy"] > 0.9 and scores["support"] == 32
     assert model.training  # mode restored
 

@@ -168,7 +168,9 @@ class MultimodalDivergenceEstimator(PretrainedModule):
                 )
             backbone = ViltModel(ViltConfig.from_dict(config.backbone_config))
         # Stored as its JSON form (e.g. id2label keys become strings) so a reloaded config compares equal.
-        config = dataclasses.replace(config, backbone_config=json.loads(backbone.config.to_json_string(use_diff=False)))
+        config = dataclasses.replace(
+            config, backbone_config=json.loads(backbone.config.to_json_string(use_diff=False))
+        )
         super().__init__(config)
         hidden = backbone.config.hidden_size
         self.backbone = backbone
@@ -184,7 +186,9 @@ class MultimodalDivergenceEstimator(PretrainedModule):
         """Load a pretrained ViLT by name or local path and put a fresh projection and head on it."""
         from transformers import ViltModel
 
-        return cls(MDEConfig(backbone=backbone, **config_fields), backbone=ViltModel.from_pretrained(backbone))
+        return cls(
+            MDEConfig(backbone=backbone, **config_fields), backbone=ViltModel.from_pretrained(backbone)
+        )
 
     def freeze_encoder(self, frozen: bool = True) -> MultimodalDivergenceEstimator:
         """Stop (or restart) gradients into the backbone and projection, leaving the head trainable."""
@@ -203,7 +207,9 @@ class MultimodalDivergenceEstimator(PretrainedModule):
                 f"lower the collator's max_length"
             )
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask: expected {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask: expected {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+            )
         if pixel_values.dim() != 4 or pixel_values.shape[0] != batch:
             raise ValueError(f"pixel_values: expected ({batch}, C, H, W), got {tuple(pixel_values.shape)}")
         if pixel_mask is not None and pixel_mask.shape != (batch, *pixel_values.shape[2:]):
@@ -214,7 +220,9 @@ class MultimodalDivergenceEstimator(PretrainedModule):
             if labels.shape != (batch,):
                 raise ValueError(f"labels: expected ({batch},), got {tuple(labels.shape)}")
             if labels.numel() and (labels.min() < 0 or labels.max() >= len(self.config.labels)):
-                raise ValueError(f"labels: expected indices in [0, {len(self.config.labels)}), got {labels.tolist()}")
+                raise ValueError(
+                    f"labels: expected indices in [0, {len(self.config.labels)}), got {labels.tolist()}"
+                )
         if source_ids is not None and source_ids.shape != (batch,):
             raise ValueError(f"source_ids: expected ({batch},), got {tuple(source_ids.shape)}")
 
@@ -401,7 +409,9 @@ class MDECollator:
     source (ids number the sorted source names of the batch: only equality matters).
     """
 
-    def __init__(self, processor: Any, max_length: int = 40, storage_options: storage.StorageOptions | None = None):
+    def __init__(
+        self, processor: Any, max_length: int = 40, storage_options: storage.StorageOptions | None = None
+    ):
         if max_length < 1:
             raise ValueError(f"max_length: expected >= 1, got {max_length}")
         self.processor = processor
@@ -457,10 +467,18 @@ class MDECollator:
             max_length=self.max_length,
             return_tensors="pt",
         )
-        batch = {key: encoded[key] for key in ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "pixel_mask") if key in encoded}
+        batch = {
+            key: encoded[key]
+            for key in ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "pixel_mask")
+            if key in encoded
+        }
         if self._all_or_none(rows, "label"):
-            batch["labels"] = torch.tensor([self._label(row, i) for i, row in enumerate(rows)], dtype=torch.long)
+            batch["labels"] = torch.tensor(
+                [self._label(row, i) for i, row in enumerate(rows)], dtype=torch.long
+            )
         if self._all_or_none(rows, "source"):
             names = sorted({str(row["source"]) for row in rows})
-            batch["source_ids"] = torch.tensor([names.index(str(row["source"])) for row in rows], dtype=torch.long)
+            batch["source_ids"] = torch.tensor(
+                [names.index(str(row["source"])) for row in rows], dtype=torch.long
+            )
         return batch

@@ -96,7 +96,7 @@ def ner_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> 
     if len(gold) != len(pred):
         raise ValueError(f"gold has {len(gold)} sentences but pred has {len(pred)}")
     correct, predicted, expected = Counter(), Counter(), Counter()
-    for index, (gold_tags, pred_tags) in enumerate(zip(gold, pred)):
+    for index, (gold_tags, pred_tags) in enumerate(zip(gold, pred, strict=True)):
         if len(gold_tags) != len(pred_tags):
             raise ValueError(
                 f"sentence {index}: gold has {len(gold_tags)} tags but pred has {len(pred_tags)}"
@@ -106,8 +106,10 @@ def ner_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> 
         predicted.update(c[0] for c in pred_chunks)
         correct.update(c[0] for c in gold_chunks & pred_chunks)
     per_type = {
-        entity_type: {**_prf(correct[entity_type], predicted[entity_type], expected[entity_type]),
-                      "support": expected[entity_type]}
+        entity_type: {
+            **_prf(correct[entity_type], predicted[entity_type], expected[entity_type]),
+            "support": expected[entity_type],
+        }
         for entity_type in sorted(set(expected) | set(predicted))
     }
     totals = _prf(sum(correct.values()), sum(predicted.values()), sum(expected.values()))
@@ -132,7 +134,7 @@ def re_scores(gold: Sequence[str], pred: Sequence[str], none_label: str = "None"
     if len(gold) != len(pred):
         raise ValueError(f"gold has {len(gold)} labels but pred has {len(pred)}")
     correct, predicted, expected = Counter(), Counter(), Counter()
-    for gold_label, pred_label in zip(gold, pred):
+    for gold_label, pred_label in zip(gold, pred, strict=True):
         if gold_label != none_label:
             expected[gold_label] += 1
         if pred_label != none_label:
@@ -172,7 +174,7 @@ def classification_scores(
         unknown = sorted({str(v) for v in values if v not in allowed})
         if unknown:
             raise ValueError(f"{name}: values {unknown} are not in labels {list(labels)}")
-    correct = Counter(g for g, p in zip(gold, pred) if g == p)
+    correct = Counter(g for g, p in zip(gold, pred, strict=True) if g == p)
     predicted, expected = Counter(pred), Counter(gold)
     per_label = {
         label: {**_prf(correct[label], predicted[label], expected[label]), "support": expected[label]}
