@@ -1,0 +1,245 @@
+"""The TMR Serve application: a typed app builder, the ``import_path`` of configs/serve*.yaml.
+
+    serve run configs/serve.tiny.yaml                      # local, tiny models
+    serve deploy configs/serve.yaml                        # a running cluster (or a RayService's serveConfigV2)
+    serve run serve.app:build_app ner_model=outputs/ner/best mode=full   # args on the command line
+
+``build_app(AppArgs)`` binds the ingress to one deployment per model step (see
+:mod:`serve.deployments`); resources, replicas and autoscaling of each deployment are set in the
+config file's ``deployments:`` section, by deployment name.
+
+``python -m serve.app --config configs/serve.tiny.yaml`` deploys a config on a local cluster on
+127.0.0.1, sends one request and prints the response (what ``make demo`` ends with).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application
+
+from serve.deployments import BackTranslator, DivergenceEstimator, Extractor, Grounder, PhraseParser
+from serve.ingress import IngressSettings, TMRIngress
+
+
+class GenerationArgs(BaseModel):
+    """The text-to-image settings; keep them equal to the back-translation job's so the cache is shared."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("stabilityai/stable-diffusion-2-1-base", description="diffusers pipeline name or folder.")
+    revision: str | None = Field(None, description="Hub revision.")
+    scheduler: str | None = Field(None, description="diffusers scheduler class; null keeps the pipeline's.")
+    steps: int = Field(50, ge=1, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, description="Classifier-free guidance scale.")
+    height: int = Field(512, description="Image height in pixels (multiple of 8).")
+    width: int = Field(512, description="Image width in pixels (multiple of 8).")
+    dtype: str = Field("float32", description="float32 | float16 | bfloat16.")
+    device: str = Field("cpu", description="cpu | cuda.")
+
+
+class BatchingArgs(BaseModel):
+    """``@serve.batch`` settings of the model deployments."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(8, ge=1, description="Most requests one forward pass takes.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill.")
+
+
+class AppArgs(BaseModel):
+    """Everything ``build_app`` needs; the ``args:`` of configs/serve*.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ner_model: str = Field("models:/tmr-ner@champion", description="NER extractor: MLflow model URI, folder or s3://.")
+    re_model: str | None = Field("models:/tmr-re@champion", description="RE extractor; null serves NER only.")
+    mde_model: str = Field("models:/tmr-mde@champion", description="Divergence estimator (MDE).")
+    mde_max_length: int = Field(40, ge=1, description="Word pieces per caption for the MDE (ViLT: 40).")
+    grounder_model: str = Field("google/owlv2-base-patch16-ensemble", description="Zero-shot detector name or folder.")
+    grounder_top_k: int = Field(3, ge=1, description="Regions per image (3 in the paper).")
+    grounder_threshold: float = Field(0.0, description="Detector score threshold.")
+    phrase_parser: Literal["stanza", "tiny"] = Field(
+        "stanza", description="stanza constituency parser (needs its English models) or the offline tiny heuristic."
+    )
+    stanza_dir: str | None = Field(None, description="stanza models folder; null: stanza's default.")
+    max_phrase_len: int = Field(4, ge=1, description="Longest noun phrase, in words.")
+    generation: GenerationArgs = Field(default_factory=GenerationArgs)
+    back_translation_cache: str = Field(
+        ".cache/back_translations", description="Content-addressed image cache shared with generate_back_translations."
+    )
+    base_seed: int = Field(0, description="Seed the per-sample seeds derive from (as in the batch job).")
+    mode: Literal["fast", "full"] = Field(
+        "fast", description="Default per request: full generates the back-translation, fast only looks it up."
+    )
+    batching: BatchingArgs = Field(default_factory=BatchingArgs)
+    device: str = Field("cpu", description="Where the NER/RE/MDE/grounder models run (cpu | cuda).")
+    image_uri_prefixes: list[str] = Field(
+        default_factory=list, description="Storage prefixes image_uri may read from (folders or s3://bucket/prefix)."
+    )
+    max_image_bytes: int = Field(10_000_000, ge=1, description="Largest accepted image file.")
+    max_image_side: int = Field(4096, ge=1, description="Largest accepted image width or height, in pixels.")
+    auth_token_env: str | None = Field(
+        "TMR_SERVE_TOKEN", description="Env var holding the bearer token; unset or empty: no token needed."
+    )
+    storage_endpoint_url: str | None = Field(None, description="S3-compatible endpoint for s3:// URIs.")
+    storage_region: str | None = Field(None, description="S3 region.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI for models:/ URIs; null: $MLFLOW_TRACKING_URI.")
+
+
+def build_app(args: AppArgs) -> Application:
+    """The TMR application: the ingress bound to its six model deployments."""
+    storage = {"endpoint_url": args.storage_endpoint_url, "region": args.storage_region}
+    batching = args.batching.model_dump()
+    generation = args.generation.model_dump()
+    phrases = PhraseParser.bind(
+        parser=args.phrase_parser, stanza_dir=args.stanza_dir, max_phrase_len=args.max_phrase_len, device=args.device
+    )
+    grounder = Grounder.bind(
+        args.grounder_model, top_k=args.grounder_top_k, threshold=args.grounder_threshold, device=args.device,
+        batching=batching, storage=storage,
+    )
+    back_translator = BackTranslator.bind(generation, args.back_translation_cache, batching=batching, storage=storage)
+    mde = DivergenceEstimator.bind(
+        args.mde_model, max_length=args.mde_max_length, device=args.device, batching=batching, storage=storage,
+        tracking_uri=args.tracking_uri,
+    )
+    ner = Extractor.options(name="NERExtractor").bind(
+        args.ner_model, "ner", device=args.device, batching=batching, storage=storage, tracking_uri=args.tracking_uri
+    )
+    re = None
+    if args.re_model is not None:
+        re = Extractor.options(name="REExtractor").bind(
+            args.re_model, "re", device=args.device, batching=batching, storage=storage, tracking_uri=args.tracking_uri
+        )
+    settings = IngressSettings(
+        default_mode=args.mode,
+        image_uri_prefixes=args.image_uri_prefixes,
+        max_image_bytes=args.max_image_bytes,
+        max_image_side=args.max_image_side,
+        # base64 grows 4/3; leave room for the text and the JSON around it
+        max_request_bytes=args.max_image_bytes * 4 // 3 + 1_000_000,
+        auth_token_env=args.auth_token_env,
+        cache_uri=args.back_translation_cache,
+        generation=generation,
+        base_seed=args.base_seed,
+        storage_endpoint_url=args.storage_endpoint_url,
+        storage_region=args.storage_region,
+    )
+    return TMRIngress.bind(phrases, grounder, back_translator, mde, ner, re, settings.model_dump())
+
+
+# ----------------------------------------------------------------------------- local runs
+
+
+def load_serve_config(path: str | Path, app_overrides: dict[str, Any] | None = None,
+                      deployment_overrides: dict[str, dict] | None = None) -> dict:
+    """A Serve config file as a dict, with ``args`` of the first application and per-deployment
+    options overridden (tests point it at their own checkpoints; the demo at its port)."""
+    import yaml
+
+    config = yaml.safe_load(Path(path).read_text())
+    app = config["applications"][0]
+    app["args"] = {**app.get("args", {}), **(app_overrides or {})}
+    by_name = {d["name"]: d for d in app.setdefault("deployments", [])}
+    for name, options in (deployment_overrides or {}).items():
+        by_name.setdefault(name, {"name": name})
+        by_name[name].update(options)
+    app["deployments"] = list(by_name.values())
+    return config
+
+
+def deploy_config(config: dict, host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 180.0) -> str:
+    """Deploy a Serve config dict on the connected Ray cluster the way ``serve run config.yaml``
+    does, wait until every application runs, and return the HTTP base URL.
+
+    Uses Serve's own deploy path (``ServeDeploySchema`` + the controller client), so the config
+    is checked exactly as ``serve run``/``serve deploy``/a RayService check it.
+    """
+    from ray import serve
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_start(http_options={"host": host, "port": port})
+    client.deploy_apps(schema)
+    deadline = time.monotonic() + timeout_s
+    names = [app.name for app in schema.applications]
+    while True:
+        statuses = {name: serve.status().applications.get(name) for name in names}
+        states = {name: getattr(s, "status", "MISSING") for name, s in statuses.items()}
+        if all(state == "RUNNING" for state in states.values()):
+            return f"http://{host}:{port}"
+        failed = {n: s.message for n, s in statuses.items() if s is not None and s.status == "DEPLOY_FAILED"}
+        if failed:
+            raise RuntimeError(f"Serve application failed to deploy: {failed}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve applications not running after {timeout_s:.0f} s: {states}")
+        time.sleep(0.25)
+
+
+def demo_request(base_url: str, image_path: str | None, text: str, token: str | None = None) -> dict:
+    """POST one sentence (and image) to ``/v1/ner`` and return the JSON response."""
+    import requests
+
+    body: dict[str, Any] = {"text": text}
+    if image_path:
+        body["image"] = base64.b64encode(Path(image_path).read_bytes()).decode()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    response = requests.post(f"{base_url}/v1/ner", json=body, headers=headers, timeout=120)
+    response.raise_for_status()
+    return response.json()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Deploy a config on a local Ray cluster (loopback only), send one request, print the answer."""
+    import ray
+    from ray import serve
+
+    parser = argparse.ArgumentParser(prog="python -m serve.app", description=main.__doc__)
+    parser.add_argument("--config", default="configs/serve.tiny.yaml", help="Serve config file.")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="Override app args, e.g. --set ner_model=outputs/ner/best mode=full (values are YAML).")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1.")
+    parser.add_argument("--text", default="Kevin Durant joins the Golden State Warriors in Oakland")
+    parser.add_argument("--image", default=None, help="Image file to send with the text.")
+    parser.add_argument("--keep-running", action="store_true", help="Leave the app up (Ctrl-C stops it).")
+    options = parser.parse_args(argv)
+
+    import yaml
+
+    overrides = {}
+    for item in options.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    config = load_serve_config(options.config, overrides)
+    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        url = deploy_config(config, port=options.port)
+        print(f"TMR app running at {url} (docs: {url}/docs, demo page: {url}/)")
+        import os
+
+        token = os.environ.get(config["applications"][0]["args"].get("auth_token_env") or "", "") or None
+        print(json.dumps(demo_request(url, options.image, options.text, token), indent=2))
+        if options.keep_running:
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

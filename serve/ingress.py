@@ -1,0 +1,436 @@
+"""The HTTP face of the TMR application: a FastAPI ingress in front of the model deployments.
+
+One request runs the composite model of the paper, step by step, each step on its own deployment:
+
+1. noun phrases of the sentence (``PhraseParser``), the divergence scores of (text, image) (Eq. 4,
+   ``DivergenceEstimator``) and the extractor's length check, concurrently;
+2. the back-translated image v' (Eq. 3): generated now in ``full`` mode (``BackTranslator``,
+   through the batch job's content-addressed cache), only looked up in that cache in ``fast`` mode;
+3. the phrases grounded in v and in v' (``Grounder``), concurrently;
+4. entities (Eq. 7-9, ``NERExtractor``) or the relation (Eq. 10-11, ``REExtractor``).
+
+:class:`Pipeline` holds that order and calls its steps either through Serve handles (the
+deployed app) or directly on in-process objects (the benchmark's baseline), so both run the
+same code. The HTTP policy (token, image limits, storage prefixes, error bodies) lives in
+:func:`build_api`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import io
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from ray import serve
+
+from serve.schemas import (
+    BackTranslationInfo,
+    Divergence,
+    Entity,
+    ErrorBody,
+    Health,
+    InputError,
+    Mode,
+    ModelInfo,
+    ModelsResponse,
+    NERRequest,
+    NERResponse,
+    RERequest,
+    REResponse,
+)
+from tmr_core.schema import ALIGNMENT_CATEGORIES
+
+logger = logging.getLogger("ray.serve")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# Routes that serve no data (the page, its assets, the API schema) and the liveness probe stay
+# open: a browser cannot send a bearer header when it navigates to the page.
+PUBLIC_PATHS = ("/healthz", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/favicon.ico")
+PUBLIC_PREFIXES = ("/static/",)
+CACHE_ID = re.compile(r"^[0-9a-f]{64}$")
+
+
+class IngressSettings(BaseModel):
+    """The ingress's request policy and what it needs to find cached back-translations."""
+
+    default_mode: Mode = "fast"
+    image_uri_prefixes: list[str] = Field(default_factory=list)
+    max_image_bytes: int = 10_000_000
+    max_image_side: int = 4096
+    max_request_bytes: int = 16_000_000
+    auth_token_env: str | None = "TMR_SERVE_TOKEN"
+    cache_uri: str = ".cache/back_translations"
+    generation: dict[str, Any] = Field(default_factory=dict)
+    base_seed: int = 0
+    storage_endpoint_url: str | None = None
+    storage_region: str | None = None
+
+    def storage_options(self):
+        from tmr_core.storage import StorageOptions
+
+        return StorageOptions(endpoint_url=self.storage_endpoint_url, region=self.storage_region)
+
+    def generation_settings(self):
+        from tmr_core.back_translation import GenerationSettings
+
+        return GenerationSettings(**self.generation)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+async def call(target: Any, method: str, *args: Any) -> Any:
+    """``target.method(*args)`` through a Serve handle, or directly on an in-process step object.
+
+    In process there is no Serve batching: a batched step's plain ``<method>_many`` runs on a
+    list of one (the item is the argument tuple, or the single argument).
+    """
+    if isinstance(target, serve.handle.DeploymentHandle):
+        return await getattr(target, method).remote(*args)
+    many = getattr(target, f"{method}_many", None)
+    if many is not None:
+        return many([args if len(args) > 1 else args[0]])[0]
+    return await getattr(target, method)(*args)
+
+
+class Pipeline:
+    """The composite TMR model, one step per deployment (see the module docstring).
+
+    Args:
+        phrases, grounder, back_translator, mde, ner, re: the steps, as Serve handles or as
+            in-process objects with the same async methods; ``re`` may be ``None`` (no RE model).
+        settings: what fast mode needs to look up the back-translation cache.
+    """
+
+    def __init__(self, phrases, grounder, back_translator, mde, ner, re, settings: IngressSettings):
+        self.phrases, self.grounder, self.back_translator = phrases, grounder, back_translator
+        self.mde, self.ner, self.re = mde, ner, re
+        self.settings = settings
+        self.storage_options = settings.storage_options()
+        self._generation = settings.generation_settings()
+
+    async def models(self) -> list[dict]:
+        targets = [self.ner, self.re, self.mde, self.grounder, self.back_translator, self.phrases]
+        return await asyncio.gather(*(call(t, "info") for t in targets if t is not None))
+
+    async def ner_request(self, request: NERRequest, image: bytes | None) -> NERResponse:
+        mode = request.mode or self.settings.default_mode
+        tokens = request.words()
+        row, extras = await self._features(self.ner, tokens, image, mode, request.sample_id)
+        prediction = await call(self.ner, "predict", row)
+        entities = [Entity(text=" ".join(tokens[e["start"]:e["end"]]), **e) for e in prediction["entities"]]
+        return NERResponse(tokens=tokens, mode=mode, entities=entities, **extras)
+
+    async def re_request(self, request: RERequest, image: bytes | None) -> REResponse:
+        if self.re is None:
+            raise InputError("path", "this server has no relation extraction model (re_model is null)", 404, "not_found")
+        mode = request.mode or self.settings.default_mode
+        tokens = request.words()
+        row, extras = await self._features(self.re, tokens, image, mode, request.sample_id)
+        row["head"] = {"name": " ".join(tokens[request.head.start:request.head.end]), **request.head.model_dump()}
+        row["tail"] = {"name": " ".join(tokens[request.tail.start:request.tail.end]), **request.tail.model_dump()}
+        prediction = await call(self.re, "predict", row)
+        return REResponse(
+            tokens=tokens, mode=mode, head=request.head, tail=request.tail,
+            relation=prediction["relation"], probabilities=prediction["probabilities"], **extras,
+        )
+
+    async def _features(self, extractor, tokens: list[str], image: bytes | None, mode: Mode,
+                        sample_id: str | None) -> tuple[dict, dict]:
+        """Steps 1-3: the extractor's input row and the response fields they produce."""
+        from tmr_core.back_translation import prompt_from_tokens, sample_seed
+
+        _, phrases, divergence = await asyncio.gather(
+            call(extractor, "check", tokens),
+            call(self.phrases, "parse", tokens),
+            call(self.mde, "score", tokens, image) if image is not None else _none(),
+        )
+        prompt = prompt_from_tokens(tokens)
+        seed = sample_seed(sample_id or prompt, self.settings.base_seed)
+        if mode == "full":
+            back_translation = await call(self.back_translator, "generate", prompt, seed)
+        else:
+            back_translation = self._cached_back_translation(prompt, seed)
+        bt_uri = back_translation["uri"]
+        phrase_texts = [p["text"] for p in phrases]
+        regions, bt_regions = await asyncio.gather(
+            call(self.grounder, "ground", image, phrase_texts) if image is not None else _none([]),
+            call(self.grounder, "ground", bt_uri, phrase_texts) if bt_uri else _none([]),
+        )
+        row = {
+            "tokens": tokens,
+            "phrases": phrases,
+            "image": image,
+            "regions": regions,
+            "back_translation_uri": bt_uri,
+            "back_translation_regions": bt_regions,
+            "divergence": divergence,
+        }
+        key = Path(bt_uri).stem if bt_uri else None
+        extras = {
+            "divergence": Divergence(**dict(zip(ALIGNMENT_CATEGORIES, divergence, strict=True)))
+            if divergence is not None else None,
+            "back_translation": BackTranslationInfo(
+                used=bt_uri is not None, id=key, url=f"/v1/back-translations/{key}" if key else None,
+                cached=back_translation["cached"], error=back_translation["error"],
+            ),
+            "phrases": phrase_texts,
+        }
+        return row, extras
+
+    def _cached_back_translation(self, prompt: str, seed: int) -> dict:
+        """Fast mode: the batch job's image for this prompt and seed if it exists; never generate."""
+        from tmr_core import storage
+        from tmr_core.back_translation import cache_key, cache_uri_for
+
+        uri = cache_uri_for(self.settings.cache_uri, cache_key(self._generation, seed, prompt))
+        if storage.exists(uri, self.storage_options):
+            return {"uri": uri, "error": None, "cached": True}
+        return {"uri": None, "error": None, "cached": False}
+
+    def back_translation_uri(self, key: str) -> str:
+        from tmr_core.back_translation import cache_uri_for
+
+        return cache_uri_for(self.settings.cache_uri, key)
+
+
+async def _none(value: Any = None) -> Any:
+    return value
+
+
+# ----------------------------------------------------------------------------- request images
+
+
+def decode_base64_image(text: str, settings: IngressSettings) -> bytes:
+    """The bytes of a base64 (or ``data:`` URL) image, checked like any uploaded image."""
+    if text.startswith("data:"):
+        _, _, text = text.partition(",")
+    if len(text) * 3 // 4 > settings.max_image_bytes + 3:
+        raise InputError("image", f"image is over the size limit of {settings.max_image_bytes} bytes", 413, "too_large")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise InputError("image", f"not valid base64 ({error})", 422, "invalid_base64") from None
+    return check_image(data, "image", settings)
+
+
+def read_image_uri(uri: str, settings: IngressSettings) -> bytes:
+    """Read ``image_uri`` if it lies under a configured storage prefix; never fetch other URLs."""
+    from tmr_core import storage
+
+    if not _under_allowed_prefix(uri, settings.image_uri_prefixes):
+        allowed = settings.image_uri_prefixes or "none configured"
+        raise InputError("image_uri", f"{uri!r} is not under an allowed storage prefix ({allowed})", 403, "forbidden")
+    options = settings.storage_options()
+    if not storage.exists(uri, options):
+        raise InputError("image_uri", f"{uri!r} does not exist", 404, "not_found")
+    fs, path = storage.resolve(uri, options)
+    size = fs.get_file_info(path).size or 0
+    if size > settings.max_image_bytes:
+        raise InputError("image_uri", f"image is over the size limit of {settings.max_image_bytes} bytes", 413, "too_large")
+    return check_image(storage.read_bytes(uri, options), "image_uri", settings)
+
+
+def _under_allowed_prefix(uri: str, prefixes: list[str]) -> bool:
+    if "\\" in uri or any(part == ".." for part in re.split(r"[/]", uri)):
+        return False
+    for prefix in prefixes:
+        if prefix.startswith(("s3://", "s3a://", "gs://")):
+            if uri.startswith(prefix.rstrip("/") + "/"):
+                return True
+        elif "://" not in uri and not uri.startswith("file:"):
+            root = os.path.realpath(prefix)
+            if os.path.realpath(uri).startswith(root.rstrip(os.sep) + os.sep):
+                return True
+    return False
+
+
+def check_image(data: bytes, field: str, settings: IngressSettings) -> bytes:
+    """Reject images over the byte or pixel limits or that do not decode; return the bytes."""
+    from PIL import Image
+
+    if len(data) > settings.max_image_bytes:
+        raise InputError(field, f"image is over the size limit of {settings.max_image_bytes} bytes", 413, "too_large")
+    if not data:
+        raise InputError(field, "image is empty", 422, "invalid_image")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size  # from the header: checked before decoding any pixels
+            if max(width, height) > settings.max_image_side:
+                raise InputError(
+                    field, f"image is {width}x{height} px, over the limit of {settings.max_image_side} px a side",
+                    413, "too_large",
+                )
+            image.load()
+    except InputError:
+        raise
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for bad bytes
+        raise InputError(field, f"not a decodable image ({type(error).__name__}: {error})", 422, "invalid_image") from None
+    return data
+
+
+async def request_image(request: NERRequest | RERequest, settings: IngressSettings) -> bytes | None:
+    if request.image is not None:
+        return await asyncio.to_thread(decode_base64_image, request.image, settings)
+    if request.image_uri is not None:
+        return await asyncio.to_thread(read_image_uri, request.image_uri, settings)
+    return None
+
+
+# ----------------------------------------------------------------------------- the HTTP API
+
+
+def error_response(status: int, details: list[dict]) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": details})
+
+
+def validation_details(error: RequestValidationError) -> tuple[int, list[dict]]:
+    """FastAPI's validation errors with a ``field`` each and without echoing the input back."""
+    status, details = 422, []
+    for item in error.errors():
+        loc = [part for part in item.get("loc", ()) if part != "body"]
+        ctx = item.get("ctx") or {}
+        field = ctx.get("field") or ".".join(str(p) for p in loc if not isinstance(p, int) or loc[0] == "tokens")
+        kind = item.get("type", "value_error")
+        if kind == "json_invalid":
+            status, field = 400, "body"
+        details.append({"field": field or "body", "loc": ["body", *loc], "msg": str(item.get("msg")), "type": kind})
+    return status, details
+
+
+def build_api(pipeline: Pipeline, settings: IngressSettings, token: str | None) -> FastAPI:
+    """The FastAPI app: routes, the token check, the body size limit and JSON error bodies."""
+    api = FastAPI(
+        title="TMR: multimodal entity and relation extraction",
+        description=(
+            "Named entities and relations in a sentence, helped by its image and by an image generated "
+            "from the sentence (TMR, ACL 2023). Every route but `/healthz` and the static page needs "
+            "`Authorization: Bearer <token>` when the server has a token. Errors are "
+            "`{\"detail\": [{\"field\", \"loc\", \"msg\", \"type\"}]}`."
+        ),
+        version="1.0",
+    )
+    bearer = HTTPBearer(auto_error=False, description="The server's token (env var named by auth_token_env).")
+    errors = {400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 403: {"model": ErrorBody},
+              413: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+
+    @api.middleware("http")
+    async def guard(request: Request, call_next):
+        path = request.url.path
+        if token and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+                return error_response(401, [{"field": "Authorization", "loc": ["header", "authorization"],
+                                             "msg": "missing or wrong bearer token", "type": "unauthorized"}])
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
+            return error_response(413, [{"field": "body", "loc": ["body"], "type": "too_large",
+                                         "msg": f"request body is over {settings.max_request_bytes} bytes"}])
+        try:
+            return await call_next(request)
+        except InputError as error:  # raised inside a deployment, surfaced through its handle
+            return error_response(error.status, [error.detail()])
+        except Exception:  # a bug or a failed replica answers 500; it never takes the ingress down
+            logger.exception("request to %s failed", path)
+            return error_response(500, [{"field": "body", "loc": [], "msg": "internal error; see the server log",
+                                         "type": "internal_error"}])
+
+    @api.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, error: RequestValidationError):
+        status, details = validation_details(error)
+        return error_response(status, details)
+
+    @api.exception_handler(InputError)
+    async def on_input_error(request: Request, error: InputError):
+        return error_response(error.status, [error.detail()])
+
+    @api.get("/healthz", response_model=Health, tags=["ops"])
+    async def healthz() -> Health:
+        """Liveness: the ingress answers (never needs the token)."""
+        return Health()
+
+    @api.get("/v1/models", response_model=ModelsResponse, responses=errors, tags=["ops"],
+             dependencies=[_security(bearer)])
+    async def models() -> ModelsResponse:
+        """The models behind each step: name, registry version and where they were loaded from."""
+        infos = await pipeline.models()
+        return ModelsResponse(default_mode=settings.default_mode, models=[ModelInfo(**i) for i in infos])
+
+    @api.post("/v1/ner", response_model=NERResponse, responses=errors, tags=["extraction"],
+              dependencies=[_security(bearer)])
+    async def ner(body: NERRequest) -> NERResponse:
+        """Named entities of the sentence (PER, LOC, ORG, MISC), the divergence scores of the
+        (text, image) pair and the back-translated image used."""
+        image = await request_image(body, settings)
+        return await pipeline.ner_request(body, image)
+
+    @api.post("/v1/re", response_model=REResponse, responses=errors, tags=["extraction"],
+              dependencies=[_security(bearer)])
+    async def relation(body: RERequest) -> REResponse:
+        """The relation between the head and tail spans, with every label's probability."""
+        image = await request_image(body, settings)
+        return await pipeline.re_request(body, image)
+
+    @api.get("/v1/back-translations/{image_id}", responses={200: {"content": {"image/png": {}}}, **errors},
+             response_class=Response, tags=["extraction"], dependencies=[_security(bearer)])
+    async def back_translation(image_id: str) -> Response:
+        """A back-translated image from the cache, by the id a prediction returned."""
+        from tmr_core import storage
+
+        if not CACHE_ID.match(image_id):
+            raise InputError("image_id", "expected the 64 hex characters a prediction returned", 422)
+        uri = pipeline.back_translation_uri(image_id)
+        if not storage.exists(uri, pipeline.storage_options):
+            raise InputError("image_id", "no such back-translated image", 404, "not_found")
+        data = await asyncio.to_thread(storage.read_bytes, uri, pipeline.storage_options)
+        return Response(content=data, media_type="image/png")
+
+    @api.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return api
+
+
+def _security(bearer: HTTPBearer):
+    # Declares the bearer scheme in the OpenAPI schema; the guard middleware does the check.
+    from fastapi import Security
+
+    return Security(bearer)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+@serve.ingress()
+class TMRIngress:
+    """FastAPI ingress: HTTP policy here, the model steps on their own deployments.
+
+    Args:
+        phrases, grounder, back_translator, mde, ner, re: handles of the step deployments
+            (``re`` may be ``None``).
+        settings: :class:`IngressSettings` as a dict.
+    """
+
+    def __init__(self, phrases, grounder, back_translator, mde, ner, re, settings: dict):
+        self.settings = IngressSettings(**settings)
+        self.pipeline = Pipeline(phrases, grounder, back_translator, mde, ner, re, self.settings)
+        # Read per replica from its environment (a Kubernetes secret, a runtime_env var), never
+        # passed through the app config where the dashboard would show it.
+        env = self.settings.auth_token_env
+        self.token = os.environ.get(env) if env else None
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self.pipeline, self.settings, self.token)
