@@ -156,6 +156,20 @@ def start_or_resume_run(
     return run.info.run_id
 
 
+def start_new_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any],
+                  tags: dict[str, str] | None = None) -> str:
+    """A fresh run (for one-off jobs such as ``compare_runs``) with the config as params."""
+    from mlflow.entities import Param
+
+    client = _client(tracking_uri)
+    run = client.create_run(ensure_experiment(client, experiment), run_name=run_name,
+                            tags={"mlflow.source.git.commit": git_commit() or "unknown", **(tags or {})})
+    items = [Param(k, v) for k, v in flatten_params(params).items()]
+    for start in range(0, len(items), _MAX_BATCH):
+        client.log_batch(run.info.run_id, params=items[start:start + _MAX_BATCH])
+    return run.info.run_id
+
+
 def ensure_experiment(client: Any, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:

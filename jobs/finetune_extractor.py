@@ -1,0 +1,415 @@
+"""Fine-tune the TMR extractor for NER or RE with Ray Train, tracked and registered in MLflow.
+
+    python -m jobs.finetune_extractor --config configs/finetune_extractor.yaml
+    python -m jobs.finetune_extractor --config configs/finetune_extractor.tiny.yaml --ablation text_only --seed 1
+
+Reads the stage tables (``<data.dataset>/{train,valid,test}``: tokens, tags or head/tail/relation,
+image_uri, phrases, back_translation_uri, regions, back_translation_regions, divergence) with Ray
+Data; each worker trains on ``ray.train.get_dataset_shard("train")`` under DDP, rank 0 scores
+valid each epoch, logs to MLflow and checkpoints (safetensors, resumable). The best epoch on valid
+is scored on test: precision/recall/F1 micro and per entity type / relation label, and, with
+``--data.ground_truth`` (the synthetic benchmark's ``ground_truth.jsonl``), on the
+ambiguous-mention subset and per alignment category (strengthen/complement/weaken).
+
+Ablations (paper Table 1/2) are the model's switches: ``--ablation no_back_translation|no_mde|
+no_fine|no_coarse|text_only``; ``--data.train_fraction 0.1`` is the low-resource setting (Fig. 4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from jobs._common import StorageConfig
+from jobs._config import ConfigError, config_to_dict, opt, parse_config, print_config, run_main, save_config
+from jobs._tracking import TrackingConfig
+from jobs._train import DebugConfig, RayTrainConfig
+
+MONITOR = "valid_f1"
+ABLATION_SWITCHES = {
+    "full": {},
+    "no_back_translation": {"use_back_translation": False},
+    "no_mde": {"use_mde": False},
+    "no_fine": {"use_fine": False},
+    "no_coarse": {"use_coarse": False},
+    "text_only": {"text_only": True},
+}
+
+
+@dataclass
+class DataConfig:
+    """The stage tables and what part of them to use."""
+
+    dataset: str = opt("outputs/dataset", "Folder (or s3://) with the train/valid/test stage tables.")
+    dataset_name: str = opt("synthetic", "Dataset name for run names and tags (twitter2015, twitter2017, mnre, …).")
+    train_fraction: float = opt(1.0, "Train on this random fraction of the training split (low-resource: 0.05–0.5).")
+    ground_truth: str | None = opt(
+        None, "ground_truth.jsonl of the synthetic benchmark: adds ambiguous-subset and per-alignment scores."
+    )
+    relations: list[str] = opt([], "RE: the relation labels in id order; empty: read from the tables (sorted).")
+
+
+@dataclass
+class ModelConfig:
+    """The extractor's backbones and encoding (tmr_core.extractor.TMRConfig)."""
+
+    text_encoder: str = opt("bert-base-uncased", "BERT-family text encoder: hub name or local folder.")
+    image_encoder: str = opt("microsoft/resnet-50", "ResNet-family image encoder: hub name or local folder.")
+    max_length: int | None = opt(None, "Word pieces per sentence; null: the paper's 80 (NER) / 128 (RE).")
+    max_phrase_len: int | None = opt(None, "Words per noun phrase; null: the paper's 4 (NER) / 6 (RE).")
+    max_phrases: int = opt(8, "Noun phrases kept per sample.")
+    num_regions: int = opt(3, "Grounded region crops per image (V^r).")
+    num_patches: int = opt(49, "Patch grid of V^s (7×7).")
+    num_heads: int = opt(8, "Heads of every attention block.")
+    dropout: float = opt(0.1, "Dropout in attention and heads.")
+    fixed_alpha: list[float] = opt([0.5, 0.5, 0.0], "α (s, c, w) used by the no_mde ablation.")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and decay (paper App. B.1/B.2)."""
+
+    lr: float = opt(3e-5, "Peak learning rate (paper NER: 3e-5).")
+    weight_decay: float = opt(0.01, "AdamW weight decay on non-bias, non-norm weights.")
+    warmup_ratio: float = opt(0.1, "Fraction of the steps spent warming up.")
+    batch_size: int = opt(16, "Rows per step per worker.")
+    epochs: int = opt(10, "Passes over the training split.")
+    grad_clip: float = opt(1.0, "Max global gradient norm; 0 disables clipping.")
+    eval_batch_size: int = opt(32, "Rows per evaluation batch.")
+
+
+@dataclass
+class Config:
+    """Fine-tune the TMR extractor for NER or RE with Ray Train."""
+
+    task: Literal["ner", "re"] = opt("ner", "ner (Twitter-2015/2017) or re (MNRE).")
+    ablation: Literal["full", "no_back_translation", "no_mde", "no_fine", "no_coarse", "text_only"] = opt(
+        "full", "Which part of the model to remove (paper ablations); full keeps everything."
+    )
+    seed: int = opt(0, "Seed for model init, data order and the train fraction.")
+    output: str = opt("outputs/extractor", "Folder (or s3://) for the final model, metrics.json and config.yaml.")
+    device: str = opt("cpu", "Device of the driver's final test evaluation (workers use Ray's device).")
+    data: DataConfig = opt(DataConfig, "The stage tables.")
+    model: ModelConfig = opt(ModelConfig, "The extractor.")
+    optim: OptimConfig = opt(OptimConfig, "Optimisation.")
+    ray: RayTrainConfig = opt(RayTrainConfig, "Ray Train workers, storage and retries.")
+    tracking: TrackingConfig = opt(TrackingConfig, "MLflow.")
+    storage: StorageConfig = opt(StorageConfig, "Where s3:// URIs are served.")
+    debug: DebugConfig = opt(DebugConfig, "Test knobs.")
+
+
+def check_config(cfg: Config) -> None:
+    problems = []
+    if not 0 < cfg.data.train_fraction <= 1:
+        problems.append(f"--data.train_fraction: expected in (0, 1], got {cfg.data.train_fraction}")
+    if cfg.optim.batch_size < 1:
+        problems.append(f"--optim.batch_size: expected >= 1, got {cfg.optim.batch_size}")
+    if cfg.optim.epochs < 1:
+        problems.append(f"--optim.epochs: expected >= 1, got {cfg.optim.epochs}")
+    if cfg.data.ground_truth and not cfg.data.ground_truth.startswith("s3://") and not os.path.isfile(cfg.data.ground_truth):
+        problems.append(f"--data.ground_truth {cfg.data.ground_truth}: no such file")
+    if cfg.tracking.register_as and cfg.tracking.register_as != f"tmr-{cfg.task}":
+        problems.append(f"--tracking.register_as {cfg.tracking.register_as}: a {cfg.task} model registers as tmr-{cfg.task}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def run_name(cfg: Config) -> str:
+    from jobs._tracking import default_run_name
+
+    return cfg.tracking.run_name or default_run_name(cfg.task, cfg.data.dataset_name, cfg.ablation,
+                                                     cfg.data.train_fraction, cfg.seed)
+
+
+def model_config(cfg: Config, labels: list[str]):
+    from tmr_core.extractor import TMRConfig
+
+    m = cfg.model
+    return TMRConfig(
+        task=cfg.task, labels=tuple(labels), text_encoder=m.text_encoder, image_encoder=m.image_encoder,
+        max_length=m.max_length, max_phrase_len=m.max_phrase_len, max_phrases=m.max_phrases,
+        num_regions=m.num_regions, num_patches=m.num_patches, num_heads=m.num_heads, dropout=m.dropout,
+        fixed_alpha=tuple(m.fixed_alpha), **ABLATION_SWITCHES[cfg.ablation],
+    )
+
+
+# --------------------------------------------------------------------------- prediction and scoring
+
+
+def as_model_inputs(batches):
+    """``train_epoch`` calls ``model(**inputs)``; the extractor takes the whole batch as ``batch``."""
+    for batch in batches:
+        yield {"batch": batch}
+
+
+def predict_labels(model, inputs) -> tuple[list, list]:
+    """``evaluate``'s predict_fn: gold and predicted tags (NER) or relations (RE) of a batch."""
+    batch = inputs["batch"]
+    predictions = model.predict(batch)
+    if model.config.task == "re":
+        predictions = [relation for relation, _ in predictions]
+    return model.gold_labels(batch), predictions
+
+
+def score_fn(task: str, none_label: str = "None"):
+    from tmr_core.metrics import ner_scores, re_scores
+
+    return ner_scores if task == "ner" else (lambda gold, pred: re_scores(gold, pred, none_label=none_label))
+
+
+def flat_scores(scores: dict, prefix: str) -> dict[str, float]:
+    """``{precision, recall, f1, per_type|per_label}`` as flat MLflow metric names."""
+    flat = {f"{prefix}_{k}": float(scores[k]) for k in ("precision", "recall", "f1")}
+    for label, values in (scores.get("per_type") or scores.get("per_label") or {}).items():
+        flat[f"{prefix}_{label}_f1"] = float(values["f1"])
+    return flat
+
+
+def predict_rows(model, rows: list[dict], collate, batch_size: int, device) -> tuple[list, list]:
+    """Gold and predicted labels for every row, in row order."""
+    from jobs._train import shard_batches
+    from tmr_core.training import move_to_device
+
+    model.eval()
+    gold, pred = [], []
+    for batch in shard_batches(rows, batch_size, collate):
+        batch_gold, batch_pred = predict_labels(model, {"batch": move_to_device(batch, device)})
+        gold.extend(batch_gold)
+        pred.extend(batch_pred)
+    return gold, pred
+
+
+def ambiguous_ner_scores(rows: list[dict], gold: list, pred: list, truth: dict[str, dict]) -> dict:
+    """Entity P/R/F1 restricted to the ambiguous mentions' spans.
+
+    Gold chunks are the ambiguous mentions; a predicted chunk counts when its span equals one of
+    them (so a wrong type there costs precision and recall, a missed mention costs recall).
+    """
+    from tmr_core.metrics import chunks
+
+    correct = predicted = expected = 0
+    for row, _gold_tags, pred_tags in zip(rows, gold, pred):
+        mentions = [m for m in truth.get(row["id"], {}).get("mentions", []) if m["ambiguous"]]
+        spans = {(m["start"], m["end"]): m["type"] for m in mentions}
+        expected += len(spans)
+        for entity_type, start, end in chunks(pred_tags):
+            if (start, end) in spans:
+                predicted += 1
+                correct += spans[(start, end)] == entity_type
+    precision = correct / predicted if predicted else 0.0
+    recall = correct / expected if expected else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "support": expected}
+
+
+def ground_truth_scores(task: str, rows: list[dict], gold: list, pred: list, truth: dict[str, dict],
+                        none_label: str) -> dict[str, float]:
+    """Scores on the ambiguous subset and per alignment category (synthetic benchmark)."""
+    from tmr_core.schema import ALIGNMENT_CATEGORIES
+
+    scorer = score_fn(task, none_label)
+    metrics: dict[str, float] = {}
+    if task == "ner":
+        scores = ambiguous_ner_scores(rows, gold, pred, truth)
+    else:
+        keep = [i for i, row in enumerate(rows) if truth.get(row["id"], {}).get("ambiguous")]
+        scores = scorer([gold[i] for i in keep], [pred[i] for i in keep])
+    metrics |= {f"test_ambiguous_{k}": float(scores[k]) for k in ("precision", "recall", "f1")}
+    metrics["test_ambiguous_support"] = float(scores["support"])
+    for category in ALIGNMENT_CATEGORIES:
+        keep = [i for i, row in enumerate(rows) if truth.get(row["id"], {}).get("alignment") == category]
+        if keep:
+            metrics[f"test_align_{category}_f1"] = float(scorer([gold[i] for i in keep], [pred[i] for i in keep])["f1"])
+    return metrics
+
+
+# --------------------------------------------------------------------------- train loop (every worker)
+
+
+def train_loop_per_worker(loop: dict) -> None:
+    """One Ray Train worker: DDP on its shard, rank 0 evaluates, logs and checkpoints each epoch."""
+    import ray.train
+    import ray.train.torch
+
+    from jobs import _tracking, _train
+    from tmr_core.extractor import TMRExtractor
+    from tmr_core.training import build_optimizer, build_scheduler, evaluate, set_seed, train_epoch
+
+    cfg: Config = loop["cfg"]
+    rank0 = _train.is_rank_zero()
+    set_seed(cfg.seed)
+    model = TMRExtractor.build(model_config(cfg, loop["labels"]))
+    collate = model.collator(cfg.storage.options())
+    model = ray.train.torch.prepare_model(model)
+    device = _train.device()
+    optimizer = build_optimizer(_train.unwrap(model), cfg.optim.lr, cfg.optim.weight_decay)
+    scheduler = build_scheduler(optimizer, loop["total_steps"], cfg.optim.warmup_ratio)
+    state = _train.restore_or_start(model, optimizer, scheduler, loop["run_folder"], loop["local_mode"],
+                                    loop["mlflow_run_id"])
+    if rank0 and state.attempts > 1:
+        print(f"[finetune_extractor] resumed at epoch {state.epoch}, step {state.global_step} "
+              f"(attempt {state.attempts})", flush=True)
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_rows = _train.dataset_rows(ray.train.get_dataset_shard("valid")) if rank0 else []
+    scorer = score_fn(cfg.task)
+    progress = _train.Progress("finetune_extractor", cfg.optim.epochs)
+    for epoch in range(state.epoch, cfg.optim.epochs):
+        progress.epoch_start()
+        batches = _train.shard_batches(train_shard, cfg.optim.batch_size, collate,
+                                       cfg.debug.max_steps_per_epoch, cfg.debug.step_delay_s)
+        stats = train_epoch(model, as_model_inputs(batches), optimizer, scheduler, device, cfg.optim.grad_clip,
+                            on_step=lambda step, loss: rank0 and progress.step(epoch, step, state.global_step, loss))
+        metrics = {"epoch": epoch + 1, "train_loss": stats["loss"], "lr": scheduler.get_last_lr()[0]}
+        if rank0:
+            valid_batches = as_model_inputs(_train.shard_batches(valid_rows, cfg.optim.eval_batch_size, collate))
+            valid = evaluate(_train.unwrap(model), valid_batches, predict_labels, scorer, device)
+            metrics |= {"valid_precision": valid["precision"], "valid_recall": valid["recall"], MONITOR: valid["f1"]}
+        state.finish_epoch(metrics.get(MONITOR, 0.0), stats["steps"], metrics)
+        metrics["global_step"] = state.global_step
+        if rank0:
+            progress.epoch_end(epoch + 1, metrics)
+            if loop["tracking_uri"] and state.mlflow_run_id:
+                _tracking.log_metrics(loop["tracking_uri"], state.mlflow_run_id, metrics, step=epoch + 1)
+        _train.report_epoch(metrics, state, model, optimizer, scheduler, loop["run_folder"], loop["local_mode"],
+                            cfg.storage.options())
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def relation_labels(cfg: Config, datasets: dict) -> list[str]:
+    """RE labels in id order: the config's list, else every relation seen in the tables, sorted."""
+    if cfg.data.relations:
+        return list(cfg.data.relations)
+    seen: set[str] = set()
+    for ds in datasets.values():
+        seen.update(ds.unique("relation"))
+    return sorted(seen)
+
+
+def load_ground_truth(path: str | None, options) -> dict[str, dict]:
+    if not path:
+        return {}
+    from tmr_core import storage
+
+    text = storage.read_bytes(path, options).decode("utf-8")
+    return {row["id"]: row for row in (json.loads(line) for line in text.splitlines() if line.strip())}
+
+
+def finalize(cfg: Config, folder: str, test_ds, tracking_uri: str | None, run_id: str | None,
+             train_time_s: float) -> dict:
+    """Best epoch → test scores (micro, per label, ambiguous subset, per alignment) → save, log, register."""
+    from jobs import _tracking, _train
+    from tmr_core.extractor import TMRExtractor
+
+    options = cfg.storage.options()
+    with tempfile.TemporaryDirectory() as tmp:
+        best_dir, state = _train.best_model_dir(folder, tmp, options)
+        model = TMRExtractor.from_pretrained(best_dir, device=cfg.device)
+    rows = _train.dataset_rows(test_ds)
+    gold, pred = predict_rows(model, rows, model.collator(options), cfg.optim.eval_batch_size, cfg.device)
+    metrics: dict = {"best_epoch": state.best_epoch, "best_" + MONITOR: state.best_metric,
+                     "global_step": state.global_step, "train_time_s": train_time_s, "attempts": state.attempts}
+    metrics |= flat_scores(score_fn(cfg.task, model.config.none_label)(gold, pred), "test")
+    truth = load_ground_truth(cfg.data.ground_truth, options)
+    if truth:
+        metrics |= ground_truth_scores(cfg.task, rows, gold, pred, truth, model.config.none_label)
+    model_dir = _save_outputs(cfg, model, metrics)
+    if cfg.tracking.enabled and run_id:
+        _tracking.log_metrics(tracking_uri, run_id, metrics, step=state.epoch)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_config(cfg, tmp)
+            with open(os.path.join(tmp, "metrics.json"), "w") as handle:
+                json.dump(metrics, handle, indent=2)
+            _tracking.log_artifacts(tracking_uri, run_id, tmp, "outputs")
+            local_model = model_dir
+            if _is_remote(model_dir):
+                local_model = os.path.join(tmp, "model")
+                model.save_pretrained(local_model)
+            if cfg.tracking.register_as:
+                version = _tracking.register_model(tracking_uri, run_id, local_model, cfg.tracking.register_as,
+                                                   cfg.tracking.alias, tags={"ablation": cfg.ablation})
+                print(f"[finetune_extractor] registered models:/{cfg.tracking.register_as}@{cfg.tracking.alias} "
+                      f"(v{version})", flush=True)
+            elif cfg.tracking.log_checkpoint:
+                _tracking.log_artifacts(tracking_uri, run_id, local_model, "model")
+        _tracking.finish_run(tracking_uri, run_id)
+    return metrics
+
+
+def _is_remote(uri: str) -> bool:
+    from tmr_core import storage
+
+    return storage.is_remote(uri)
+
+
+def _save_outputs(cfg: Config, model, metrics: dict) -> str:
+    from tmr_core import storage
+
+    options = cfg.storage.options()
+    model_dir = storage.join(cfg.output, "model")
+    model.save_pretrained(model_dir, options)
+    storage.write_text_atomic(storage.join(cfg.output, "metrics.json"), json.dumps(metrics, indent=2), options)
+    save_config(cfg, cfg.output, options=options)
+    return model_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(Config, argv, prog="jobs.finetune_extractor")
+    check_config(cfg)
+    print_config(cfg, "finetune_extractor")
+    from jobs import _data, _tracking, _train
+
+    options = cfg.storage.options()
+    _train.init_ray(cfg.ray)
+    name = cfg.ray.name or _train.ray_run_name(run_name(cfg))
+    folder = _train.run_folder(cfg.ray, name)
+    splits = {split: _data.read_split(cfg.data.dataset, split, options) for split in ("train", "valid", "test")}
+    train_ds = splits["train"]
+    if cfg.data.train_fraction < 1.0:
+        train_ds = train_ds.random_sample(cfg.data.train_fraction, seed=cfg.seed)
+    train_ds = train_ds.random_shuffle(seed=cfg.seed).materialize()
+    train_rows = train_ds.count()
+    if train_rows == 0:
+        raise ConfigError([f"--data.train_fraction {cfg.data.train_fraction}: no training row left"])
+    labels = relation_labels(cfg, splits) if cfg.task == "re" else []
+    if cfg.task == "ner":
+        from tmr_core.schema import NER_TAGS
+
+        labels = list(NER_TAGS)
+    tracking_uri = run_id = None
+    if cfg.tracking.enabled:
+        tracking_uri = _tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+        tags = {"tmr.task": cfg.task, "tmr.dataset": cfg.data.dataset_name, "tmr.ablation": cfg.ablation,
+                "tmr.train_fraction": str(cfg.data.train_fraction), "tmr.seed": str(cfg.seed),
+                "tmr.train_rows": str(train_rows), "tmr.ray_run_name": name,
+                "mlflow.source.git.commit": _tracking.git_commit() or "unknown"}
+        run_id = _tracking.start_or_resume_run(tracking_uri, cfg.tracking.experiment or f"tmr-{cfg.task}",
+                                               run_name(cfg), config_to_dict(cfg), tags, folder, options)
+        print(f"[finetune_extractor] MLflow run {run_id} at {tracking_uri}", flush=True)
+    workers = max(1, cfg.ray.num_workers)
+    per_epoch = -(-train_rows // (cfg.optim.batch_size * workers))
+    if cfg.debug.max_steps_per_epoch:
+        per_epoch = min(per_epoch, cfg.debug.max_steps_per_epoch)
+    loop = {"cfg": cfg, "labels": labels, "total_steps": per_epoch * cfg.optim.epochs, "run_folder": folder,
+            "mlflow_run_id": run_id, "tracking_uri": tracking_uri}
+    start = time.perf_counter()
+    try:
+        _train.fit(train_loop_per_worker, loop, cfg.ray, name, {"train": train_ds, "valid": splits["valid"]},
+                   options, MONITOR)
+    except Exception:
+        if run_id:
+            _tracking.finish_run(tracking_uri, run_id, status="FAILED")
+        raise
+    metrics = finalize(cfg, folder, splits["test"], tracking_uri, run_id, time.perf_counter() - start)
+    shown = {k: round(v, 4) for k, v in metrics.items() if k in ("test_f1", "test_ambiguous_f1", "best_epoch")}
+    print(f"[finetune_extractor] {cfg.task}/{cfg.ablation}: {shown}; model in {cfg.output}/model", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
