@@ -48,7 +48,7 @@ PAPER_MODEL_NAMES = {  # what the paper configs load in place of each tiny model
 }
 DEFAULT_CACHE_DIR = ".cache/tmr-models"
 STAMP_NAME = "build-spec.json"
-BUILD_VERSION = 1  # bump when the build code changes in a way the spec does not show
+BUILD_VERSION = 2  # bump when the build code changes in a way the spec does not show
 
 BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"[unused{i}]" for i in range(10)]
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"

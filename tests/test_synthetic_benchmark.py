@@ -1,0 +1,221 @@
+"""The synthetic benchmark: same bytes per seed, real formats, and images that decide what text leaves open."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs import make_synthetic_benchmark as job
+from tmr_core import synthetic as syn
+from tmr_core.readers import chunk_entities, re_sample_ids, read_mnre, read_rel2id, read_twitter_ner
+
+SMALL = dict(ner_sizes=(24, 8, 8), re_sizes=(24, 8, 8), mde_sizes=(40, 8, 8, 8))
+
+
+def _table_with_relative_uris(path: Path, root: Path) -> list[dict]:
+    rows = pq.read_table(path).to_pylist()
+    for row in rows:
+        row["image_uri"] = str(Path(row["image_uri"]).relative_to(root))
+    return rows
+
+
+def test_same_seed_writes_the_same_bytes_and_another_seed_does_not(tmp_path):
+    cfg = syn.preset("tiny", seed=3, **SMALL)
+    first, second, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    syn.make_synthetic_benchmark(first, cfg)
+    syn.make_synthetic_benchmark(second, cfg)
+    syn.make_synthetic_benchmark(other, syn.preset("tiny", seed=4, **SMALL))
+    files = syn.list_files(first)
+    assert files == syn.list_files(second)
+    assert len([f for f in files if f.startswith("images/")]) == 80
+    for name in files:
+        if name.endswith(".parquet"):  # image_uri is absolute, so compare the tables up to the root
+            assert _table_with_relative_uris(first / name, first) == _table_with_relative_uris(second / name, second)
+        else:
+            assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    assert (first / "ner" / "train.txt").read_bytes() != (other / "ner" / "train.txt").read_bytes()
+
+
+def test_files_round_trip_through_the_readers(tiny_benchmark):
+    truth = {row["id"]: row for row in syn.read_ground_truth(tiny_benchmark / "ground_truth.jsonl")}
+    seen_ids: set[str] = set()
+    for split in ("train", "valid", "test"):
+        path = tiny_benchmark / "ner" / f"{split}.txt"
+        assert path.read_text().endswith("\n\n") and "\n\n\n" not in path.read_text()
+        for sentence in read_twitter_ner(path):
+            row = truth[sentence.image_id]
+            assert row["split"] == split and re.fullmatch(r"syn_ner_\d{6}", sentence.image_id)
+            gold = [(m["type"], m["start"], m["end"]) for m in row["mentions"]]
+            assert chunk_entities(sentence.tags) == gold
+            assert (tiny_benchmark / "images" / f"{sentence.image_id}.png").is_file()
+            seen_ids.add(sentence.image_id)
+
+    rel2id_text = (tiny_benchmark / "re" / "ours_rel2id.json").read_text()
+    assert " " not in rel2id_text and "\n" not in rel2id_text
+    rel2id = read_rel2id(tiny_benchmark / "re" / "ours_rel2id.json")
+    assert list(rel2id)[0] == "None" and rel2id["None"] == 0
+    real = read_rel2id(Path(__file__).resolve().parents[1].parent / "shared" / "tmr-data" / "mnre" / "ours_rel2id.json")
+    assert set(rel2id) <= set(real)
+    for split, file_split in (("train", "train"), ("valid", "val"), ("test", "test")):
+        path = tiny_benchmark / "re" / f"ours_{file_split}.txt"
+        lines = path.read_text().splitlines()
+        for line in lines:  # exactly repr(dict) in MNRE key order
+            record = ast.literal_eval(line)
+            assert list(record) == ["token", "h", "t", "img_id", "relation"] and repr(record) == line
+        instances = read_mnre(path, rel2id)
+        ids = re_sample_ids(instances, path)
+        assert len(ids) == len(lines) == 2 * len({i.image_id for i in instances})
+        for sample_id, inst in zip(ids, instances):
+            row = truth[sample_id]
+            assert row["split"] == split and row["relation"] == inst.relation
+            assert (row["head"], row["tail"]) == (inst.head.name, inst.tail.name)
+            assert (tiny_benchmark / "images" / inst.image_id).is_file()
+            seen_ids.add(sample_id)
+    assert seen_ids == set(truth), "every ground-truth row belongs to a sample in the data files"
+
+
+def _rows(bench_dir: Path) -> list[dict]:
+    return syn.read_ground_truth(bench_dir / "ground_truth.jsonl")
+
+
+def test_alignment_fractions_and_ambiguity_follow_the_config(tiny_benchmark):
+    rows = _rows(tiny_benchmark)
+    wanted = dict(zip(("strengthen", "complement", "weaken"), syn.PRESETS["tiny"].alignment_fractions))
+    for task in ("ner", "re"):
+        for split in ("train", "valid", "test"):
+            units = [r for r in rows if r["task"] == task and r["split"] == split and (task == "ner" or r["id"].endswith("-0"))]
+            counts = Counter(r["alignment"] for r in units)
+            for category, fraction in wanted.items():
+                assert abs(counts[category] / len(units) - fraction) <= 1 / len(units) + 1e-9, (task, split, category)
+    # ambiguous <=> a focus name in a neutral context, which only complement samples have
+    for row in rows:
+        flags = [m["ambiguous"] for m in row["mentions"]] if row["task"] == "ner" else [row["ambiguous"]]
+        assert any(flags) == (row["alignment"] == "complement" and (row["task"] == "ner" or row["id"].endswith("-0")))
+    stats = json.loads((tiny_benchmark / "stats.json").read_text())
+    expected_mentions = 1 + sum(k * p for k, p in enumerate(syn.PRESETS["tiny"].suffix_probs))
+    assert stats["ner"]["ambiguous_share"] == pytest.approx(wanted["complement"] / expected_mentions, abs=0.04)
+    assert stats["re"]["ambiguous_share"] == pytest.approx(wanted["complement"] / 2, abs=0.01)
+
+
+def _glyph_pixel_counts(path: Path) -> Counter:
+    colours = {rgb: etype for etype, kind in syn.TYPE_GLYPH.items() for rgb in [syn.GLYPHS[kind][1]]}
+    return Counter(colours[p] for p in Image.open(path).convert("RGB").getdata() if p in colours)
+
+
+def test_the_image_shows_the_focus_type_unless_the_pair_is_weakened(tiny_benchmark):
+    """The largest glyph is the focus mention's type; a weakened sample shows another sample's, of another type."""
+    for row in _rows(tiny_benchmark):
+        if row["task"] != "ner" or row["split"] != "test":
+            continue
+        focus = next(m for m in row["mentions"] if m["context"] != "fixed")
+        image = tiny_benchmark / "images" / f"{row['id']}.png"
+        shown = _glyph_pixel_counts(image).most_common(1)[0][0]
+        if row["alignment"] == "weaken":
+            assert shown != focus["type"]
+            assert image.read_bytes() == (tiny_benchmark / "images" / f"{row['image_from']}.png").read_bytes()
+        else:
+            assert shown == focus["type"] and row["image_from"] is None
+
+
+def test_re_images_link_the_pair_exactly_when_related(tiny_benchmark):
+    for row in _rows(tiny_benchmark):
+        if row["task"] != "re" or row["split"] != "valid" or not row["id"].endswith("-0") or row["alignment"] == "weaken":
+            continue
+        pixels = Image.open(tiny_benchmark / "images" / f"{row['id'][:-2]}.png").convert("RGB").getdata()
+        linked = any(p == (0, 0, 0) for p in pixels)
+        assert linked == (row["relation"] != "None"), row["id"]
+
+
+def test_text_only_ceiling_is_the_bayes_rate_of_the_generator(tiny_benchmark):
+    rows = _rows(tiny_benchmark)
+    ambiguous = [m for r in rows if r["task"] == "ner" and r["split"] == "test" for m in r["mentions"] if m["ambiguous"]]
+    by_hand = sum(1 / len(syn.AMBIGUOUS_NAMES[m["text"]]) for m in ambiguous) / len(ambiguous)
+    ceiling = syn.text_only_ceiling(rows, "ner", "test")
+    assert ceiling == pytest.approx(by_hand)
+    assert 0.35 < ceiling < 0.5
+    # a text-only rule fitted on train (majority type per name) does no better on test than the ceiling allows
+    train_types = defaultdict(Counter)
+    for r in rows:
+        if r["task"] == "ner" and r["split"] == "train":
+            for m in r["mentions"]:
+                if m["ambiguous"]:
+                    train_types[m["text"]][m["type"]] += 1
+    hits = [train_types[m["text"]].most_common(1)[0][0] == m["type"] if train_types[m["text"]] else False for m in ambiguous]
+    tolerance = 2.5 * (ceiling * (1 - ceiling) / len(ambiguous)) ** 0.5
+    assert sum(hits) / len(hits) <= ceiling + tolerance
+
+    re_ceiling = syn.text_only_ceiling(rows, "re", "test")
+    assert 0.2 < re_ceiling < 0.6
+    with pytest.raises(ValueError, match="task must be"):
+        syn.text_only_ceiling(rows, "mde")
+
+
+def test_re_posterior_matches_the_generator_frequencies():
+    """For every head name, the posterior summed over sentences predicts how often each relation occurs.
+
+    That is the defining property of P(relation | text) for any function of the text; a posterior
+    that ignored the names (e.g. the prior) fails it, since names rule types in or out.
+    """
+    cfg = syn.preset("tiny", alignment_fractions=(0.0, 1.0, 0.0))
+    sentences = syn.generate_re_split(cfg, "train", 8000, 0)
+    expected, variance, observed = defaultdict(float), defaultdict(float), Counter()
+    for s in sentences:
+        focus = s.instances[0]
+        head, tail = (" ".join(s.tokens[a:b]) for a, b in (focus.head, focus.tail))
+        posterior = syn.re_text_posterior(head, tail, "neutral", cfg.re_none_prob)
+        assert sum(posterior.values()) == pytest.approx(1.0)
+        assert focus.text_only_p == pytest.approx(max(posterior.values()))
+        for relation, p in posterior.items():
+            expected[head, relation] += p
+            variance[head, relation] += p * (1 - p)
+        observed[head, focus.relation] += 1
+    assert set(observed) <= set(expected), "a relation occurred that the posterior rules out"
+    for key, mean in expected.items():
+        assert abs(observed[key] - mean) <= 4 * variance[key] ** 0.5 + 1, key
+
+
+def test_mde_corpus_has_the_paper_ratio_and_the_style_shortcut(tiny_benchmark):
+    for split in syn.MDE_SPLITS:
+        table = pq.read_table(tiny_benchmark / "mde" / f"{split}.parquet")
+        assert table.column_names == ["id", "caption", "image_uri", "label", "source"]
+        rows = table.to_pylist()
+        labels = Counter(r["label"] for r in rows)
+        assert labels["weaken"] == 2 * labels["strengthen"] == 2 * labels["complement"] > 0
+        sources = {(r["source"], r["label"]) for r in rows}
+        if split == "test_out_of_domain":
+            assert sources == {("sbu_like", lab) for lab in ("strengthen", "complement", "weaken")}
+        else:
+            assert sources == {("coco_like", "strengthen"), ("laion_like", "complement"), ("coco_like", "weaken"), ("laion_like", "weaken")}
+        assert all(Path(r["image_uri"]).is_absolute() and Path(r["image_uri"]).is_file() for r in rows)
+        assert len({r["id"] for r in rows}) == len(rows)
+
+
+def test_mde_captions_name_all_some_or_none_of_the_shown_objects():
+    rows, scenes = syn.generate_mde_split(syn.preset("tiny"), "test_out_of_domain", 400)
+    for row in rows:
+        named = {kind for kind in syn.GLYPHS if kind in row.caption.lower()}
+        shown = {g.kind for g in scenes[row.image_name].glyphs}
+        if row.label == "strengthen":
+            assert named == shown
+        elif row.label == "complement":
+            assert named and named < shown
+        else:
+            assert named and not named & shown
+
+
+def test_job_writes_config_stats_and_rejects_bad_fractions(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert job.main(["--out", str(out), "--ner_sizes", "[8,4,4]", "--re_sizes", "[8,4,4]", "--mde_sizes", "[16,4,4,4]"]) == 0
+    assert (out / "config.yaml").is_file() and json.loads((out / "stats.json").read_text())["ner"]["samples"]["train"] == 8
+    assert "text-only ceiling" in capsys.readouterr().out
+    from jobs._config import ConfigError
+
+    with pytest.raises(ConfigError, match="alignment_fractions"):
+        job.main(["--out", str(out), "--alignment_fractions", "[0.5,0.6,0.1]"])
