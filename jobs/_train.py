@@ -77,6 +77,16 @@ class DebugConfig:
 
     step_delay_s: float = opt(0.0, "Sleep after each training step (lets a test kill a worker mid-run).")
     max_steps_per_epoch: int | None = opt(None, "Stop each epoch after this many steps; null: the whole shard.")
+    worker_pid_file: str | None = opt(
+        None, "Rank 0 appends its process id here at each (re)start, so a test can kill it from outside."
+    )
+
+
+def announce_pid(debug: DebugConfig) -> None:
+    """Append this worker's pid to ``debug.worker_pid_file`` (rank 0 only; tests kill it)."""
+    if debug.worker_pid_file and is_rank_zero():
+        with open(debug.worker_pid_file, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
 
 
 # --------------------------------------------------------------------------- Ray configs
@@ -453,6 +463,22 @@ def shard_batches(shard: Any, batch_size: int, collate: Any, max_steps: int | No
         yield collate(rows)
         if step_delay_s:
             time.sleep(step_delay_s)
+
+
+def read_rows(dataset_uri: str, split: str, storage_options: Any = None, limit: int | None = None) -> list[dict]:
+    """A split's table as row dicts, read with pyarrow in this process (driver-side evaluation:
+    no Ray Data scheduling for a table that fits in memory)."""
+    import pyarrow.parquet as pq
+
+    from jobs._data import split_uri
+    from tmr_core import storage
+
+    uri = split_uri(dataset_uri, split, storage_options)
+    if uri is None:
+        raise FileNotFoundError(f"{dataset_uri}: no table for split '{split}' (<split>.parquet or <split>/)")
+    fs, path = storage.resolve(uri, storage_options)
+    table = pq.read_table(path, filesystem=fs)
+    return (table.slice(0, limit) if limit else table).to_pylist()
 
 
 def dataset_rows(dataset: Any) -> list[dict]:

@@ -251,7 +251,7 @@ def plot_low_resource(rows: list[dict], path: str) -> bool:
 
     tasks = sorted({r["task"] for r in rows})
     figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
-    for axis, task in zip(axes[0], tasks):
+    for axis, task in zip(axes[0], tasks, strict=True):
         curves: dict[tuple, list[dict]] = {}
         for row in rows:
             if row["task"] == task:
@@ -311,7 +311,7 @@ def build_report(cfg: Config, runs: list[RunRecord]) -> dict[str, str]:
                                ("train_fraction", "train fraction"), ("runs", "runs"), ("f1", "test F1")],
                        "Low-resource (F1 vs train fraction)"),
         markdown_table(table3, [("loss", "MDE objective"), ("runs", "runs")] +
-                       [(m, h) for m, h in zip(cfg.mde_metrics, ("in domain F1", "out of domain F1"))],
+                       [(m, h) for m, h in zip(cfg.mde_metrics, ("in domain F1", "out of domain F1"), strict=False)],
                        "MDE generalisation (Table 3)"),
     ]
     for name, rows in (("ablations", ablations), ("low_resource", curve), ("mde_table3", table3)):

@@ -183,7 +183,7 @@ def predict_rows(model, rows: list[dict], collate, batch_size: int, device) -> t
     return gold, pred
 
 
-def ambiguous_ner_scores(rows: list[dict], gold: list, pred: list, truth: dict[str, dict]) -> dict:
+def ambiguous_ner_scores(rows: list[dict], pred: list, truth: dict[str, dict]) -> dict:
     """Entity P/R/F1 restricted to the ambiguous mentions' spans.
 
     Gold chunks are the ambiguous mentions; a predicted chunk counts when its span equals one of
@@ -192,7 +192,7 @@ def ambiguous_ner_scores(rows: list[dict], gold: list, pred: list, truth: dict[s
     from tmr_core.metrics import chunks
 
     correct = predicted = expected = 0
-    for row, _gold_tags, pred_tags in zip(rows, gold, pred):
+    for row, pred_tags in zip(rows, pred, strict=True):
         mentions = [m for m in truth.get(row["id"], {}).get("mentions", []) if m["ambiguous"]]
         spans = {(m["start"], m["end"]): m["type"] for m in mentions}
         expected += len(spans)
@@ -214,7 +214,7 @@ def ground_truth_scores(task: str, rows: list[dict], gold: list, pred: list, tru
     scorer = score_fn(task, none_label)
     metrics: dict[str, float] = {}
     if task == "ner":
-        scores = ambiguous_ner_scores(rows, gold, pred, truth)
+        scores = ambiguous_ner_scores(rows, pred, truth)
     else:
         keep = [i for i, row in enumerate(rows) if truth.get(row["id"], {}).get("ambiguous")]
         scores = scorer([gold[i] for i in keep], [pred[i] for i in keep])
@@ -253,6 +253,7 @@ def train_loop_per_worker(loop: dict) -> None:
     if rank0 and state.attempts > 1:
         print(f"[finetune_extractor] resumed at epoch {state.epoch}, step {state.global_step} "
               f"(attempt {state.attempts})", flush=True)
+    _train.announce_pid(cfg.debug)
     train_shard = ray.train.get_dataset_shard("train")
     valid_rows = _train.dataset_rows(ray.train.get_dataset_shard("valid")) if rank0 else []
     scorer = score_fn(cfg.task)
@@ -262,7 +263,7 @@ def train_loop_per_worker(loop: dict) -> None:
         batches = _train.shard_batches(train_shard, cfg.optim.batch_size, collate,
                                        cfg.debug.max_steps_per_epoch, cfg.debug.step_delay_s)
         stats = train_epoch(model, as_model_inputs(batches), optimizer, scheduler, device, cfg.optim.grad_clip,
-                            on_step=lambda step, loss: rank0 and progress.step(epoch, step, state.global_step, loss))
+                            on_step=lambda step, loss, e=epoch: rank0 and progress.step(e, step, state.global_step, loss))
         metrics = {"epoch": epoch + 1, "train_loss": stats["loss"], "lr": scheduler.get_last_lr()[0]}
         if rank0:
             valid_batches = as_model_inputs(_train.shard_batches(valid_rows, cfg.optim.eval_batch_size, collate))
@@ -281,13 +282,15 @@ def train_loop_per_worker(loop: dict) -> None:
 # --------------------------------------------------------------------------- driver
 
 
-def relation_labels(cfg: Config, datasets: dict) -> list[str]:
+def relation_labels(cfg: Config) -> list[str]:
     """RE labels in id order: the config's list, else every relation seen in the tables, sorted."""
+    from jobs import _train
+
     if cfg.data.relations:
         return list(cfg.data.relations)
     seen: set[str] = set()
-    for ds in datasets.values():
-        seen.update(ds.unique("relation"))
+    for split in ("train", "valid", "test"):
+        seen.update(row["relation"] for row in _train.read_rows(cfg.data.dataset, split, cfg.storage.options()))
     return sorted(seen)
 
 
@@ -300,7 +303,7 @@ def load_ground_truth(path: str | None, options) -> dict[str, dict]:
     return {row["id"]: row for row in (json.loads(line) for line in text.splitlines() if line.strip())}
 
 
-def finalize(cfg: Config, folder: str, test_ds, tracking_uri: str | None, run_id: str | None,
+def finalize(cfg: Config, folder: str, tracking_uri: str | None, run_id: str | None,
              train_time_s: float) -> dict:
     """Best epoch → test scores (micro, per label, ambiguous subset, per alignment) → save, log, register."""
     from jobs import _tracking, _train
@@ -310,7 +313,7 @@ def finalize(cfg: Config, folder: str, test_ds, tracking_uri: str | None, run_id
     with tempfile.TemporaryDirectory() as tmp:
         best_dir, state = _train.best_model_dir(folder, tmp, options)
         model = TMRExtractor.from_pretrained(best_dir, device=cfg.device)
-    rows = _train.dataset_rows(test_ds)
+    rows = _train.read_rows(cfg.data.dataset, "test", options)
     gold, pred = predict_rows(model, rows, model.collator(options), cfg.optim.eval_batch_size, cfg.device)
     metrics: dict = {"best_epoch": state.best_epoch, "best_" + MONITOR: state.best_metric,
                      "global_step": state.global_step, "train_time_s": train_time_s, "attempts": state.attempts}
@@ -368,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     _train.init_ray(cfg.ray)
     name = cfg.ray.name or _train.ray_run_name(run_name(cfg))
     folder = _train.run_folder(cfg.ray, name)
-    splits = {split: _data.read_split(cfg.data.dataset, split, options) for split in ("train", "valid", "test")}
+    splits = {split: _data.read_split(cfg.data.dataset, split, options) for split in ("train", "valid")}
     train_ds = splits["train"]
     if cfg.data.train_fraction < 1.0:
         train_ds = train_ds.random_sample(cfg.data.train_fraction, seed=cfg.seed)
@@ -376,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     train_rows = train_ds.count()
     if train_rows == 0:
         raise ConfigError([f"--data.train_fraction {cfg.data.train_fraction}: no training row left"])
-    labels = relation_labels(cfg, splits) if cfg.task == "re" else []
+    labels = relation_labels(cfg) if cfg.task == "re" else []
     if cfg.task == "ner":
         from tmr_core.schema import NER_TAGS
 
@@ -405,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         if run_id:
             _tracking.finish_run(tracking_uri, run_id, status="FAILED")
         raise
-    metrics = finalize(cfg, folder, splits["test"], tracking_uri, run_id, time.perf_counter() - start)
+    metrics = finalize(cfg, folder, tracking_uri, run_id, time.perf_counter() - start)
     shown = {k: round(v, 4) for k, v in metrics.items() if k in ("test_f1", "test_ambiguous_f1", "best_epoch")}
     print(f"[finetune_extractor] {cfg.task}/{cfg.ablation}: {shown}; model in {cfg.output}/model", flush=True)
     return 0

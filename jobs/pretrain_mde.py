@@ -178,6 +178,7 @@ def train_loop_per_worker(loop: dict) -> None:
     if rank0 and state.attempts > 1:
         print(f"[pretrain_mde] resumed at epoch {state.epoch}, step {state.global_step} (attempt {state.attempts})",
               flush=True)
+    _train.announce_pid(cfg.debug)
     train_shard = ray.train.get_dataset_shard("train")
     valid_rows = _train.dataset_rows(ray.train.get_dataset_shard("valid")) if rank0 else []
     progress = _train.Progress("pretrain_mde", cfg.optim.epochs)
@@ -189,7 +190,7 @@ def train_loop_per_worker(loop: dict) -> None:
         progress.epoch_start()
         batches = _train.shard_batches(train_shard, cfg.optim.batch_size, collate, cap, cfg.debug.step_delay_s)
         stats = train_epoch(model, batches, optimizer, scheduler, device, cfg.optim.grad_clip,
-                            on_step=lambda step, loss: rank0 and progress.step(epoch, step, state.global_step, loss))
+                            on_step=lambda step, loss, e=epoch: rank0 and progress.step(e, step, state.global_step, loss))
         metrics = {"epoch": epoch + 1, "train_loss": stats["loss"], "lr": scheduler.get_last_lr()[0]}
         if rank0:
             valid = evaluate(_train.unwrap(model), _train.shard_batches(valid_rows, cfg.optim.eval_batch_size, collate),
@@ -219,7 +220,7 @@ def total_steps(cfg: Config, train_rows: int) -> int:
 
 def finalize(cfg: Config, folder: str, tracking_uri: str | None, run_id: str | None, train_time_s: float) -> dict:
     """Best epoch → (SupCon) head refit on frozen z → test scores → save, log, register."""
-    from jobs import _data, _tracking, _train
+    from jobs import _tracking, _train
     from tmr_core.mde import MultimodalDivergenceEstimator
 
     options = cfg.storage.options()
@@ -232,13 +233,13 @@ def finalize(cfg: Config, folder: str, tracking_uri: str | None, run_id: str | N
     if cfg.loss == "supcon":
         from jobs._train import shard_batches
 
-        train_rows = _data.read_split(cfg.data.corpus, cfg.data.train_split, options).limit(cfg.optim.head_fit_rows)
-        fit = model.fit_head_on_frozen(shard_batches(_train.dataset_rows(train_rows), cfg.optim.eval_batch_size, collate),
+        train_rows = _train.read_rows(cfg.data.corpus, cfg.data.train_split, options, cfg.optim.head_fit_rows)
+        fit = model.fit_head_on_frozen(shard_batches(train_rows, cfg.optim.eval_batch_size, collate),
                                        epochs=cfg.optim.head_fit_epochs, lr=cfg.optim.head_fit_lr, device=cfg.device)
         metrics["head_fit_loss"] = fit["loss"]
     model.eval()
     for split in [cfg.data.valid_split, *cfg.data.test_splits]:
-        rows = _train.dataset_rows(_data.read_split(cfg.data.corpus, split, options))
+        rows = _train.read_rows(cfg.data.corpus, split, options)
         for key, value in evaluate_rows(model, rows, collate, cfg.optim.eval_batch_size, cfg.device).items():
             metrics[f"{split}_{key}"] = value
     model_dir = _save_outputs(cfg, model, metrics)
