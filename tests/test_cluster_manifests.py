@@ -61,6 +61,13 @@ OBJECT_META_KEYS = {
     "deletionGracePeriodSeconds", "managedFields", "selfLink",
 }
 RAY_IN_TAG = re.compile(r"ray(\d+\.\d+\.\d+)")
+# Core (non-Ray) kinds checked minimally: apiVersion v1, known top-level fields, ObjectMeta.
+CORE_FIELDS = {
+    "Secret": {"type", "immutable", "data", "stringData"},
+    "ConfigMap": {"immutable", "data", "binaryData"},
+    "PersistentVolumeClaim": {"spec"},
+}
+WORKDIR = "/home/ray/tmr-ray"
 
 
 # --------------------------------------------------------------------------- loading
@@ -181,14 +188,13 @@ def manifest_problems(doc: Any, where: str) -> list[str]:
     if not isinstance(doc, dict):
         return [f"{where}: a manifest must be a mapping"]
     kind = doc.get("kind")
-    if kind in ("Secret", "ConfigMap"):
+    if kind in CORE_FIELDS:
         problems = [] if doc.get("apiVersion") == "v1" else [f"{where}: {kind} needs apiVersion v1"]
-        data_fields = {"data", "stringData"} if kind == "Secret" else {"data", "binaryData"}
-        extra = set(doc) - {"apiVersion", "kind", "metadata", "type", "immutable"} - data_fields
+        extra = set(doc) - {"apiVersion", "kind", "metadata"} - CORE_FIELDS[kind]
         problems += [f"{where}: unknown top-level field '{k}' in {kind}" for k in sorted(extra)]
         return problems + object_meta_problems(doc.get("metadata"), where)
     if kind not in CRD_FILES:
-        return [f"{where}: kind {kind!r} is neither a KubeRay kind {sorted(CRD_FILES)} nor Secret/ConfigMap"]
+        return [f"{where}: kind {kind!r} is neither a KubeRay kind {sorted(CRD_FILES)} nor one of {sorted(CORE_FIELDS)}"]
     if doc.get("apiVersion") != "ray.io/v1":
         return [f"{where}: {kind} needs apiVersion ray.io/v1, got {doc.get('apiVersion')!r}"]
     doc = apply_api_server_defaults(drop_nulls(doc))
@@ -372,11 +378,11 @@ def test_the_expected_manifests_exist():
     for name in (
         "raycluster.yaml", "rayservice.yaml", "rayjob-generate-back-translations.yaml",
         "rayjob-pretrain-mde.yaml", "rayjob-finetune-ner.yaml", "rayjob-finetune-re.yaml",
-        "rayjob-pipeline.yaml",
+        "rayjob-pipeline.yaml", "outputs-pvc.yaml", "settings.example.yaml",
     ):
         assert name in names, f"cluster/kuberay/{name} is missing"
     kinds = {doc.get("kind") for _, doc in all_documents()}
-    assert {"RayCluster", "RayJob", "RayService", "Secret", "ConfigMap"} <= kinds
+    assert {"RayCluster", "RayJob", "RayService", "Secret", "ConfigMap", "PersistentVolumeClaim"} <= kinds
 
 
 @pytest.mark.parametrize("where,doc", all_documents(), ids=[w for w, _ in all_documents()])
@@ -448,6 +454,25 @@ def resolved_task(module: str, args: list[str]) -> str | None:
     rooted = [str(REPO / a) if i and args[i - 1] == "--config" else a for i, a in enumerate(args)]
     task = getattr(parse_config(importlib.import_module(module).Config, rooted, prog=module), "task", None)
     return None if task is None else str(getattr(task, "value", task))
+
+
+def test_batch_pods_share_the_outputs_volume():
+    """Relative `outputs/...` paths in the configs must mean the same files on every pod."""
+    assert re.search(rf"^WORKDIR {WORKDIR}$", DOCKERFILE.read_text(), flags=re.M), f"cluster/Dockerfile: WORKDIR is not {WORKDIR}"
+    ((_, claim),) = documents_of_kind("PersistentVolumeClaim")
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    for where, doc in documents_of_kind("RayCluster") + documents_of_kind("RayJob"):
+        for spec in cluster_specs(doc):
+            pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+            for pod in pods:
+                claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", [])
+                          if "persistentVolumeClaim" in v}
+                ray_container = pod["containers"][0]
+                assert ray_container.get("workingDir") == WORKDIR, f"{where}: {ray_container['name']} workingDir"
+                mounts = {m["mountPath"]: m["name"] for m in ray_container.get("volumeMounts", [])}
+                assert claims.get(mounts.get(f"{WORKDIR}/outputs")) == claim["metadata"]["name"], (
+                    f"{where}: {ray_container['name']} does not mount {claim['metadata']['name']} at {WORKDIR}/outputs"
+                )
 
 
 def test_every_rayjob_runs_a_job_with_a_valid_config():
