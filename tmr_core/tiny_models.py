@@ -14,9 +14,9 @@ text (:func:`tmr_core.synthetic.synthetic_corpus`, default seed).
 | ``detector``      | ``detector``     | ``OwlViTForObjectDetection`` (text/vision 2 layers, hidden 32, 64×64 input, patch 8 → 64 boxes) + ``OwlViTProcessor`` (same CLIP BPE) | ``google/owlv2-base-patch16-ensemble`` (paper: one-stage grounding) |
 | ``mde_backbone``  | ``mde-backbone`` | ``ViltModel`` 2 layers, hidden 64, 2 heads, 64×64 image, patch 8; ``ViltProcessor`` (WordPiece vocab above, max 40 tokens) | ``dandelin/vilt-b32-mlm`` (ViLT, §3.4, App. B.3) |
 
-``ensure_tiny_models()`` rebuilds only when a folder is missing or the build spec (sizes, seed,
-library versions) changed; a stamp file records the spec's hash, and a file lock lets several
-processes share one cache directory.
+``ensure_tiny_models()`` rebuilds only when a folder is missing or the build spec changed (sizes,
+seed, the benchmark text the tokenizers learn from, library versions); a stamp file records the
+spec's hash, and a file lock lets several processes share one cache directory.
 """
 
 from __future__ import annotations
@@ -103,14 +103,18 @@ class TinyModelSpec:
 
 
 def spec_hash(spec: TinyModelSpec) -> str:
-    """A hash of the spec, the build version and the library versions that write the files."""
+    """A hash of the spec, the tokenizer corpus, the build version and the library versions."""
     import diffusers
     import tokenizers
     import torch
     import transformers
 
+    from tmr_core.synthetic import synthetic_corpus
+
     payload = {
         "spec": dataclasses.asdict(spec),
+        # the tokenizers are trained on the benchmark text: a change in the generator means a rebuild
+        "corpus": hashlib.sha256("\n".join(synthetic_corpus(seed=spec.corpus_seed, size="tiny")).encode()).hexdigest(),
         "build_version": BUILD_VERSION,
         "versions": [transformers.__version__, diffusers.__version__, tokenizers.__version__, torch.__version__],
     }
