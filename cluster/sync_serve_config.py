@@ -53,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{RAYSERVICE.relative_to(REPO)} embeds {SERVE_CONFIG.relative_to(REPO)}")
         return 0
     if args.check:
-        print(f"{RAYSERVICE.relative_to(REPO)} differs from {SERVE_CONFIG.relative_to(REPO)}: "
-              "run python cluster/sync_serve_config.py", file=sys.stderr)
+        print(
+            f"{RAYSERVICE.relative_to(REPO)} differs from {SERVE_CONFIG.relative_to(REPO)}: "
+            "run python cluster/sync_serve_config.py",
+            file=sys.stderr,
+        )
         return 1
     RAYSERVICE.write_text(wanted)
     print(f"updated {RAYSERVICE.relative_to(REPO)} from {SERVE_CONFIG.relative_to(REPO)}")

@@ -56,9 +56,21 @@ DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z
 LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 OBJECT_META_KEYS = {
-    "name", "generateName", "namespace", "labels", "annotations", "finalizers", "ownerReferences",
-    "uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp",
-    "deletionGracePeriodSeconds", "managedFields", "selfLink",
+    "name",
+    "generateName",
+    "namespace",
+    "labels",
+    "annotations",
+    "finalizers",
+    "ownerReferences",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "managedFields",
+    "selfLink",
 }
 RAY_IN_TAG = re.compile(r"ray(\d+\.\d+\.\d+)")
 # Core (non-Ray) kinds checked minimally: apiVersion v1, known top-level fields, ObjectMeta.
@@ -85,9 +97,7 @@ def manifest_files() -> list[Path]:
 
 def all_documents() -> list[tuple[str, dict]]:
     """(``file#index``, document) for every document in cluster/kuberay/."""
-    return [
-        (f"{p.name}#{i}", doc) for p in manifest_files() for i, doc in enumerate(load_documents(p))
-    ]
+    return [(f"{p.name}#{i}", doc) for p in manifest_files() for i, doc in enumerate(load_documents(p))]
 
 
 def documents_of_kind(kind: str) -> list[tuple[str, dict]]:
@@ -144,7 +154,11 @@ def cluster_specs(doc: dict) -> list[dict]:
     """The RayCluster specs inside a document (RayCluster.spec, RayJob.spec.rayClusterSpec, ...)."""
     spec = doc.get("spec") or {}
     kind = doc.get("kind")
-    found = {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}
+    found = {
+        "RayCluster": spec,
+        "RayJob": spec.get("rayClusterSpec"),
+        "RayService": spec.get("rayClusterConfig"),
+    }
     return [found[kind]] if isinstance(found.get(kind), dict) else []
 
 
@@ -163,10 +177,14 @@ def object_meta_problems(meta: Any, where: str) -> list[str]:
     """Root metadata as the API server checks ObjectMeta (the CRD schema says only ``type: object``)."""
     if not isinstance(meta, dict):
         return [f"{where}: metadata must be a mapping"]
-    problems = [f"{where}: metadata.{k} is not an ObjectMeta field" for k in sorted(set(meta) - OBJECT_META_KEYS)]
+    problems = [
+        f"{where}: metadata.{k} is not an ObjectMeta field" for k in sorted(set(meta) - OBJECT_META_KEYS)
+    ]
     name = meta.get("name")
     if not isinstance(name, str) or len(name) > 253 or not DNS1123_SUBDOMAIN.match(name):
-        problems.append(f"{where}: metadata.name {name!r} is not a DNS-1123 subdomain (lowercase a-z0-9, '-', '.')")
+        problems.append(
+            f"{where}: metadata.name {name!r} is not a DNS-1123 subdomain (lowercase a-z0-9, '-', '.')"
+        )
     for field in ("labels", "annotations"):
         mapping = meta.get(field, {})
         if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
@@ -174,7 +192,11 @@ def object_meta_problems(meta: Any, where: str) -> list[str]:
             continue
         for key in mapping:
             prefix, _, label = key.rpartition("/")
-            if not LABEL_NAME.match(label) or len(label) > 63 or (prefix and not DNS1123_SUBDOMAIN.match(prefix)):
+            if (
+                not LABEL_NAME.match(label)
+                or len(label) > 63
+                or (prefix and not DNS1123_SUBDOMAIN.match(prefix))
+            ):
                 problems.append(f"{where}: metadata.{field} key {key!r} is not a qualified name")
         if field == "labels":
             for key, value in mapping.items():
@@ -194,7 +216,9 @@ def manifest_problems(doc: Any, where: str) -> list[str]:
         problems += [f"{where}: unknown top-level field '{k}' in {kind}" for k in sorted(extra)]
         return problems + object_meta_problems(doc.get("metadata"), where)
     if kind not in CRD_FILES:
-        return [f"{where}: kind {kind!r} is neither a KubeRay kind {sorted(CRD_FILES)} nor one of {sorted(CORE_FIELDS)}"]
+        return [
+            f"{where}: kind {kind!r} is neither a KubeRay kind {sorted(CRD_FILES)} nor one of {sorted(CORE_FIELDS)}"
+        ]
     if doc.get("apiVersion") != "ray.io/v1":
         return [f"{where}: {kind} needs apiVersion ray.io/v1, got {doc.get('apiVersion')!r}"]
     doc = apply_api_server_defaults(drop_nulls(doc))
@@ -215,7 +239,11 @@ def job_invocations(command: str) -> list[tuple[str, list[str]]]:
     tokens = shlex.split(command)
     found = []
     for i, token in enumerate(tokens[:-2]):
-        if Path(token).name.startswith("python") and tokens[i + 1] == "-m" and tokens[i + 2].startswith("jobs."):
+        if (
+            Path(token).name.startswith("python")
+            and tokens[i + 1] == "-m"
+            and tokens[i + 2].startswith("jobs.")
+        ):
             args = []
             for arg in tokens[i + 3 :]:
                 if arg in SHELL_OPERATORS:
@@ -330,7 +358,9 @@ def launcher_problems(config: Any, where: str) -> list[str]:
         return problems
     node_types = config.get("available_node_types") or {}
     if config.get("head_node_type") not in node_types:
-        problems.append(f"{where}: head_node_type {config.get('head_node_type')!r} is not in available_node_types")
+        problems.append(
+            f"{where}: head_node_type {config.get('head_node_type')!r} is not in available_node_types"
+        )
     return problems
 
 
@@ -339,7 +369,9 @@ def launcher_problems(config: Any, where: str) -> list[str]:
 
 def images_in(value: Any) -> list[str]:
     if isinstance(value, dict):
-        found = [v for k, v in value.items() if k in ("image", "head_image", "worker_image") and isinstance(v, str)]
+        found = [
+            v for k, v in value.items() if k in ("image", "head_image", "worker_image") and isinstance(v, str)
+        ]
         return found + [i for v in value.values() for i in images_in(v)]
     if isinstance(value, list):
         return [i for v in value for i in images_in(v)]
@@ -366,7 +398,9 @@ def version_problems(doc: dict, where: str, ray_version: str, python_tag: str) -
         tag = image.rpartition(":")[2]
         found = RAY_IN_TAG.search(tag)
         if not found or found.group(1) != ray_version or python_tag not in tag:
-            problems.append(f"{where}: image {image} does not carry ray{ray_version} and {python_tag} in its tag")
+            problems.append(
+                f"{where}: image {image} does not carry ray{ray_version} and {python_tag} in its tag"
+            )
     return problems
 
 
@@ -376,9 +410,15 @@ def version_problems(doc: dict, where: str, ray_version: str, python_tag: str) -
 def test_the_expected_manifests_exist():
     names = {p.name for p in manifest_files()}
     for name in (
-        "raycluster.yaml", "rayservice.yaml", "rayjob-generate-back-translations.yaml",
-        "rayjob-pretrain-mde.yaml", "rayjob-finetune-ner.yaml", "rayjob-finetune-re.yaml",
-        "rayjob-pipeline.yaml", "outputs-pvc.yaml", "settings.example.yaml",
+        "raycluster.yaml",
+        "rayservice.yaml",
+        "rayjob-generate-back-translations.yaml",
+        "rayjob-pretrain-mde.yaml",
+        "rayjob-finetune-ner.yaml",
+        "rayjob-finetune-re.yaml",
+        "rayjob-pipeline.yaml",
+        "outputs-pvc.yaml",
+        "settings.example.yaml",
     ):
         assert name in names, f"cluster/kuberay/{name} is missing"
     kinds = {doc.get("kind") for _, doc in all_documents()}
@@ -403,8 +443,12 @@ def test_autoscaling_gpu_worker_group():
     assert spec.get("enableInTreeAutoscaling") is True, f"{where}: in-tree autoscaler is off"
     assert "autoscalerOptions" in spec
     gpu_groups = [
-        g for g in spec["workerGroupSpecs"]
-        if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {}) for c in g["template"]["spec"]["containers"])
+        g
+        for g in spec["workerGroupSpecs"]
+        if any(
+            "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
+            for c in g["template"]["spec"]["containers"]
+        )
     ]
     assert gpu_groups, f"{where}: no worker group asks for nvidia.com/gpu"
     for group in gpu_groups:
@@ -431,7 +475,9 @@ def test_every_container_sets_requests_and_limits_and_reads_settings_from_secret
     assert containers, f"{where}: no containers"
     for c in containers:
         res = c.get("resources", {})
-        assert res.get("requests") and res.get("limits"), f"{where}: container {c['name']} lacks requests/limits"
+        assert res.get("requests") and res.get("limits"), (
+            f"{where}: container {c['name']} lacks requests/limits"
+        )
         for var in c.get("env", []):
             assert "value" not in var or not re.search(r"KEY|SECRET|PASSWORD|TOKEN", var["name"]), (
                 f"{where}: {var['name']} is inline; take it from a Secret"
@@ -458,17 +504,26 @@ def resolved_task(module: str, args: list[str]) -> str | None:
 
 def test_batch_pods_share_the_outputs_volume():
     """Relative `outputs/...` paths in the configs must mean the same files on every pod."""
-    assert re.search(rf"^WORKDIR {WORKDIR}$", DOCKERFILE.read_text(), flags=re.M), f"cluster/Dockerfile: WORKDIR is not {WORKDIR}"
+    assert re.search(rf"^WORKDIR {WORKDIR}$", DOCKERFILE.read_text(), flags=re.M), (
+        f"cluster/Dockerfile: WORKDIR is not {WORKDIR}"
+    )
     ((_, claim),) = documents_of_kind("PersistentVolumeClaim")
     assert "ReadWriteMany" in claim["spec"]["accessModes"]
     for where, doc in documents_of_kind("RayCluster") + documents_of_kind("RayJob"):
         for spec in cluster_specs(doc):
-            pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+            pods = [spec["headGroupSpec"]["template"]["spec"]] + [
+                g["template"]["spec"] for g in spec["workerGroupSpecs"]
+            ]
             for pod in pods:
-                claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", [])
-                          if "persistentVolumeClaim" in v}
+                claims = {
+                    v["name"]: v["persistentVolumeClaim"]["claimName"]
+                    for v in pod.get("volumes", [])
+                    if "persistentVolumeClaim" in v
+                }
                 ray_container = pod["containers"][0]
-                assert ray_container.get("workingDir") == WORKDIR, f"{where}: {ray_container['name']} workingDir"
+                assert ray_container.get("workingDir") == WORKDIR, (
+                    f"{where}: {ray_container['name']} workingDir"
+                )
                 mounts = {m["mountPath"]: m["name"] for m in ray_container.get("volumeMounts", [])}
                 assert claims.get(mounts.get(f"{WORKDIR}/outputs")) == claim["metadata"]["name"], (
                     f"{where}: {ray_container['name']} does not mount {claim['metadata']['name']} at {WORKDIR}/outputs"
@@ -518,7 +573,9 @@ def test_rayservice_embeds_the_serve_config_and_serve_accepts_it():
     expected = yaml.safe_load(SERVE_CONFIG.read_text())
     for where, doc in services:
         embedded = yaml.safe_load(doc["spec"]["serveConfigV2"])
-        assert embedded == expected, f"{where}: serveConfigV2 differs from configs/serve.yaml: run python cluster/sync_serve_config.py"
+        assert embedded == expected, (
+            f"{where}: serveConfigV2 differs from configs/serve.yaml: run python cluster/sync_serve_config.py"
+        )
         assert serve_config_problems(embedded, where) == []
 
 
@@ -528,7 +585,9 @@ def test_launcher_config_validates_against_rays_schema():
     nodes = config["available_node_types"]
     head = nodes[config["head_node_type"]]
     workers = [n for name, n in nodes.items() if name != config["head_node_type"]]
-    assert any(n.get("min_workers", 0) == 0 and n.get("max_workers", 0) >= 2 for n in workers), "no autoscaling worker type"
+    assert any(n.get("min_workers", 0) == 0 and n.get("max_workers", 0) >= 2 for n in workers), (
+        "no autoscaling worker type"
+    )
     assert any(n["node_config"]["InstanceType"].startswith(("g", "p")) for n in workers), "no GPU worker type"
     assert not head["node_config"]["InstanceType"].startswith(("g", "p")), "the head should be a CPU instance"
 
@@ -542,13 +601,17 @@ def test_launcher_config_passes_rays_own_config_preparation():
 
 def test_versions_agree_everywhere():
     ray_version, python_tag = dockerfile_base()
-    assert ray_version == ray.__version__, f"cluster/Dockerfile uses Ray {ray_version}, installed is {ray.__version__}"
+    assert ray_version == ray.__version__, (
+        f"cluster/Dockerfile uses Ray {ray_version}, installed is {ray.__version__}"
+    )
     problems = []
     for where, doc in all_documents():
         problems += version_problems(doc, where, ray_version, python_tag)
     problems += version_problems(yaml.safe_load(LAUNCHER.read_text()), LAUNCHER.name, ray_version, python_tag)
     assert problems == [], "\n".join(problems)
-    images = set(images_in([doc for _, doc in all_documents()])) | set(images_in(yaml.safe_load(LAUNCHER.read_text())))
+    images = set(images_in([doc for _, doc in all_documents()])) | set(
+        images_in(yaml.safe_load(LAUNCHER.read_text()))
+    )
     assert len(images) == 1, f"every pod and node should run the one project image, found {sorted(images)}"
 
 
@@ -571,7 +634,7 @@ def test_negative_misspelled_field_is_rejected():
 
 def test_negative_types_and_required_fields_are_enforced():
     doc = cluster_doc()
-    doc["spec"]["workerGroupSpecs"][0]["replicas"] = "2"           # strings are not integers
+    doc["spec"]["workerGroupSpecs"][0]["replicas"] = "2"  # strings are not integers
     doc["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0  # rayStartParams values are strings
     del doc["spec"]["workerGroupSpecs"][0]["groupName"]
     problems = "\n".join(manifest_problems(doc, "bad"))
@@ -583,8 +646,8 @@ def test_negative_types_and_required_fields_are_enforced():
 def test_defaults_nulls_and_metadata():
     doc = cluster_doc()
     group = doc["spec"]["workerGroupSpecs"][0]
-    del group["minReplicas"], group["maxReplicas"]                 # defaulted by the API server
-    group["scaleStrategy"] = None                                   # pruned by the API server
+    del group["minReplicas"], group["maxReplicas"]  # defaulted by the API server
+    group["scaleStrategy"] = None  # pruned by the API server
     assert manifest_problems(doc, "defaults") == []
     doc["metadata"] = {"name": "TMR_ray", "lables": {"a": "b"}, "labels": {"app": "x" * 64}}
     problems = "\n".join(manifest_problems(doc, "meta"))
@@ -600,12 +663,16 @@ def test_negative_secret_and_unknown_kind():
 
 
 def test_negative_bad_entrypoint_module_and_missing_config():
-    ((module, args),) = job_invocations("cd /x && python -m jobs.no_such_job --config configs/paper/nope.yaml | tee log")
+    ((module, args),) = job_invocations(
+        "cd /x && python -m jobs.no_such_job --config configs/paper/nope.yaml | tee log"
+    )
     assert (module, args) == ("jobs.no_such_job", ["--config", "configs/paper/nope.yaml"])
     problems = "\n".join(invocation_problems(module, args, "e"))
     assert "jobs/no_such_job.py is missing" in problems
     assert "config configs/paper/nope.yaml does not exist" in problems
-    assert "needs exactly one --config" in "\n".join(invocation_problems("jobs.make_synthetic_benchmark", [], "e"))
+    assert "needs exactly one --config" in "\n".join(
+        invocation_problems("jobs.make_synthetic_benchmark", [], "e")
+    )
     assert job_invocations("python -m ray.scripts --config x") == []
 
 
@@ -616,24 +683,37 @@ def test_negative_config_and_override_failing_the_jobs_validation(tmp_path):
     bad.write_text("no_such_knob: 1\n")
     (tmp_path / "jobs").mkdir()
     (tmp_path / "jobs" / "make_synthetic_benchmark.py").touch()  # module file check uses tmp root
-    problems = "\n".join(invocation_problems("jobs.make_synthetic_benchmark", ["--config", "configs/bad.yaml"], "c", tmp_path))
+    problems = "\n".join(
+        invocation_problems("jobs.make_synthetic_benchmark", ["--config", "configs/bad.yaml"], "c", tmp_path)
+    )
     assert "unknown key 'no_such_knob'" in problems
     tiny = REPO / "configs" / "make_synthetic_benchmark.tiny.yaml"
-    problems = "\n".join(invocation_problems(
-        "jobs.make_synthetic_benchmark", ["--config", str(tiny.relative_to(REPO)), "--no_such_override", "3"], "o"))
+    problems = "\n".join(
+        invocation_problems(
+            "jobs.make_synthetic_benchmark",
+            ["--config", str(tiny.relative_to(REPO)), "--no_such_override", "3"],
+            "o",
+        )
+    )
     assert "unknown key 'no_such_override'" in problems
 
 
 def test_negative_serve_config():
-    good = {"applications": [{"name": "a", "import_path": "serve.app:app", "deployments": [{"name": "D", "num_replicas": 1}]}]}
+    good = {
+        "applications": [
+            {"name": "a", "import_path": "serve.app:app", "deployments": [{"name": "D", "num_replicas": 1}]}
+        ]
+    }
     assert serve_config_problems(good, "s") == []
     typo = copy.deepcopy(good)
-    typo["applications"][0]["deployments"][0]["num_replica"] = typo["applications"][0]["deployments"][0].pop("num_replicas")
+    typo["applications"][0]["deployments"][0]["num_replica"] = typo["applications"][0]["deployments"][0].pop(
+        "num_replicas"
+    )
     assert "num_replica: not a field of DeploymentSchema" in "\n".join(serve_config_problems(typo, "s"))
     wrong = copy.deepcopy(good)
     wrong["applications"][0]["deployments"][0]["num_replicas"] = "many"
     assert serve_config_problems(wrong, "s") != []
-    missing = {"applications": [{"name": "a"}]}                     # no import_path
+    missing = {"applications": [{"name": "a"}]}  # no import_path
     assert "import_path" in "\n".join(serve_config_problems(missing, "s"))
 
 
@@ -654,7 +734,9 @@ def test_negative_version_mismatch():
     ray_version, python_tag = dockerfile_base()
     doc = cluster_doc()
     doc["spec"]["rayVersion"] = "2.59.0"
-    doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] = "rayproject/ray:2.59.0-py311-gpu"
+    doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] = (
+        "rayproject/ray:2.59.0-py311-gpu"
+    )
     problems = "\n".join(version_problems(doc, "v", ray_version, python_tag))
     assert "rayVersion '2.59.0'" in problems and "2.59.0-py311-gpu does not carry" in problems
 

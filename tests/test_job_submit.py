@@ -30,15 +30,32 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-HEAD_START_TIMEOUT_S = 45
-JOB_TIMEOUT_S = 45
+HEAD_START_TIMEOUT_S = 60  # generous: 2 shared cores can be slow; a healthy start takes ~10 s
+JOB_TIMEOUT_S = 90  # a healthy run takes ~10 s (upload, runtime env, 4 s of work)
 # Upload only the code and configs; the working dir must stay small and free of local state.
-EXCLUDES = [".venv", ".cache", ".git", ".pytest_cache", ".ruff_cache", "outputs", "mlruns", "*.db", "runs",
-            "artifacts", "screenshots"]
+EXCLUDES = [
+    ".venv",
+    ".cache",
+    ".git",
+    ".pytest_cache",
+    ".ruff_cache",
+    "outputs",
+    "mlruns",
+    "*.db",
+    "runs",
+    "artifacts",
+    "screenshots",
+]
 PORT_FLAGS = [
-    "--port", "--dashboard-port", "--ray-client-server-port", "--dashboard-agent-listen-port",
-    "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
-    "--node-manager-port", "--object-manager-port",
+    "--port",
+    "--dashboard-port",
+    "--ray-client-server-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--metrics-export-port",
+    "--runtime-env-agent-port",
+    "--node-manager-port",
+    "--object-manager-port",
 ]
 
 
@@ -96,8 +113,10 @@ def wait_for_dashboard(address: str, proc: subprocess.Popen, log: Path) -> JobSu
             return client
         except Exception as exc:  # not up yet: connection refused, 5xx while starting
             if time.monotonic() > deadline:
-                pytest.fail(f"dashboard at {address} not up after {HEAD_START_TIMEOUT_S}s ({exc}):\n"
-                            f"{log.read_text()[-3000:]}")
+                pytest.fail(
+                    f"dashboard at {address} not up after {HEAD_START_TIMEOUT_S}s ({exc}):\n"
+                    f"{log.read_text()[-3000:]}"
+                )
             time.sleep(0.5)
 
 
@@ -107,16 +126,34 @@ def job_client():
     temp_dir = Path(tempfile.mkdtemp(prefix="tmrjob", dir="/tmp"))  # short: Unix socket paths ≤ 107 chars
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
     command = [
-        str(VENV_BIN / "ray"), "start", "--head", "--block",
-        "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
-        "--num-cpus", "2", "--temp-dir", str(temp_dir), "--disable-usage-stats",
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--include-dashboard",
+        "true",
+        "--num-cpus",
+        "2",
+        "--temp-dir",
+        str(temp_dir),
+        "--disable-usage-stats",
     ]
     for flag, port in ports.items():
         command += [flag, str(port)]
     log = temp_dir / "ray-start.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, env=head_environment(), cwd=temp_dir, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            env=head_environment(),
+            cwd=temp_dir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         yield wait_for_dashboard(f"http://127.0.0.1:{ports['--dashboard-port']}", proc, log)
     finally:
