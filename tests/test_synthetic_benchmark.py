@@ -72,7 +72,7 @@ def test_files_round_trip_through_the_readers(tiny_benchmark):
         instances = read_mnre(path, rel2id)
         ids = re_sample_ids(instances, path)
         assert len(ids) == len(lines) == 2 * len({i.image_id for i in instances})
-        for sample_id, inst in zip(ids, instances):
+        for sample_id, inst in zip(ids, instances, strict=True):
             row = truth[sample_id]
             assert row["split"] == split and row["relation"] == inst.relation
             assert (row["head"], row["tail"]) == (inst.head.name, inst.tail.name)
@@ -87,7 +87,7 @@ def _rows(bench_dir: Path) -> list[dict]:
 
 def test_alignment_fractions_and_ambiguity_follow_the_config(tiny_benchmark):
     rows = _rows(tiny_benchmark)
-    wanted = dict(zip(("strengthen", "complement", "weaken"), syn.PRESETS["tiny"].alignment_fractions))
+    wanted = dict(zip(("strengthen", "complement", "weaken"), syn.PRESETS["tiny"].alignment_fractions, strict=True))
     for task in ("ner", "re"):
         for split in ("train", "valid", "test"):
             units = [r for r in rows if r["task"] == task and r["split"] == split and (task == "ner" or r["id"].endswith("-0"))]

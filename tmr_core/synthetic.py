@@ -452,7 +452,7 @@ def ner_text_posterior(name: str, context: str) -> dict[str, float]:
     raise KeyError(f"{name!r} is not a name of the synthetic world")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _names_allowing(etype: str) -> tuple[str, ...]:
     return tuple(n for n, types in AMBIGUOUS_NAMES.items() if etype in types)
 
@@ -494,7 +494,7 @@ def _alignments(rng: random.Random, n: int, fractions: tuple[float, float, float
     counts = [math.floor(r) for r in raw]
     for i in sorted(range(3), key=lambda i: raw[i] - counts[i], reverse=True)[: n - sum(counts)]:
         counts[i] += 1
-    labels = [cat for cat, c in zip(ALIGNMENT_CATEGORIES, counts) for _ in range(c)]
+    labels = [cat for cat, c in zip(ALIGNMENT_CATEGORIES, counts, strict=True) for _ in range(c)]
     rng.shuffle(labels)
     return labels
 
@@ -511,7 +511,7 @@ def _ner_scene(rng: random.Random, focus_type: str, other_types: list[str], size
     big = round(size * 0.42)
     small = round(size * 0.19)
     glyphs = [Glyph(TYPE_GLYPH[focus_type], *_quadrant_centre(rng, quadrants[0], size, big), big)]
-    for quadrant, etype in zip(quadrants[1:], other_types):
+    for quadrant, etype in zip(quadrants[1:], other_types, strict=True):
         glyphs.append(Glyph(TYPE_GLYPH[etype], *_quadrant_centre(rng, quadrant, size, small), small))
     return Scene(glyphs, noise_seed=rng.getrandbits(32))
 
@@ -639,7 +639,7 @@ def _mde_scene(rng: random.Random, kinds: list[str], size: int) -> Scene:
     cell = size // 3
     glyph = round(cell * 0.75)
     glyphs = []
-    for kind, index in zip(kinds, rng.sample(range(9), len(kinds))):
+    for kind, index in zip(kinds, rng.sample(range(9), len(kinds)), strict=True):
         x0, y0 = (index % 3) * cell, (index // 3) * cell
         glyphs.append(Glyph(kind, x0 + cell // 2 + rng.randint(-1, 1), y0 + cell // 2 + rng.randint(-1, 1), glyph))
     return Scene(glyphs, noise_seed=rng.getrandbits(32))
@@ -684,11 +684,11 @@ def generate_benchmark(cfg: SyntheticConfig) -> Benchmark:
     """The whole benchmark in memory (images as scenes); deterministic for ``cfg``."""
     ner, re_, mde, mde_scenes = {}, {}, {}, {}
     first_ner = first_re = 0
-    for split, n_ner, n_re in zip(SPLITS, cfg.ner_sizes, cfg.re_sizes):
+    for split, n_ner, n_re in zip(SPLITS, cfg.ner_sizes, cfg.re_sizes, strict=True):
         ner[split] = generate_ner_split(cfg, split, n_ner, first_ner)
         re_[split] = generate_re_split(cfg, split, n_re, first_re)
         first_ner, first_re = first_ner + n_ner, first_re + n_re
-    for split, n_rows in zip(MDE_SPLITS, cfg.mde_sizes):
+    for split, n_rows in zip(MDE_SPLITS, cfg.mde_sizes, strict=True):
         mde[split], scenes = generate_mde_split(cfg, split, n_rows)
         mde_scenes.update(scenes)
     return Benchmark(cfg, ner, re_, mde, mde_scenes)
@@ -752,7 +752,7 @@ def ner_text(samples: list[NERSample]) -> str:
     """Twitter-2017 format: ``IMGID:<id>``, ``token\\ttag`` lines, a blank line; ends with ``\\n\\n``."""
     blocks = []
     for s in samples:
-        blocks.append(f"IMGID:{s.id}\n" + "".join(f"{tok}\t{tag}\n" for tok, tag in zip(s.tokens, s.tags)))
+        blocks.append(f"IMGID:{s.id}\n" + "".join(f"{tok}\t{tag}\n" for tok, tag in zip(s.tokens, s.tags, strict=True)))
     return "\n".join(blocks) + ("\n" if blocks else "")
 
 

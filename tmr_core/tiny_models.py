@@ -151,7 +151,7 @@ def learn_bpe_merges(words: dict[tuple[str, ...], int], max_merges: int, join, m
     while len(merges) < max_merges:
         pairs: Counter = Counter()
         for symbols, count in current.items():
-            for pair in zip(symbols, symbols[1:]):
+            for pair in zip(symbols, symbols[1:], strict=False):
                 pairs[pair] += count
         if not pairs:
             break
