@@ -17,6 +17,15 @@ VOCAB += ["john", "smith", "lives", "in", "paris", "new", "york", "the", "cat", 
 RELATIONS = ("None", "/per/loc/place_of_residence")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core box they oversubscribe."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     from transformers import BertTokenizerFast

@@ -18,6 +18,15 @@ VOCAB += WORDS + ["##s", "##ed", "!", "."]
 RELATIONS = ("None", "/per/loc/place_of_residence", "/per/org/member_of")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core box they oversubscribe."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def write_tiny_backbones(root: Path) -> tuple[str, str]:
     """A tiny BERT (hidden 32) with its tokenizer and a tiny ResNet with its processor, saved as HF folders."""
     from transformers import BertConfig, BertModel, BertTokenizerFast, ConvNextImageProcessor, ResNetConfig, ResNetModel

@@ -14,6 +14,15 @@ from tmr_core.heads import NERHead, bio_constraints, is_valid_bio, left_align, r
 from tmr_core.schema import NER_TAGS
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core box they oversubscribe."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # ----- Eq. 4 --------------------------------------------------------------------------------
 
 
