@@ -222,6 +222,8 @@ def test_every_ablation_switch_changes_which_parameters_get_gradients(assets):
     rows = ner_rows(assets["images"])
     full_model = build(assets)
     full = grads_by_name(full_model, batch_for(full_model, rows))
+    # Every parameter that exists is used: DDP (Ray Train) needs no find_unused_parameters.
+    assert full == {name for name, _ in full_model.named_parameters()}
     for prefix in ("image_encoder.", "attention.fine.", "attention.phrase_region.", "attention.word_phrase.", "head.fusion."):
         assert has_prefix(full, prefix), prefix
 
@@ -236,6 +238,7 @@ def test_every_ablation_switch_changes_which_parameters_get_gradients(assets):
         batch = batch_for(model, rows)
         names = grads_by_name(model, batch)
         assert names != full, switch
+        assert names == {name for name, _ in model.named_parameters()}, switch  # ablated parts are not built
         assert has_prefix(names, "text_encoder.") and has_prefix(names, "head.emission."), switch
         for prefix in prefixes:
             assert not has_prefix(names, prefix), (switch, prefix)

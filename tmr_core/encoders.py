@@ -181,7 +181,7 @@ class ImageEncoder(nn.Module):
             parts.append(region_pixel_values[region_mask])  # (n_regions, 3, H, W)
         pixels = torch.cat(parts) if parts else pixel_values[:0]
         maps = self.feature_maps(pixels) if pixels.shape[0] else None
-        dtype = pixel_values.dtype
+        dtype = maps.dtype if maps is not None else pixel_values.dtype  # autocast may change it
         offset = 0
 
         patch_features = patch_mask = None

@@ -296,8 +296,10 @@ class TMRExtractor(PretrainedModule):
         levels = self.attention(words, phrases, batch.get("phrase_mask"), visual)
         return divergence_fusion(levels.fine, levels.coarse, alpha)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> TMROutput:
+    def forward(self, batch: dict[str, torch.Tensor] | None = None, **inputs: torch.Tensor) -> TMROutput:
         """Run the model on a collated batch (:class:`tmr_core.collate.TMRCollator`).
+
+        Called as ``model(batch)`` or ``model(**batch)`` (what ``training.train_epoch`` and DDP do).
 
         Args:
             batch: tensors from the collator; ``labels`` present → the loss is computed.
@@ -305,6 +307,7 @@ class TMRExtractor(PretrainedModule):
         Returns:
             :class:`TMROutput`.
         """
+        batch = {**(batch or {}), **inputs}
         config = self.config
         word_mask = batch["word_mask"]
         states = self.text_encoder(batch["input_ids"], batch["attention_mask"])  # (B, L, H)
