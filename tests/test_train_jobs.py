@@ -1,0 +1,211 @@
+"""The training jobs end to end in Ray Train local mode (``ray.num_workers: 0``) on tiny models.
+
+Each test runs a job through its public ``main(argv)``, then checks what a user relies on:
+checkpoint folder names and files, step counters that continue on resume, one MLflow run per
+training run, test metrics (micro, per type, ambiguous subset, Table 3 splits), and a registered
+model that loads back by ``models:/…@champion`` to identical outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs import _train
+
+FAST = ["--debug.max_steps_per_epoch", "3", "--optim.batch_size", "8", "--optim.eval_batch_size", "64"]
+
+
+def make_stage_tables(benchmark: Path, task: str, out: Path) -> Path:
+    """prepare_dataset on the benchmark, then stand-in stage columns (one phrase per sentence, the
+    whole image as the grounded region, the image itself as back-translation, a flat divergence),
+    so the training jobs are tested without running the diffusion/grounding stages."""
+    from jobs import prepare_dataset
+    from tmr_core.schema import STAGE_FIELDS
+
+    prepared = out / f"prepared-{task}"
+    assert prepare_dataset.main(["--format", "synthetic", "--task", task, "--data_dir", str(benchmark),
+                                 "--output", str(prepared)]) == 0
+    stages = out / f"stages-{task}"
+    stages.mkdir(parents=True, exist_ok=True)
+    whole = [{"box": [0.0, 0.0, 64.0, 64.0], "score": 1.0, "phrase": "image"}]
+    for split in ("train", "valid", "test"):
+        table = pq.read_table(prepared / f"{split}.parquet")
+        n = table.num_rows
+        columns = {
+            "phrases": [[{"text": t[0], "start": 0, "end": 1}] for t in table.column("tokens").to_pylist()],
+            "back_translation_uri": table.column("image_uri").to_pylist(),
+            "back_translation_error": [None] * n,
+            "regions": [whole] * n,
+            "back_translation_regions": [whole] * n,
+            "divergence": [[0.4, 0.4, 0.2]] * n,
+        }
+        for fields in STAGE_FIELDS.values():
+            for field in fields:
+                table = table.append_column(field, pa.array(columns[field.name], type=field.type))
+        pq.write_table(table, stages / f"{split}.parquet")
+    return stages
+
+
+@pytest.fixture(scope="module")
+def ner_tables(tiny_benchmark, tmp_path_factory) -> Path:
+    return make_stage_tables(tiny_benchmark, "ner", tmp_path_factory.mktemp("ner-tables"))
+
+
+def extractor_args(tiny_models, tables: Path, benchmark: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--config", "configs/finetune_extractor.tiny.yaml",
+        "--data.dataset", str(tables), "--data.ground_truth", str(benchmark / "ground_truth.jsonl"),
+        "--model.text_encoder", tiny_models["text_encoder"], "--model.image_encoder", tiny_models["image_encoder"],
+        "--output", str(tmp_path / "out"), "--ray.storage_path", str(tmp_path / "ray"),
+        "--tracking.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--ray.name", "ner-run",
+        *FAST, *extra,
+    ]
+
+
+def mlflow_runs(tracking_uri: str, experiment: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([found.experiment_id]) if found else []
+
+
+def test_finetune_ner_checkpoints_resumes_and_tracks_one_run(ray_local, tiny_models, tiny_benchmark, ner_tables,
+                                                             tmp_path, repo_root, monkeypatch):
+    from jobs import finetune_extractor
+
+    monkeypatch.chdir(repo_root)
+    args = extractor_args(tiny_models, ner_tables, tiny_benchmark, tmp_path, "--optim.epochs", "2")
+    assert finetune_extractor.main(args) == 0
+
+    folder = tmp_path / "ray" / "ner-run"
+    assert sorted(p.name for p in folder.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0001", "checkpoint_epoch_0002"]
+    last = folder / "checkpoint_epoch_0002"
+    assert {p.name for p in last.iterdir()} >= {"model", "optimizer.safetensors", "optimizer.json", "train_state.json"}
+    assert (last / "model" / "model.safetensors").is_file() and (last / "model" / "config.json").is_file()
+    state = json.loads((last / "train_state.json").read_text())
+    assert (state["epoch"], state["global_step"], state["attempts"]) == (2, 6, 1)
+
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    for key in ("test_precision", "test_recall", "test_f1", "test_ambiguous_f1", "test_align_complement_f1"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["test_ambiguous_support"] > 0
+    assert any(key.startswith("test_") and key.split("_")[1] in ("PER", "LOC", "ORG", "MISC") for key in metrics)
+
+    # Resubmitting with the same run name and storage continues: epoch 3 only, same MLflow run.
+    assert finetune_extractor.main([*args, "--optim.epochs", "3"]) == 0
+    state = json.loads((folder / "checkpoint_epoch_0003" / "train_state.json").read_text())
+    assert (state["epoch"], state["global_step"], state["attempts"]) == (3, 9, 2)
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
+
+    client, runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "tmr-ner")
+    assert len(runs) == 1, "a resumed job must log into its existing MLflow run"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["tmr.ablation"] == "full" and run.data.tags["mlflow.source.git.commit"]
+    assert run.data.params["optim.epochs"] == "2"  # params are the resolved config of the first submission
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "valid_f1")) == [1, 2, 3]
+    assert "test_f1" in run.data.metrics
+
+
+def test_registered_extractor_loads_by_alias_with_identical_outputs(ray_local, tiny_models, tiny_benchmark,
+                                                                    ner_tables, tmp_path, repo_root, monkeypatch):
+    from jobs import _tracking, finetune_extractor
+    from tmr_core.extractor import TMRExtractor
+    from tmr_core.training import move_to_device
+
+    monkeypatch.chdir(repo_root)
+    args = extractor_args(tiny_models, ner_tables, tiny_benchmark, tmp_path, "--optim.epochs", "1",
+                          "--ablation", "no_back_translation", "--tracking.alias", "champion")
+    assert finetune_extractor.main(args) == 0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    local = _tracking.resolve_model_uri("models:/tmr-ner@champion", str(tmp_path / "download"))
+    assert sorted(os.listdir(local)) >= ["config.json", "model.safetensors"]
+    registered = TMRExtractor.from_pretrained(local)
+    saved = TMRExtractor.from_pretrained(str(tmp_path / "out" / "model"))
+    assert registered.config.use_back_translation is False
+    rows = pq.read_table(ner_tables / "test.parquet").slice(0, 4).to_pylist()
+    batch = move_to_device(saved.collator()(rows), "cpu")
+    with torch.no_grad():
+        assert torch.equal(registered(batch).logits, saved(batch).logits)
+    assert _tracking.resolve_model_uri(str(tmp_path / "x")) == str(tmp_path / "x")  # paths pass through
+
+
+@pytest.mark.parametrize("loss", ["ce_negative_sampling"])
+def test_pretrain_mde_reports_in_and_out_of_domain_scores(ray_local, tiny_models, tiny_benchmark, tmp_path,
+                                                          repo_root, monkeypatch, loss):
+    from jobs import pretrain_mde
+
+    monkeypatch.chdir(repo_root)
+    args = [
+        "--config", "configs/pretrain_mde.tiny.yaml", "--loss", loss,
+        "--data.corpus", str(tiny_benchmark / "mde"), "--data.max_train_rows", "64",
+        "--model.backbone", tiny_models["mde_backbone"], "--output", str(tmp_path / "out"),
+        "--ray.storage_path", str(tmp_path / "ray"), "--tracking.tracking_uri", f"sqlite:///{tmp_path / 'm.db'}",
+        "--optim.epochs", "2", *FAST,
+    ]
+    assert pretrain_mde.main(args) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    for split in ("test_in_domain", "test_out_of_domain"):
+        assert 0.0 <= metrics[f"{split}_macro_f1"] <= 1.0
+        assert 0.0 <= metrics[f"{split}_accuracy"] <= 1.0
+    assert metrics["global_step"] == 6 and metrics["best_epoch"] in (1, 2)
+    _, runs = mlflow_runs(f"sqlite:///{tmp_path / 'm.db'}", "tmr-mde")
+    assert len(runs) == 1 and runs[0].data.tags["tmr.loss"] == loss
+    assert runs[0].data.metrics["test_out_of_domain_macro_f1"] == pytest.approx(metrics["test_out_of_domain_macro_f1"])
+
+
+def test_optimizer_state_round_trips_through_safetensors(tmp_path):
+    from tmr_core.training import build_optimizer, build_scheduler
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    optimizer = build_optimizer(model, lr=1e-2)
+    scheduler = build_scheduler(optimizer, total_steps=10)
+    for _ in range(3):
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    _train.save_optimizer(str(tmp_path), optimizer, scheduler)
+    fresh = build_optimizer(model, lr=1e-2)
+    fresh_scheduler = build_scheduler(fresh, total_steps=10)
+    _train.load_optimizer(str(tmp_path), fresh, fresh_scheduler)
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            assert torch.equal(fresh.state_dict()["state"][index][key], value)
+    assert fresh_scheduler.last_epoch == 3 and fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_ambiguous_ner_scores_count_only_ambiguous_spans():
+    from jobs.finetune_extractor import ambiguous_ner_scores
+
+    rows = [{"id": "a"}, {"id": "b"}]
+    truth = {
+        "a": {"mentions": [{"start": 0, "end": 1, "type": "PER", "ambiguous": True},
+                           {"start": 2, "end": 3, "type": "ORG", "ambiguous": False}]},
+        "b": {"mentions": [{"start": 1, "end": 3, "type": "LOC", "ambiguous": True}]},
+    }
+    pred = [["B-PER", "O", "B-ORG"], ["O", "B-PER", "I-PER"]]  # a: right; b: right span, wrong type
+    scores = ambiguous_ner_scores(rows, pred, truth)
+    assert scores["support"] == 2
+    assert scores["precision"] == pytest.approx(0.5) and scores["recall"] == pytest.approx(0.5)
+
+
+def test_ray_configs_follow_the_config_section(tmp_path):
+    cfg = _train.RayTrainConfig(num_workers=2, cpus_per_worker=0.5, resources_per_worker={"fake_gpu": 1.0},
+                                storage_path=str(tmp_path), max_failures=3, checkpoints_to_keep=2)
+    scaling = _train.scaling_config(cfg)
+    assert scaling.num_workers == 2 and scaling.resources_per_worker == {"CPU": 0.5, "fake_gpu": 1.0}
+    run = _train.run_config(cfg, "r", metric="valid_f1")
+    assert run.failure_config.max_failures == 3 and run.storage_path == str(tmp_path)
+    assert run.checkpoint_config.num_to_keep == 2 and run.checkpoint_config.checkpoint_score_attribute == "valid_f1"
+    assert _train.scaling_config(_train.RayTrainConfig(num_workers=0)).num_workers == 0
+    with pytest.raises(ValueError, match="ray.num_workers"):
+        _train.RayTrainConfig(num_workers=-1)
