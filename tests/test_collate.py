@@ -61,7 +61,9 @@ def test_zero_width_tokens_get_no_piece_and_never_shift_labels(tokenizer):
         "tags": ["B-PER", "O", "O", "O", "O", "B-LOC"],
     }
     batch = collate([row])
-    assert batch["input_ids"][0].tolist() == ids(tokenizer, "[CLS]", "john", "smith", "play", "##ing", "paris", "[SEP]")
+    assert batch["input_ids"][0].tolist() == ids(
+        tokenizer, "[CLS]", "john", "smith", "play", "##ing", "paris", "[SEP]"
+    )
     assert batch["word_mask"][0].tolist() == [True, False, True, False, True, True]
     assert batch["word_starts"][0].tolist() == [1, 0, 2, 0, 3, 5]  # first piece of each token
     assert batch["labels"][0].tolist() == tag_ids("B-PER", None, "O", None, "O", "B-LOC")
@@ -70,7 +72,10 @@ def test_zero_width_tokens_get_no_piece_and_never_shift_labels(tokenizer):
 
 def test_truncation_counts_cls_and_sep_and_keeps_a_token_whose_first_piece_fits(tokenizer):
     collate = TMRCollator(tokenizer, None, text_only(max_length=6))
-    row = {"tokens": ["the", "cat", "lives", "playing", "in", "paris"], "tags": ["O", "B-MISC", "O", "B-PER", "O", "B-LOC"]}
+    row = {
+        "tokens": ["the", "cat", "lives", "playing", "in", "paris"],
+        "tags": ["O", "B-MISC", "O", "B-PER", "O", "B-LOC"],
+    }
     batch = collate([row])
     assert batch["input_ids"][0].tolist() == ids(tokenizer, "[CLS]", "the", "cat", "lives", "play", "[SEP]")
     assert batch["word_mask"][0].tolist() == [True, True, True, True, False, False]
@@ -80,13 +85,28 @@ def test_truncation_counts_cls_and_sep_and_keeps_a_token_whose_first_piece_fits(
 def test_a_batch_pads_pieces_words_and_phrases(tokenizer):
     collate = TMRCollator(tokenizer, None, text_only(max_phrase_len=2, max_phrases=2))
     rows = [
-        {"tokens": ["john", "smith", "lives", "in", "new", "york"], "tags": ["B-PER", "I-PER", "O", "O", "B-LOC", "I-LOC"],
-         "phrases": [{"text": "john smith lives", "start": 0, "end": 3}, {"text": "new york", "start": 4, "end": 6},
-                     {"text": "in", "start": 3, "end": 4}]},
+        {
+            "tokens": ["john", "smith", "lives", "in", "new", "york"],
+            "tags": ["B-PER", "I-PER", "O", "O", "B-LOC", "I-LOC"],
+            "phrases": [
+                {"text": "john smith lives", "start": 0, "end": 3},
+                {"text": "new york", "start": 4, "end": 6},
+                {"text": "in", "start": 3, "end": 4},
+            ],
+        },
         {"tokens": ["cats", "!"], "tags": ["O", "O"], "phrases": None},
     ]
     batch = collate(rows)
-    assert batch["input_ids"].shape == (2, 8) and batch["attention_mask"][1].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
+    assert batch["input_ids"].shape == (2, 8) and batch["attention_mask"][1].tolist() == [
+        1,
+        1,
+        1,
+        1,
+        1,
+        0,
+        0,
+        0,
+    ]
     assert batch["word_mask"][1].tolist() == [True, True, False, False, False, False]
     assert batch["labels"][1].tolist() == tag_ids("O", "O", None, None, None, None)
     # capped at 2 words and 2 phrases; spans are word-piece [start, end)
@@ -99,7 +119,14 @@ def test_a_batch_pads_pieces_words_and_phrases(tokenizer):
 
 def test_orphan_inside_tags_become_chunk_starts_for_the_crf(tokenizer):
     collate = TMRCollator(tokenizer, None, text_only())
-    batch = collate([{"tokens": ["the", "paris", "john", "\ufe0f", "smith"], "tags": ["O", "I-LOC", "B-PER", "O", "I-PER"]}])
+    batch = collate(
+        [
+            {
+                "tokens": ["the", "paris", "john", "\ufe0f", "smith"],
+                "tags": ["O", "I-LOC", "B-PER", "O", "I-PER"],
+            }
+        ]
+    )
     # I-LOC after O starts a chunk; the zero-width O splits john | smith as conlleval reads the gold.
     assert batch["labels"][0].tolist() == tag_ids("O", "B-LOC", "B-PER", None, "B-PER")
     with pytest.raises(ValueError, match="row 0 .*2 tags for 3 tokens"):
@@ -112,14 +139,33 @@ def test_orphan_inside_tags_become_chunk_starts_for_the_crf(tokenizer):
 def test_re_rows_get_entity_markers_in_either_order(tokenizer):
     collate = TMRCollator(tokenizer, None, text_only("re"))
     rows = [
-        {"tokens": ["john", "smith", "lives", "in", "paris"], "relation": RELATIONS[1],
-         "head": {"name": "john smith", "start": 0, "end": 2}, "tail": {"name": "paris", "start": 4, "end": 5}},
-        {"tokens": ["paris", "john"], "relation": "None",
-         "head": {"name": "john", "start": 1, "end": 2}, "tail": {"name": "paris", "start": 0, "end": 1}},
+        {
+            "tokens": ["john", "smith", "lives", "in", "paris"],
+            "relation": RELATIONS[1],
+            "head": {"name": "john smith", "start": 0, "end": 2},
+            "tail": {"name": "paris", "start": 4, "end": 5},
+        },
+        {
+            "tokens": ["paris", "john"],
+            "relation": "None",
+            "head": {"name": "john", "start": 1, "end": 2},
+            "tail": {"name": "paris", "start": 0, "end": 1},
+        },
     ]
     batch = collate(rows)
     assert batch["input_ids"][0].tolist() == ids(
-        tokenizer, "[CLS]", "[unused0]", "john", "smith", "[unused1]", "lives", "in", "[unused2]", "paris", "[unused3]", "[SEP]"
+        tokenizer,
+        "[CLS]",
+        "[unused0]",
+        "john",
+        "smith",
+        "[unused1]",
+        "lives",
+        "in",
+        "[unused2]",
+        "paris",
+        "[unused3]",
+        "[SEP]",
     )
     assert batch["input_ids"][1, :8].tolist() == ids(
         tokenizer, "[CLS]", "[unused2]", "paris", "[unused3]", "[unused0]", "john", "[unused1]", "[SEP]"
@@ -151,12 +197,30 @@ def test_images_regions_and_back_translations(tokenizer, processor, tmp_path):
     real, generated = write_image(tmp_path / "real.png"), write_image(tmp_path / "bt.png", (64, 64))
     region = lambda box, score: {"box": box, "score": score, "phrase": "p"}  # noqa: E731
     rows = [
-        {"tokens": ["john"], "tags": ["B-PER"], "image_uri": real, "back_translation_uri": generated,
-         "regions": [region([40, 30, 80, 60], 0.2), region([0, 0, 40, 30], 0.9), region([70, 50, 200, 200], 0.5),
-                     region([10, 10, 10, 40], 0.8), region([0, 30, 40, 60], 0.1)],
-         "back_translation_regions": [], "divergence": [0.6, 0.3, 0.1]},
-        {"tokens": ["paris"], "tags": ["B-LOC"], "image_uri": None, "back_translation_uri": generated,
-         "regions": [region([0, 0, 10, 10], 0.9)], "back_translation_regions": None, "divergence": [0.2, 0.2, 0.6]},
+        {
+            "tokens": ["john"],
+            "tags": ["B-PER"],
+            "image_uri": real,
+            "back_translation_uri": generated,
+            "regions": [
+                region([40, 30, 80, 60], 0.2),
+                region([0, 0, 40, 30], 0.9),
+                region([70, 50, 200, 200], 0.5),
+                region([10, 10, 10, 40], 0.8),
+                region([0, 30, 40, 60], 0.1),
+            ],
+            "back_translation_regions": [],
+            "divergence": [0.6, 0.3, 0.1],
+        },
+        {
+            "tokens": ["paris"],
+            "tags": ["B-LOC"],
+            "image_uri": None,
+            "back_translation_uri": generated,
+            "regions": [region([0, 0, 10, 10], 0.9)],
+            "back_translation_regions": None,
+            "divergence": [0.2, 0.2, 0.6],
+        },
     ]
     batch = collate(rows)
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
@@ -179,8 +243,13 @@ def test_images_regions_and_back_translations(tokenizer, processor, tmp_path):
 
 def test_unreadable_images_raise_unless_skipped(tokenizer, processor, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    row = {"id": "x", "tokens": ["john"], "image_uri": str(tmp_path / "broken.png"), "back_translation_uri": None,
-           "divergence": [1.0, 0.0, 0.0]}
+    row = {
+        "id": "x",
+        "tokens": ["john"],
+        "image_uri": str(tmp_path / "broken.png"),
+        "back_translation_uri": None,
+        "divergence": [1.0, 0.0, 0.0],
+    }
     config = TMRConfig()
     with pytest.raises(ValueError, match=r"row 0 \(id x\): image_uri: .*not a readable image"):
         TMRCollator(tokenizer, processor, config)([row])

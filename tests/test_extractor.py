@@ -29,7 +29,14 @@ def one_torch_thread():
 
 def write_tiny_backbones(root: Path) -> tuple[str, str]:
     """A tiny BERT (hidden 32) with its tokenizer and a tiny ResNet with its processor, saved as HF folders."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast, ConvNextImageProcessor, ResNetConfig, ResNetModel
+    from transformers import (
+        BertConfig,
+        BertModel,
+        BertTokenizerFast,
+        ConvNextImageProcessor,
+        ResNetConfig,
+        ResNetModel,
+    )
 
     torch.manual_seed(0)
     text_dir, image_dir = root / "text-encoder", root / "image-encoder"
@@ -37,8 +44,12 @@ def write_tiny_backbones(root: Path) -> tuple[str, str]:
     (root / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     BertTokenizerFast(vocab=str(root / "vocab.txt")).save_pretrained(text_dir)
     bert = BertConfig(
-        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=160,
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=160,
     )
     BertModel(bert).save_pretrained(text_dir)
     resnet = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
@@ -73,28 +84,39 @@ def region(box, score=0.9, phrase="x"):
 def ner_rows(images):
     return [
         {
-            "id": "a", "tokens": ["john", "smith", "sat", "in", "paris", "\ufe0f"],
+            "id": "a",
+            "tokens": ["john", "smith", "sat", "in", "paris", "\ufe0f"],
             "tags": ["B-PER", "I-PER", "O", "O", "B-LOC", "O"],
-            "phrases": [{"text": "john smith", "start": 0, "end": 2}, {"text": "paris", "start": 4, "end": 5}],
-            "image_uri": images["red"], "back_translation_uri": images["green"],
+            "phrases": [
+                {"text": "john smith", "start": 0, "end": 2},
+                {"text": "paris", "start": 4, "end": 5},
+            ],
+            "image_uri": images["red"],
+            "back_translation_uri": images["green"],
             "regions": [region([0, 0, 40, 40]), region([20, 10, 90, 70], 0.5)],
             "back_translation_regions": [region([5, 5, 60, 60])],
             "divergence": [0.7, 0.2, 0.1],
         },
         {
-            "id": "b", "tokens": ["google", "cats", "new", "york", "city", "today"],
+            "id": "b",
+            "tokens": ["google", "cats", "new", "york", "city", "today"],
             "tags": ["B-ORG", "O", "B-LOC", "I-LOC", "I-LOC", "O"],
             "phrases": [{"text": "new york city", "start": 2, "end": 5}],
-            "image_uri": None, "back_translation_uri": images["blue"],
-            "regions": [], "back_translation_regions": [region([0, 0, 30, 30]), region([30, 30, 90, 70])],
+            "image_uri": None,
+            "back_translation_uri": images["blue"],
+            "regions": [],
+            "back_translation_regions": [region([0, 0, 30, 30]), region([30, 30, 90, 70])],
             "divergence": [0.1, 0.3, 0.6],
         },
         {
-            "id": "c", "tokens": ["the", "cat", "sat", "with", "john"],
+            "id": "c",
+            "tokens": ["the", "cat", "sat", "with", "john"],
             "tags": ["O", "O", "O", "O", "I-PER"],  # an orphan I- (Twitter-2015 has them)
             "phrases": [],
-            "image_uri": images["blue"], "back_translation_uri": None,
-            "regions": [region([0, 0, 50, 50])], "back_translation_regions": [],
+            "image_uri": images["blue"],
+            "back_translation_uri": None,
+            "regions": [region([0, 0, 50, 50])],
+            "back_translation_regions": [],
             "divergence": [0.4, 0.4, 0.2],
         },
     ]
@@ -103,12 +125,19 @@ def ner_rows(images):
 def re_rows(images):
     def row(id_, tokens, head, tail, relation, image):
         return {
-            "id": id_, "tokens": tokens, "relation": relation,
-            "head": {"name": " ".join(tokens[head[0]:head[1]]), "start": head[0], "end": head[1]},
-            "tail": {"name": " ".join(tokens[tail[0]:tail[1]]), "start": tail[0], "end": tail[1]},
-            "phrases": [{"text": "x", "start": head[0], "end": head[1]}, {"text": "y", "start": tail[0], "end": tail[1]}],
-            "image_uri": image, "back_translation_uri": images["green"],
-            "regions": [region([0, 0, 40, 40])], "back_translation_regions": [region([10, 10, 70, 70])],
+            "id": id_,
+            "tokens": tokens,
+            "relation": relation,
+            "head": {"name": " ".join(tokens[head[0] : head[1]]), "start": head[0], "end": head[1]},
+            "tail": {"name": " ".join(tokens[tail[0] : tail[1]]), "start": tail[0], "end": tail[1]},
+            "phrases": [
+                {"text": "x", "start": head[0], "end": head[1]},
+                {"text": "y", "start": tail[0], "end": tail[1]},
+            ],
+            "image_uri": image,
+            "back_translation_uri": images["green"],
+            "regions": [region([0, 0, 40, 40])],
+            "back_translation_regions": [region([10, 10, 70, 70])],
             "divergence": [0.5, 0.3, 0.2],
         }
 
@@ -124,8 +153,13 @@ def build(assets, **overrides) -> TMRExtractor:
     torch.manual_seed(0)
     task = overrides.pop("task", "ner")
     config = TMRConfig(
-        task=task, labels=RELATIONS if task == "re" else (), text_encoder=assets["text"],
-        image_encoder=assets["image"], num_heads=2, dropout=0.0, **overrides,
+        task=task,
+        labels=RELATIONS if task == "re" else (),
+        text_encoder=assets["text"],
+        image_encoder=assets["image"],
+        num_heads=2,
+        dropout=0.0,
+        **overrides,
     )
     return TMRExtractor.build(config)
 
@@ -157,7 +191,14 @@ def test_ner_overfits_a_batch_and_decodes_valid_bio(assets):
     predicted = model.predict(batch)
     assert [len(p) for p in predicted] == [len(r["tokens"]) for r in rows]
     assert all(is_valid_bio(p) for p in predicted)
-    assert predicted[0] == ["B-PER", "I-PER", "O", "O", "B-LOC", "O"]  # U+FE0F kept in place, labels unshifted
+    assert predicted[0] == [
+        "B-PER",
+        "I-PER",
+        "O",
+        "O",
+        "B-LOC",
+        "O",
+    ]  # U+FE0F kept in place, labels unshifted
     assert predicted[1] == ["B-ORG", "O", "B-LOC", "I-LOC", "I-LOC", "O"]
     assert predicted[2][-1] == "B-PER"  # the orphan I-PER was learned as the chunk start it denotes
     assert model.gold_labels(batch)[2] == ["O", "O", "O", "O", "B-PER"]
@@ -224,7 +265,13 @@ def test_every_ablation_switch_changes_which_parameters_get_gradients(assets):
     full = grads_by_name(full_model, batch_for(full_model, rows))
     # Every parameter that exists is used: DDP (Ray Train) needs no find_unused_parameters.
     assert full == {name for name, _ in full_model.named_parameters()}
-    for prefix in ("image_encoder.", "attention.fine.", "attention.phrase_region.", "attention.word_phrase.", "head.fusion."):
+    for prefix in (
+        "image_encoder.",
+        "attention.fine.",
+        "attention.phrase_region.",
+        "attention.word_phrase.",
+        "head.fusion.",
+    ):
         assert has_prefix(full, prefix), prefix
 
     removed = {
@@ -283,12 +330,18 @@ def test_re_back_translation_switch_decides_whether_v_prime_matters(assets):
     without = build(assets, task="re", use_back_translation=False).eval()
     plain = batch_for(without, rows)
     assert "bt_pixel_values" not in plain
-    assert torch.equal(without(plain).logits, without(perturbed(plain, **{k: noise[k] for k in noise if k.startswith("bt_")})).logits)
+    assert torch.equal(
+        without(plain).logits,
+        without(perturbed(plain, **{k: noise[k] for k in noise if k.startswith("bt_")})).logits,
+    )
 
 
 def test_missing_images_regions_and_phrases_give_finite_outputs(assets):
     model = build(assets).eval()
-    rows = [dict(r, image_uri=None, back_translation_uri=None, regions=None, phrases=None) for r in ner_rows(assets["images"])]
+    rows = [
+        dict(r, image_uri=None, back_translation_uri=None, regions=None, phrases=None)
+        for r in ner_rows(assets["images"])
+    ]
     batch = batch_for(model, rows)
     assert not batch["image_mask"].any() and not batch["region_mask"].any() and not batch["phrase_mask"].any()
     output = model(batch)
@@ -310,3 +363,23 @@ def test_config_rejects_bad_values_naming_the_field():
         TMRConfig(use_fine=False, use_coarse=False)
     assert (TMRConfig(task="re", labels=RELATIONS).max_length, TMRConfig().max_length) == (128, 80)
     assert dataclasses.replace(TMRConfig(), max_phrase_len=None).max_phrase_len == 4
+
+
+def test_checkpoint_and_images_round_trip_through_s3(assets, s3_endpoint, s3_bucket):
+    from tmr_core import storage
+
+    options = storage.StorageOptions(endpoint_url=s3_endpoint)
+    images = {}
+    for name, path in assets["images"].items():
+        images[name] = f"s3://{s3_bucket}/images/{name}.png"
+        storage.write_bytes_atomic(images[name], Path(path).read_bytes(), options)
+    model = build(assets, task="re").eval()
+    rows = re_rows(images)
+    batch = model.collator(storage_options=options)(rows)
+    local = batch_for(model, re_rows(assets["images"]))
+    assert all(torch.equal(batch[k], local[k]) for k in local)  # same pixels from S3 as from disk
+
+    model.save_pretrained(f"s3://{s3_bucket}/ckpt", options=options)
+    reloaded = TMRExtractor.from_pretrained(f"s3://{s3_bucket}/ckpt", options=options)
+    assert torch.equal(reloaded(batch).logits, model(batch).logits)
+    assert reloaded.tokenizer is not None and reloaded.image_processor is not None

@@ -33,8 +33,13 @@ def test_divergence_fusion_matches_a_hand_computation():
     # sample 0: 0.2*G^f + 0.5*G^c ; sample 1: 0*G^f + 0.25*G^c (α_w weights the zero block)
     expected = torch.tensor([[[5.2, 0.4], [0.6, 5.8]], [[1.0, 2.0], [0.5, 0.5]]])
     assert torch.allclose(divergence_fusion(g_fine, g_coarse, alpha), expected)
-    assert torch.allclose(divergence_fusion(g_fine, None, alpha), torch.tensor([[[0.2, 0.4], [0.6, 0.8]], [[0.0, 0.0], [0.0, 0.0]]]))
-    assert torch.allclose(divergence_fusion(None, g_coarse, alpha), expected - divergence_fusion(g_fine, None, alpha))
+    assert torch.allclose(
+        divergence_fusion(g_fine, None, alpha),
+        torch.tensor([[[0.2, 0.4], [0.6, 0.8]], [[0.0, 0.0], [0.0, 0.0]]]),
+    )
+    assert torch.allclose(
+        divergence_fusion(None, g_coarse, alpha), expected - divergence_fusion(g_fine, None, alpha)
+    )
 
 
 def test_divergence_fusion_rejects_rows_not_summing_to_one():
@@ -59,8 +64,10 @@ def test_divergence_fusion_rejects_rows_not_summing_to_one():
 
 def visual(batch, patches=49, regions=3, dim=12):
     return VisualFeatures(
-        torch.randn(batch, patches, dim), torch.ones(batch, patches, dtype=torch.bool),
-        torch.randn(batch, regions, dim), torch.ones(batch, regions, dtype=torch.bool),
+        torch.randn(batch, patches, dim),
+        torch.ones(batch, patches, dtype=torch.bool),
+        torch.randn(batch, regions, dim),
+        torch.ones(batch, regions, dtype=torch.bool),
     )
 
 
@@ -77,8 +84,11 @@ def test_multi_grained_attention_gives_one_vector_per_word_at_each_level():
     # A padded phrase slot has no effect on the coarse level.
     changed = phrases.clone()
     changed[0, 2] = 100.0
-    assert torch.allclose(module(words, changed, phrase_mask, visual_same := visual(2)).coarse,
-                          module(words, phrases, phrase_mask, visual_same).coarse, atol=1e-6)
+    assert torch.allclose(
+        module(words, changed, phrase_mask, visual_same := visual(2)).coarse,
+        module(words, phrases, phrase_mask, visual_same).coarse,
+        atol=1e-6,
+    )
 
 
 def test_masked_image_leaves_the_text_state_and_never_gives_nan():
@@ -99,8 +109,12 @@ def test_ablated_levels_are_not_built():
     only_coarse = MultiGrainedAttention(16, 12, 4, 0.0, use_fine=False)
     assert only_fine.phrase_region is None and only_fine.word_phrase is None
     assert only_coarse.fine is None
-    levels = only_coarse(torch.randn(1, 3, 16), torch.randn(1, 2, 16), torch.ones(1, 2, dtype=torch.bool),
-                         VisualFeatures(None, None, torch.randn(1, 3, 12), torch.ones(1, 3, dtype=torch.bool)))
+    levels = only_coarse(
+        torch.randn(1, 3, 16),
+        torch.randn(1, 2, 16),
+        torch.ones(1, 2, dtype=torch.bool),
+        VisualFeatures(None, None, torch.randn(1, 3, 12), torch.ones(1, 3, dtype=torch.bool)),
+    )
     assert levels.fine is None and levels.coarse.shape == (1, 3, 16)
     with pytest.raises(ValueError, match="use_fine/use_coarse"):
         MultiGrainedAttention(16, 12, 4, 0.0, use_fine=False, use_coarse=False)
@@ -117,7 +131,9 @@ def test_text_encoder_pools_words_and_phrases():
     spans = torch.tensor([[[1, 4], [0, 0]], [[2, 3], [0, 0]]])
     phrase_mask = torch.tensor([[True, False], [True, False]])
     phrases = TextEncoder.phrase_features(states, spans, phrase_mask)
-    assert torch.allclose(phrases[0, 0], states[0, 1:4].mean(0)) and torch.equal(phrases[0, 1], torch.zeros(2))
+    assert torch.allclose(phrases[0, 0], states[0, 1:4].mean(0)) and torch.equal(
+        phrases[0, 1], torch.zeros(2)
+    )
     assert torch.allclose(phrases[1, 0], states[1, 2])
 
 
@@ -125,14 +141,21 @@ def test_image_encoder_pools_to_the_patch_grid_and_encodes_only_present_images()
     from transformers import ResNetConfig, ResNetModel
 
     torch.manual_seed(0)
-    backbone = ResNetModel(ResNetConfig(embedding_size=4, hidden_sizes=[4, 8], depths=[1, 1], layer_type="basic")).eval()
+    backbone = ResNetModel(
+        ResNetConfig(embedding_size=4, hidden_sizes=[4, 8], depths=[1, 1], layer_type="basic")
+    ).eval()
     encoder = ImageEncoder(backbone, num_patches=49)
-    pixels, crops = torch.randn(3, 3, 48, 48), torch.randn(3, 2, 3, 48, 48)  # 48 px → a 6×6 map, pooled to 7×7
+    pixels, crops = (
+        torch.randn(3, 3, 48, 48),
+        torch.randn(3, 2, 3, 48, 48),
+    )  # 48 px → a 6×6 map, pooled to 7×7
     image_mask = torch.tensor([True, False, True])
     region_mask = torch.tensor([[True, False], [False, False], [True, True]])
     features = encoder(pixels, image_mask, crops, region_mask)
     assert features.patches.shape == (3, 49, 8) and features.regions.shape == (3, 2, 8)
-    assert torch.equal(features.patches[1], torch.zeros(49, 8)) and torch.equal(features.regions[0, 1], torch.zeros(8))
+    assert torch.equal(features.patches[1], torch.zeros(49, 8)) and torch.equal(
+        features.regions[0, 1], torch.zeros(8)
+    )
     alone = encoder(pixels[2:], image_mask[2:], crops[2:], region_mask[2:])
     assert torch.allclose(alone.patches[0], features.patches[2], atol=1e-5)
     assert torch.allclose(alone.regions[0], features.regions[2], atol=1e-5)

@@ -110,7 +110,9 @@ class MultiGrainedAttention(nn.Module):
         if not (use_fine or use_coarse):
             raise ValueError("use_fine/use_coarse: at least one granularity is needed for the image path")
         self.fine = CrossModalAttention(text_dim, image_dim, num_heads, dropout) if use_fine else None
-        self.phrase_region = CrossModalAttention(text_dim, image_dim, num_heads, dropout) if use_coarse else None
+        self.phrase_region = (
+            CrossModalAttention(text_dim, image_dim, num_heads, dropout) if use_coarse else None
+        )
         self.word_phrase = CrossModalAttention(text_dim, text_dim, num_heads, dropout) if use_coarse else None
 
     def forward(

@@ -99,15 +99,25 @@ class TMRCollator:
         self.storage_options = storage_options
         self.skip_unreadable_images = skip_unreadable_images
         self.label_ids = {label: index for index, label in enumerate(config.labels)}
-        self.cls_id, self.sep_id, self.pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+        self.cls_id, self.sep_id, self.pad_id = (
+            tokenizer.cls_token_id,
+            tokenizer.sep_token_id,
+            tokenizer.pad_token_id,
+        )
         if None in (self.cls_id, self.sep_id, self.pad_id):
             raise ValueError("tokenizer: needs [CLS], [SEP] and [PAD] tokens (a BERT-family tokenizer)")
         self.marker_ids: list[int] = []
         if config.task == "re":
             self.marker_ids = [tokenizer.convert_tokens_to_ids(marker) for marker in config.entity_markers]
-            missing = [m for m, i in zip(config.entity_markers, self.marker_ids) if i in (None, tokenizer.unk_token_id)]
+            missing = [
+                m
+                for m, i in zip(config.entity_markers, self.marker_ids, strict=True)
+                if i in (None, tokenizer.unk_token_id)
+            ]
             if missing:
-                raise ValueError(f"entity_markers: {missing} are not single tokens of the tokenizer's vocabulary")
+                raise ValueError(
+                    f"entity_markers: {missing} are not single tokens of the tokenizer's vocabulary"
+                )
         self.pixel_shape: tuple[int, ...] | None = None
         if config.uses_images:
             if image_processor is None:
@@ -132,7 +142,9 @@ class TMRCollator:
             for slot, key in ((0, "head"), (2, "tail")):
                 start, end = _span(row.get(key), f"{where}: {key}")
                 if not 0 <= start < end <= len(tokens):
-                    raise ValueError(f"{where}: {key} span [{start}, {end}) is outside the {len(tokens)} tokens")
+                    raise ValueError(
+                        f"{where}: {key} span [{start}, {end}) is outside the {len(tokens)} tokens"
+                    )
                 opens.setdefault(start, []).append(slot)
                 closes.setdefault(end, []).append(slot + 1)
 
@@ -167,7 +179,11 @@ class TMRCollator:
             if len(spans) >= config.max_phrases:
                 break
             start, end = _span(phrase, f"{where}: phrases[{position}]")
-            kept = [i for i in range(max(start, 0), min(end, start + config.max_phrase_len, len(tokens))) if starts[i] >= 0]
+            kept = [
+                i
+                for i in range(max(start, 0), min(end, start + config.max_phrase_len, len(tokens)))
+                if starts[i] >= 0
+            ]
             if kept:
                 spans.append((starts[kept[0]], ends[kept[-1]]))
         entities = (markers[0], markers[2]) if config.task == "re" else None
@@ -183,9 +199,11 @@ class TMRCollator:
         # Repair over all tokens first (a hole tagged O splits a chunk, as conlleval reads the
         # gold), then over the kept ones (a dropped token may have carried a B-).
         whole = repair_bio(tags)
-        for i, tag in zip(kept, repair_bio([whole[i] for i in kept])):
+        for i, tag in zip(kept, repair_bio([whole[i] for i in kept]), strict=True):
             if tag not in self.label_ids:
-                raise ValueError(f"{where}: tag {tag!r} (token {i}) is not one of labels {list(self.label_ids)}")
+                raise ValueError(
+                    f"{where}: tag {tag!r} (token {i}) is not one of labels {list(self.label_ids)}"
+                )
             labels[i] = self.label_ids[tag]
         return labels
 
@@ -207,15 +225,19 @@ class TMRCollator:
                 cache[uri] = None
         return cache[uri]
 
-    def images(self, rows: Sequence[Mapping], uri_key: str, regions_key: str, where: list[str]) -> dict[str, torch.Tensor]:
+    def images(
+        self, rows: Sequence[Mapping], uri_key: str, regions_key: str, where: list[str]
+    ) -> dict[str, torch.Tensor]:
         """Pixels of each row's image and region crops, with masks; one processor call per batch."""
         limit = self.config.num_regions
         cache: dict = {}
         pictures, crops = [], []
-        for row, label in zip(rows, where):
+        for row, label in zip(rows, where, strict=True):
             image = self._load(row.get(uri_key), f"{label}: {uri_key}", cache)
             pictures.append(image)
-            crops.append(crop_regions(image, _listed(row.get(regions_key)), limit) if image is not None else [])
+            crops.append(
+                crop_regions(image, _listed(row.get(regions_key)), limit) if image is not None else []
+            )
         flat = [p for p in pictures if p is not None] + [c for row_crops in crops for c in row_crops]
         processed = self._process(flat) if flat else torch.zeros(0, *self.pixel_shape)
         batch = len(rows)
@@ -230,7 +252,12 @@ class TMRCollator:
             region_pixels[i, :count] = processed[cursor : cursor + count]
             region_mask[i, :count] = True
             cursor += count
-        return {"pixel_values": pixels, "image_mask": image_mask, "region_pixel_values": region_pixels, "region_mask": region_mask}
+        return {
+            "pixel_values": pixels,
+            "image_mask": image_mask,
+            "region_pixel_values": region_pixels,
+            "region_mask": region_mask,
+        }
 
     # ----- the batch ------------------------------------------------------------------------
 
@@ -240,7 +267,7 @@ class TMRCollator:
             raise ValueError("rows: empty batch")
         config = self.config
         where = [f"row {i} (id {row.get('id', '?')})" for i, row in enumerate(rows)]
-        encoded = [self.encode_text(row, label) for row, label in zip(rows, where)]
+        encoded = [self.encode_text(row, label) for row, label in zip(rows, where, strict=True)]
         length = max(len(e.input_ids) for e in encoded)
         words = max(len(e.word_starts) for e in encoded)
         phrases = max(1, max(len(e.phrase_spans) for e in encoded))
@@ -274,13 +301,15 @@ class TMRCollator:
         if config.task == "ner":
             if all(row.get("tags") is not None for row in rows):
                 labels = torch.full((batch_size, words), IGNORE_INDEX, dtype=torch.long)
-                for i, (row, e, label) in enumerate(zip(rows, encoded, where)):
+                for i, (row, e, label) in enumerate(zip(rows, encoded, where, strict=True)):
                     labels[i, : len(e.word_starts)] = torch.tensor(self.ner_labels(row, e.word_starts, label))
                 batch["labels"] = labels
         else:
             batch["entity_positions"] = torch.tensor([e.entity_positions for e in encoded], dtype=torch.long)
             if all(row.get("relation") is not None for row in rows):
-                batch["labels"] = torch.tensor([self.relation_id(row, label) for row, label in zip(rows, where)])
+                batch["labels"] = torch.tensor(
+                    [self.relation_id(row, label) for row, label in zip(rows, where, strict=True)]
+                )
 
         if config.uses_images:
             batch.update(self.images(rows, "image_uri", "regions", where))
@@ -301,7 +330,7 @@ class TMRCollator:
     def divergence(rows: Sequence[Mapping], where: list[str]) -> torch.Tensor:
         """(batch, 3) MDE scores; every row needs them when ``use_mde`` is on."""
         values = []
-        for row, label in zip(rows, where):
+        for row, label in zip(rows, where, strict=True):
             scores = _listed(row.get("divergence"))
             if len(scores) != 3:
                 raise ValueError(

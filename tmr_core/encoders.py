@@ -57,7 +57,9 @@ def backbone_from_config(config_dict: dict, field: str) -> nn.Module:
     values = dict(config_dict)
     model_type = values.pop("model_type", None)
     if not model_type:
-        raise ValueError(f"{field}: saved backbone config has no 'model_type'; rebuild the extractor with TMRExtractor.build")
+        raise ValueError(
+            f"{field}: saved backbone config has no 'model_type'; rebuild the extractor with TMRExtractor.build"
+        )
     values.pop("transformers_version", None)
     return _without_pooler(AutoModel.from_config(AutoConfig.for_model(model_type, **values)))
 
@@ -101,7 +103,9 @@ class TextEncoder(nn.Module):
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     @staticmethod
-    def word_features(states: torch.Tensor, word_starts: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+    def word_features(
+        states: torch.Tensor, word_starts: torch.Tensor, word_mask: torch.Tensor
+    ) -> torch.Tensor:
         """T^w: the state of each original token's first word piece.
 
         Args:
@@ -117,7 +121,9 @@ class TextEncoder(nn.Module):
         return gathered * word_mask[..., None].to(states.dtype)
 
     @staticmethod
-    def phrase_features(states: torch.Tensor, phrase_spans: torch.Tensor, phrase_mask: torch.Tensor) -> torch.Tensor:
+    def phrase_features(
+        states: torch.Tensor, phrase_spans: torch.Tensor, phrase_mask: torch.Tensor
+    ) -> torch.Tensor:
         """T^p: the mean state over each phrase's word pieces.
 
         Args:
@@ -186,7 +192,9 @@ class ImageEncoder(nn.Module):
 
         patch_features = patch_mask = None
         if patches:
-            patch_features = pixel_values.new_zeros(batch, self.grid * self.grid, self.hidden_size, dtype=dtype)
+            patch_features = pixel_values.new_zeros(
+                batch, self.grid * self.grid, self.hidden_size, dtype=dtype
+            )
             count = int(image_mask.sum())
             if count:
                 grid = F.adaptive_avg_pool2d(maps[:count], self.grid)  # (n, C, 7, 7)
@@ -196,7 +204,9 @@ class ImageEncoder(nn.Module):
 
         region_features = None
         if region_pixel_values is not None:
-            region_features = pixel_values.new_zeros(batch, region_mask.shape[1], self.hidden_size, dtype=dtype)
+            region_features = pixel_values.new_zeros(
+                batch, region_mask.shape[1], self.hidden_size, dtype=dtype
+            )
             if int(region_mask.sum()):
                 pooled = maps[offset:].mean(dim=(2, 3))  # (n_regions, C)
                 region_features = region_features.index_put((region_mask,), pooled)

@@ -47,7 +47,10 @@ from tmr_core.heads import NERHead, REHead, split_bio
 from tmr_core.modeling import PretrainedModule
 from tmr_core.schema import NER_TAGS
 
-TASK_DEFAULTS = {"ner": {"max_length": 80, "max_phrase_len": 4}, "re": {"max_length": 128, "max_phrase_len": 6}}
+TASK_DEFAULTS = {
+    "ner": {"max_length": 80, "max_phrase_len": 4},
+    "re": {"max_length": 128, "max_phrase_len": 6},
+}
 
 
 @dataclass
@@ -79,7 +82,12 @@ class TMRConfig:
     use_coarse: bool = True  # G^c from (T^p, V^r)
     text_only: bool = False  # no image path at all
     fixed_alpha: tuple[float, float, float] = (0.5, 0.5, 0.0)  # (strengthen, complement, weaken) without MDE
-    entity_markers: tuple[str, ...] = ("[unused0]", "[unused1]", "[unused2]", "[unused3]")  # RE: <h> </h> <t> </t>
+    entity_markers: tuple[str, ...] = (
+        "[unused0]",
+        "[unused1]",
+        "[unused2]",
+        "[unused3]",
+    )  # RE: <h> </h> <t> </t>
     none_label: str = "None"  # RE: the no-relation label
 
     def __post_init__(self) -> None:
@@ -112,9 +120,13 @@ class TMRConfig:
         if not (self.text_only or self.use_fine or self.use_coarse):
             problems.append("use_fine/use_coarse: both off leaves no image path; set text_only=true instead")
         if len(self.fixed_alpha) != 3 or abs(sum(self.fixed_alpha) - 1) > 1e-4 or min(self.fixed_alpha) < 0:
-            problems.append(f"fixed_alpha: {list(self.fixed_alpha)}; expected 3 non-negative scores summing to 1")
+            problems.append(
+                f"fixed_alpha: {list(self.fixed_alpha)}; expected 3 non-negative scores summing to 1"
+            )
         if len(self.entity_markers) != 4:
-            problems.append(f"entity_markers: expected 4 tokens (<h> </h> <t> </t>), got {len(self.entity_markers)}")
+            problems.append(
+                f"entity_markers: expected 4 tokens (<h> </h> <t> </t>), got {len(self.entity_markers)}"
+            )
         if not 0 <= self.dropout < 1:
             problems.append(f"dropout: {self.dropout} is not in [0, 1)")
         if problems:
@@ -181,7 +193,9 @@ class TMRExtractor(PretrainedModule):
                 use_coarse=config.use_coarse,
             )
         if config.task == "ner":
-            self.head = NERHead(hidden, config.labels, config.num_heads, config.dropout, config.uses_back_translation)
+            self.head = NERHead(
+                hidden, config.labels, config.num_heads, config.dropout, config.uses_back_translation
+            )
         else:
             self.head = REHead(hidden, len(config.labels), config.dropout)
         self.tokenizer = tokenizer
@@ -215,7 +229,9 @@ class TMRExtractor(PretrainedModule):
     def from_saved_config(cls, config: TMRConfig) -> TMRExtractor:
         """The architecture from the stored backbone configs (random weights, no download)."""
         text_backbone = backbone_from_config(config.text_config, "text_config")
-        image_backbone = backbone_from_config(config.image_config, "image_config") if config.uses_images else None
+        image_backbone = (
+            backbone_from_config(config.image_config, "image_config") if config.uses_images else None
+        )
         return cls(config, text_backbone, image_backbone)
 
     def save_pretrained(self, directory: str, options: storage.StorageOptions | None = None) -> None:
@@ -314,7 +330,9 @@ class TMRExtractor(PretrainedModule):
         words = self.text_encoder.word_features(states, batch["word_starts"], word_mask)  # T^w (B, W, H)
         phrases = None
         if config.task == "re" or (config.uses_images and config.use_coarse):
-            phrases = self.text_encoder.phrase_features(states, batch["phrase_spans"], batch["phrase_mask"])  # T^p
+            phrases = self.text_encoder.phrase_features(
+                states, batch["phrase_spans"], batch["phrase_mask"]
+            )  # T^p
 
         g_back = None
         if config.text_only:
@@ -355,10 +373,13 @@ class TMRExtractor(PretrainedModule):
         if self.config.task == "ner":
             paths = self.head.decode(output.logits, output.word_mask)
             lengths = batch["num_tokens"].tolist()
-            return [[labels[i] for i in path[:length]] for path, length in zip(paths, lengths)]
+            return [[labels[i] for i in path[:length]] for path, length in zip(paths, lengths, strict=True)]
         probabilities = output.logits.float().softmax(dim=-1).cpu()
         return [
-            (labels[int(row.argmax())], {label: float(p) for label, p in zip(labels, row.tolist())})
+            (
+                labels[int(row.argmax())],
+                {label: float(p) for label, p in zip(labels, row.tolist(), strict=True)},
+            )
             for row in probabilities
         ]
 
@@ -372,7 +393,10 @@ class TMRExtractor(PretrainedModule):
         if self.config.task == "ner":
             rows = batch["labels"].tolist()
             lengths = batch["num_tokens"].tolist()
-            return [[labels[i] if i >= 0 else "O" for i in row[:length]] for row, length in zip(rows, lengths)]
+            return [
+                [labels[i] if i >= 0 else "O" for i in row[:length]]
+                for row, length in zip(rows, lengths, strict=True)
+            ]
         return [labels[i] for i in batch["labels"].tolist()]
 
 
@@ -386,5 +410,8 @@ def _download_folder(uri: str, local: str, options: storage.StorageOptions | Non
     if not files:
         raise FileNotFoundError(f"{uri}: no checkpoint files there")
     for info in files:
-        with fs.open_input_file(info.path) as source, open(os.path.join(local, info.base_name), "wb") as target:
+        with (
+            fs.open_input_file(info.path) as source,
+            open(os.path.join(local, info.base_name), "wb") as target,
+        ):
             target.write(source.read())

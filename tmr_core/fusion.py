@@ -54,7 +54,9 @@ def divergence_fusion(
     if not present:
         raise ValueError("divergence_fusion: g_fine and g_coarse are both None; at least one level is needed")
     if g_fine is not None and g_coarse is not None and g_fine.shape != g_coarse.shape:
-        raise ValueError(f"g_coarse: shape {tuple(g_coarse.shape)} differs from g_fine's {tuple(g_fine.shape)}")
+        raise ValueError(
+            f"g_coarse: shape {tuple(g_coarse.shape)} differs from g_fine's {tuple(g_fine.shape)}"
+        )
     if present[0].dim() != 3:
         raise ValueError(f"g_fine/g_coarse: expected (batch, words, dim), got {tuple(present[0].shape)}")
     check_alpha(alpha, present[0].shape[0])

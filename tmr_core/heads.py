@@ -116,13 +116,17 @@ class NERHead(nn.Module):
         use_back_translation: build the Eq. 7 attention (False: Ḡ = G*).
     """
 
-    def __init__(self, hidden: int, labels: Sequence[str], num_heads: int, dropout: float, use_back_translation: bool):
+    def __init__(
+        self, hidden: int, labels: Sequence[str], num_heads: int, dropout: float, use_back_translation: bool
+    ):
         super().__init__()
         if "O" not in labels:
             raise ValueError(f"labels: a BIO tag set needs 'O', got {list(labels)}")
         self.labels = tuple(labels)
         self.outside = self.labels.index("O")
-        self.fusion = CrossModalAttention(hidden, hidden, num_heads, dropout) if use_back_translation else None
+        self.fusion = (
+            CrossModalAttention(hidden, hidden, num_heads, dropout) if use_back_translation else None
+        )
         self.dropout = nn.Dropout(dropout)
         self.emission = nn.Linear(hidden, len(self.labels))
         self.crf = CRF(len(self.labels), batch_first=True)
@@ -137,7 +141,9 @@ class NERHead(nn.Module):
         self.crf.start_transitions.masked_fill_(self.forbidden_start, IMPOSSIBLE)
         self.crf.transitions.masked_fill_(self.forbidden, IMPOSSIBLE)
 
-    def forward(self, g_star: torch.Tensor, g_back: torch.Tensor | None, word_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, g_star: torch.Tensor, g_back: torch.Tensor | None, word_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Emission scores (batch, words, tags) from G* (and G'*), both (batch, words, hidden)."""
         features = g_star
         if self.fusion is not None:
