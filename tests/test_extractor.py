@@ -293,6 +293,8 @@ def test_every_ablation_switch_changes_which_parameters_get_gradients(assets):
             assert model.image_encoder is None and "pixel_values" not in batch
         if switch == "use_back_translation":
             assert "bt_pixel_values" not in batch
+        if switch == "use_coarse":
+            assert "region_pixel_values" not in batch and "bt_region_mask" not in batch
         if switch in ("use_fine", "use_coarse"):
             assert has_prefix(names, "image_encoder."), switch  # the other level still uses the image
 

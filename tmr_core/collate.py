@@ -25,6 +25,7 @@ R = num_regions, S = the processor's image size):
     num_tokens (B,)                        phrase_spans (B, P, 2), phrase_mask (B, P)
     labels (B, W) NER / (B,) RE            entity_positions (B, 2) RE
     pixel_values (B, 3, S, S), image_mask (B,), region_pixel_values (B, R, 3, S, S), region_mask (B, R)
+        (the region keys only with use_coarse)
     bt_* the same four for the back-translation (use_back_translation)
     divergence (B, 3) (use_mde)
 
@@ -228,8 +229,12 @@ class TMRCollator:
     def images(
         self, rows: Sequence[Mapping], uri_key: str, regions_key: str, where: list[str]
     ) -> dict[str, torch.Tensor]:
-        """Pixels of each row's image and region crops, with masks; one processor call per batch."""
-        limit = self.config.num_regions
+        """Pixels of each row's image and region crops, with masks; one processor call per batch.
+
+        Without the coarse level (``use_coarse=False``) no crops are made and no region keys returned.
+        """
+        with_regions = self.config.use_coarse
+        limit = self.config.num_regions if with_regions else 0
         cache: dict = {}
         pictures, crops = [], []
         for row, label in zip(rows, where, strict=True):
@@ -252,12 +257,10 @@ class TMRCollator:
             region_pixels[i, :count] = processed[cursor : cursor + count]
             region_mask[i, :count] = True
             cursor += count
-        return {
-            "pixel_values": pixels,
-            "image_mask": image_mask,
-            "region_pixel_values": region_pixels,
-            "region_mask": region_mask,
-        }
+        images = {"pixel_values": pixels, "image_mask": image_mask}
+        if with_regions:
+            images.update(region_pixel_values=region_pixels, region_mask=region_mask)
+        return images
 
     # ----- the batch ------------------------------------------------------------------------
 
