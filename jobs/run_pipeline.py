@@ -1,0 +1,346 @@
+"""The whole TMR suite as one job: benchmark → prepare → phrases → back-translation → grounding →
+MDE pretraining → divergence → NER and RE fine-tuning (full and text-only) → registry → comparison.
+
+    python -m jobs.run_pipeline --config configs/pipeline.tiny.yaml
+    python -m jobs.run_pipeline --config configs/pipeline.tiny.yaml --workdir outputs/other --tasks [ner]
+
+Each stage is an ordinary job (``jobs.<name>.main(argv)``) run in this process, so they share one
+Ray session. A stage is skipped when its marker in ``<workdir>/.pipeline/`` holds the same
+fingerprint (job, arguments, config file contents and the fingerprints of the stages it reads)
+and its output still exists: rerunning a finished pipeline does nothing costly, and after a
+crash the next run resumes from the first unfinished stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from jobs._config import opt, parse_config, print_config, run_main, save_config
+
+TASKS = ("ner", "re")
+
+
+@dataclass
+class Config:
+    """Run every TMR stage in order, skipping those whose outputs are up to date."""
+
+    workdir: str = opt("outputs/pipeline", "Folder for every stage's outputs and the pipeline's markers.")
+    tasks: list[Literal["ner", "re"]] = opt(["ner", "re"], "Tasks to run end to end.")
+    source: Literal["synthetic", "twitter2015", "twitter2017", "mnre"] = opt(
+        "synthetic", "Dataset: synthetic (make_synthetic_benchmark writes it) or a real one read from data_dir."
+    )
+    data_dir: str | None = opt(None, "Real datasets: folder of the text files (train.txt …, ours_*.txt).")
+    image_dir: str | None = opt(None, "Real datasets: folder of the images.")
+    mde_corpus: str | None = opt(
+        None, "Real datasets: caption-image-label corpus for pretrain_mde; null: the synthetic benchmark's."
+    )
+    configs: Literal["tiny", "default", "paper"] = opt(
+        "tiny", "Job configs: tiny → configs/<job>.tiny.yaml; default → configs/<job>.yaml; "
+        "paper → configs/paper/<job>[.<dataset>].yaml, else configs/<job>.yaml."
+    )
+    models_dir: str | None = opt(
+        ".cache/tmr-models", "Tiny models folder (built by make_tiny_models); null: the job configs name the models."
+    )
+    text_only_baseline: bool = opt(True, "Also fine-tune the text-only ablation, for the full vs text-only summary.")
+    compare: bool = opt(True, "Build the comparison tables (compare_runs) at the end.")
+    tracking_uri: str | None = opt(None, "MLflow tracking URI for every job; null: MLFLOW_TRACKING_URI or sqlite:///mlflow.db.")
+    force: list[str] = opt([], "Stage ids to rerun even when up to date (e.g. [finetune_extractor.ner.full]); [all]: every stage.")
+    stop_after: str | None = opt(None, "Stop after this stage id (inclusive); null: run everything.")
+
+
+@dataclass
+class Stage:
+    """One job invocation of the pipeline."""
+
+    id: str
+    job: str
+    argv: list[str]
+    output: str
+    needs: list[str] = field(default_factory=list)
+    summary: str = "table"  # table: count rows under `output`; metrics: read <output>/metrics.json
+
+
+def _job_config(cfg: Config, job: str, variant: str = "") -> str:
+    """The config file a stage runs with (see ``Config.configs``)."""
+    stem = f"{job}.{variant}" if variant else job
+    if cfg.configs == "tiny":
+        return os.path.join("configs", stem + ".tiny.yaml")
+    if cfg.configs == "paper":
+        for candidate in (f"{job}.{cfg.source}.yaml", f"{job}.yaml"):
+            path = os.path.join("configs", "paper", candidate)
+            if os.path.isfile(path):
+                return path
+    return os.path.join("configs", stem + ".yaml")
+
+
+def check_config(cfg: Config) -> None:
+    """Reject combinations that cannot run, naming the flags as typed."""
+    from jobs._config import ConfigError
+
+    problems = []
+    if cfg.source != "synthetic":
+        if not cfg.data_dir:
+            problems.append(f"--source {cfg.source} needs --data_dir (the dataset's text files)")
+        if not cfg.mde_corpus:
+            problems.append(f"--source {cfg.source} needs --mde_corpus (caption, image_uri, label table)")
+        task = "re" if cfg.source == "mnre" else "ner"
+        if list(cfg.tasks) != [task]:
+            problems.append(f"--source {cfg.source} is a {task} dataset: set --tasks [{task}]")
+    if problems:
+        raise ConfigError(problems)
+
+
+def plan(cfg: Config) -> list[Stage]:
+    """The stages, in order, with every path derived from ``cfg.workdir``."""
+    wd = cfg.workdir
+    bench = os.path.join(wd, "benchmark")
+    models = cfg.models_dir
+    tracking = ["--tracking.tracking_uri", cfg.tracking_uri] if cfg.tracking_uri else []
+    stages: list[Stage] = []
+    if models:
+        stages.append(Stage("make_tiny_models", "make_tiny_models",
+                            ["--config", _job_config(cfg, "make_tiny_models"), "--out", models], models, summary="none"))
+    synthetic = cfg.source == "synthetic"
+    data_stage = "make_synthetic_benchmark" if synthetic else None
+    if synthetic:
+        stages.append(Stage("make_synthetic_benchmark", "make_synthetic_benchmark",
+                            ["--config", _job_config(cfg, "make_synthetic_benchmark"), "--out", bench], bench,
+                            summary="none"))
+    source_args = (["--data_dir", bench] if synthetic else
+                   ["--data_dir", cfg.data_dir, *(["--image_dir", cfg.image_dir] if cfg.image_dir else [])])
+    phrase_args = (lambda task: ["--parser", "trees", "--trees_dir", os.path.join(bench, "trees", task)]
+                   if synthetic else ["--parser", "stanza"])
+    needs_data = [data_stage] if data_stage else []
+    model_args = (lambda key, name: [key, os.path.join(models, name)]) if models else (lambda key, name: [])
+
+    for task in cfg.tasks:
+        base = os.path.join(wd, "stages", task)
+        dataset, phrases, bt, regions, div = (os.path.join(base, s) for s in
+                                              ("dataset", "phrases", "back_translations", "regions", "divergence"))
+        stages += [
+            Stage(f"prepare_dataset.{task}", "prepare_dataset",
+                  ["--config", _job_config(cfg, "prepare_dataset"), "--format", cfg.source, "--task", task,
+                   *source_args, "--output", dataset], dataset, needs_data),
+            Stage(f"extract_phrases.{task}", "extract_phrases",
+                  ["--config", _job_config(cfg, "extract_phrases"), "--input", dataset, "--output", phrases,
+                   *phrase_args(task), "--max_phrase_len", "4" if task == "ner" else "6"], phrases, [f"prepare_dataset.{task}"]),
+            Stage(f"generate_back_translations.{task}", "generate_back_translations",
+                  ["--config", _job_config(cfg, "generate_back_translations"), "--input", phrases, "--output", bt,
+                   "--cache_uri", os.path.join(wd, "cache", "back_translations"),
+                   *model_args("--generation.model", "text-to-image")], bt, [f"extract_phrases.{task}"]),
+            Stage(f"ground_phrases.{task}", "ground_phrases",
+                  ["--config", _job_config(cfg, "ground_phrases"), "--input", bt, "--output", regions,
+                   *model_args("--detector.model", "detector")], regions, [f"generate_back_translations.{task}"]),
+        ]
+    mde = os.path.join(wd, "mde")
+    stages.append(Stage("pretrain_mde", "pretrain_mde",
+                        ["--config", _job_config(cfg, "pretrain_mde"),
+                         "--data.corpus", os.path.join(bench, "mde") if synthetic else cfg.mde_corpus,
+                         "--output", mde, "--ray.storage_path", os.path.join(wd, "ray_results"),
+                         *model_args("--model.backbone", "mde-backbone"), *tracking],
+                        mde, needs_data, summary="metrics"))
+    for task in cfg.tasks:
+        base = os.path.join(wd, "stages", task)
+        regions, div = os.path.join(base, "regions"), os.path.join(base, "divergence")
+        stages.append(Stage(f"score_divergence.{task}", "score_divergence",
+                            ["--config", _job_config(cfg, "score_divergence"), "--input", regions, "--output", div,
+                             "--checkpoint", os.path.join(mde, "model")], div, [f"ground_phrases.{task}", "pretrain_mde"]))
+        ablations = ["full", "text_only"] if cfg.text_only_baseline else ["full"]
+        for ablation in ablations:
+            out = os.path.join(wd, "extractor", task, ablation)
+            register = [] if ablation == "full" else ["--tracking.register_as", "null"]
+            truth = ["--data.ground_truth", os.path.join(bench, "ground_truth.jsonl")] if synthetic else []
+            stages.append(Stage(f"finetune_extractor.{task}.{ablation}", "finetune_extractor",
+                                ["--config", _job_config(cfg, "finetune_extractor", "" if task == "ner" else "re"),
+                                 "--task", task, "--ablation", ablation, "--output", out,
+                                 "--data.dataset", div, "--data.dataset_name", cfg.source, *truth,
+                                 "--ray.storage_path", os.path.join(wd, "ray_results"),
+                                 *model_args("--model.text_encoder", "text-encoder"),
+                                 *model_args("--model.image_encoder", "image-encoder"), *register, *tracking],
+                                out, [f"score_divergence.{task}"], summary="metrics"))
+    if cfg.compare:
+        trained = [s.id for s in stages if s.job in ("finetune_extractor", "pretrain_mde")]
+        stages.append(Stage("compare_runs", "compare_runs",
+                            ["--config", _job_config(cfg, "compare_runs"), "--output", os.path.join(wd, "comparison"),
+                             *tracking], os.path.join(wd, "comparison"), trained, summary="none"))
+    return stages
+
+
+# --------------------------------------------------------------------------- skipping
+
+
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def stage_fingerprint(stage: Stage, upstream: dict[str, str]) -> str:
+    """Hash of what decides a stage's output: job, argv, config file bytes, upstream fingerprints."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([stage.job, stage.argv, [upstream.get(n, "") for n in stage.needs]]).encode())
+    config = stage.argv[stage.argv.index("--config") + 1] if "--config" in stage.argv else None
+    if config and os.path.isfile(config):
+        digest.update(_file_digest(config).encode())
+    return digest.hexdigest()
+
+
+def _marker_path(workdir: str, stage: Stage) -> str:
+    return os.path.join(workdir, ".pipeline", f"{stage.id}.json")
+
+
+def is_up_to_date(workdir: str, stage: Stage, fingerprint: str) -> bool:
+    path = _marker_path(workdir, stage)
+    if not (os.path.isfile(path) and os.path.exists(stage.output)):
+        return False
+    with open(path) as handle:
+        return json.load(handle).get("fingerprint") == fingerprint
+
+
+def write_marker(workdir: str, stage: Stage, fingerprint: str, seconds: float) -> None:
+    path = _marker_path(workdir, stage)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        json.dump({"fingerprint": fingerprint, "seconds": round(seconds, 2), "argv": stage.argv}, handle, indent=2)
+    os.replace(tmp, path)
+
+
+def read_marker(workdir: str, stage: Stage) -> dict:
+    path = _marker_path(workdir, stage)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as handle:
+        return json.load(handle)
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def count_rows(output: str) -> int | None:
+    """Rows of every Parquet file under a stage's output folder (from the footers, no data read)."""
+    import pyarrow.parquet as pq
+
+    total, found = 0, False
+    for root, _, files in os.walk(output):
+        for name in files:
+            if name.endswith(".parquet"):
+                total += pq.ParquetFile(os.path.join(root, name)).metadata.num_rows
+                found = True
+    return total if found else None
+
+
+def read_metrics(output: str) -> dict:
+    path = os.path.join(output, "metrics.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _headline(stage: Stage, metrics: dict) -> str:
+    if stage.job == "pretrain_mde":
+        keys = ("in_domain_macro_f1", "out_of_domain_macro_f1")
+    else:
+        keys = ("test_f1", "test_ambiguous_f1")
+    shown = [f"{k}={metrics[k]:.3f}" for k in keys if isinstance(metrics.get(k), (int, float))]
+    return " ".join(shown)
+
+
+def summary_table(cfg: Config, stages: list[Stage], ran: dict[str, float | None]) -> str:
+    """Markdown table: stage, status, rows, time, headline metrics."""
+    lines = ["| stage | status | rows | seconds | result |", "|---|---|---|---|---|"]
+    for stage in stages:
+        if stage.id not in ran:
+            continue
+        seconds = ran[stage.id]
+        status = "ran" if seconds is not None else "up to date"
+        if seconds is None:
+            seconds = read_marker(cfg.workdir, stage).get("seconds")
+        rows = count_rows(stage.output) if stage.summary == "table" else None
+        result = _headline(stage, read_metrics(stage.output)) if stage.summary == "metrics" else ""
+        lines.append(f"| {stage.id} | {status} | {rows if rows is not None else ''} | "
+                     f"{seconds if seconds is not None else ''} | {result} |")
+    return "\n".join(lines)
+
+
+def f1_table(cfg: Config, stages: list[Stage]) -> str:
+    """NER/RE test F1 (all and ambiguous mentions) of the full model vs the text-only ablation."""
+    lines = ["| task | model | test F1 | ambiguous-subset F1 |", "|---|---|---|---|"]
+    for stage in stages:
+        if stage.job != "finetune_extractor":
+            continue
+        _, task, ablation = stage.id.split(".")
+        metrics = read_metrics(stage.output)
+        fmt = lambda key: f"{100 * metrics[key]:.1f}" if isinstance(metrics.get(key), (int, float)) else "n/a"
+        lines.append(f"| {task} | {ablation} | {fmt('test_f1')} | {fmt('test_ambiguous_f1')} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run_stage(stage: Stage) -> None:
+    module = importlib.import_module(f"jobs.{stage.job}")
+    print(f"\n=== [{stage.id}] python -m jobs.{stage.job} {' '.join(stage.argv)}", flush=True)
+    code = module.main(list(stage.argv))
+    if code:
+        raise RuntimeError(f"stage {stage.id} (jobs.{stage.job}) exited with code {code}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(Config, argv, prog="jobs.run_pipeline")
+    check_config(cfg)
+    print_config(cfg, "run_pipeline")
+    if cfg.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
+    stages = plan(cfg)
+    known = {s.id for s in stages}
+    unknown = [s for s in cfg.force if s != "all" and s not in known] + (
+        [cfg.stop_after] if cfg.stop_after and cfg.stop_after not in known else [])
+    if unknown:
+        from jobs._config import ConfigError
+
+        raise ConfigError([f"command line: unknown stage id(s) {unknown}; stages are {sorted(known)}"])
+    os.makedirs(cfg.workdir, exist_ok=True)
+    save_config(cfg, cfg.workdir, name="pipeline.config.yaml")
+
+    fingerprints: dict[str, str] = {}
+    ran: dict[str, float | None] = {}
+    started = time.perf_counter()
+    for stage in stages:
+        fingerprint = stage_fingerprint(stage, fingerprints)
+        fingerprints[stage.id] = fingerprint
+        forced = "all" in cfg.force or stage.id in cfg.force
+        if not forced and is_up_to_date(cfg.workdir, stage, fingerprint):
+            print(f"=== [{stage.id}] up to date, skipped", flush=True)
+            ran[stage.id] = None
+        else:
+            t0 = time.perf_counter()
+            try:
+                run_stage(stage)
+            except BaseException:
+                print(f"\n[run_pipeline] stage {stage.id} failed; rerun the same command to resume from it.", flush=True)
+                raise
+            ran[stage.id] = round(time.perf_counter() - t0, 1)
+            write_marker(cfg.workdir, stage, fingerprint, ran[stage.id])
+        if stage.id == cfg.stop_after:
+            break
+
+    total = time.perf_counter() - started
+    print("\n## Pipeline summary\n")
+    print(summary_table(cfg, stages, ran))
+    if any(s.job == "finetune_extractor" and s.id in ran for s in stages):
+        print("\n## NER / RE: full model vs text only (synthetic benchmark test split)\n")
+        print(f1_table(cfg, [s for s in stages if s.id in ran]))
+    print(f"\nTotal {total:.1f} s. Outputs under {cfg.workdir}/.")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
