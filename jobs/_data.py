@@ -174,11 +174,20 @@ def _set_column(batch: pa.Table, name: str, column: pa.Array) -> pa.Table:
     return batch.append_column(name, column)
 
 
-def read_splits(dataset_uri: str, splits: list[str], options: storage.StorageOptions | None = None) -> Any:
+def read_splits(dataset_uri: str, splits: list[str], options: storage.StorageOptions | None = None,
+                rows_per_block: int | None = None) -> Any:
     """The union of the requested splits (each row keeps its ``split`` column), so one actor pool
-    serves every split."""
+    serves every split.
+
+    Args:
+        rows_per_block: re-block the rows (streaming, no shuffle) into blocks of at most this many
+            rows. ``prepare_dataset`` writes one file per split, i.e. a single block: without this
+            one actor would get the whole split, the pool could not grow, and a killed actor would
+            redo all of it. Pass the stage's batch size.
+    """
     datasets = [read_split(dataset_uri, split, options) for split in splits]
-    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    return ds.repartition(target_num_rows_per_block=rows_per_block) if rows_per_block else ds
 
 
 def _is_private(name: str) -> bool:

@@ -85,8 +85,8 @@ class GenerateBackTranslations:
             device=generation.device,
         )
         self.base_seed = generation.seed
+        # the pipeline loads on the first cache miss, once per actor: a fully cached rerun loads nothing
         self.translator = BackTranslator(settings, cache_uri, storage.options())
-        self.translator.pipeline  # load now, once per actor, not inside the first batch
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: Any) -> Any:
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     init_ray()
     start = time.perf_counter()
-    ds = read_splits(cfg.input, splits, options).map_batches(
+    ds = read_splits(cfg.input, splits, options, rows_per_block=cfg.compute.batch_size).map_batches(
         GenerateBackTranslations,
         fn_constructor_kwargs={"generation": cfg.generation, "cache_uri": cfg.cache_uri, "storage": cfg.storage},
         **actor_pool_args(cfg.compute, cfg.input, cfg.output, cfg.cache_uri),

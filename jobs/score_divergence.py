@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     init_ray()
     start = time.perf_counter()
-    ds = read_splits(cfg.input, splits, options).map_batches(
+    ds = read_splits(cfg.input, splits, options, rows_per_block=cfg.compute.batch_size).map_batches(
         ScoreDivergence, fn_constructor_kwargs={"cfg": cfg}, **actor_pool_args(cfg.compute, cfg.input, cfg.output, cfg.checkpoint)
     )
     rows, stats = write_splits(ds, cfg.output, splits, options)

@@ -124,7 +124,7 @@ def load_pipeline(settings: GenerationSettings) -> Any:
     import torch
 
     pipeline = diffusers.DiffusionPipeline.from_pretrained(
-        settings.model, revision=settings.revision, torch_dtype=getattr(torch, settings.dtype)
+        settings.model, revision=settings.revision, dtype=getattr(torch, settings.dtype)
     )
     if settings.scheduler:
         scheduler_cls = getattr(diffusers, settings.scheduler, None)
