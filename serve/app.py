@@ -12,7 +12,6 @@ config file's ``deployments:`` section, by deployment name.
 127.0.0.1, sends one request and prints the response (what ``make demo`` ends with).
 """
 
-from __future__ import annotations
 
 import argparse
 import base64
@@ -95,7 +94,11 @@ class AppArgs(BaseModel):
 
 
 def build_app(args: AppArgs) -> Application:
-    """The TMR application: the ingress bound to its six model deployments."""
+    """The TMR application: the ingress bound to its six model deployments.
+
+    Serve reads the annotation to build ``AppArgs`` from the config's ``args`` (so this module
+    does not use ``from __future__ import annotations``, which would make it a string).
+    """
     storage = {"endpoint_url": args.storage_endpoint_url, "region": args.storage_region}
     batching = args.batching.model_dump()
     generation = args.generation.model_dump()

@@ -46,7 +46,14 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> tuple[str, str |
 
     version = None
     if uri.startswith("models:/"):
-        version = _registry_version(uri[len("models:/"):], resolve_tracking_uri(tracking_uri))
+        import mlflow
+
+        resolved = resolve_tracking_uri(tracking_uri)
+        # download_artifacts resolves models:/ with a client on the *global* tracking and registry
+        # URIs, not its tracking_uri argument (it would open ./mlflow.db); a replica owns its process
+        mlflow.set_tracking_uri(resolved)
+        mlflow.set_registry_uri(resolved)
+        version = _registry_version(uri[len("models:/"):], resolved)
     return resolve_model_uri(uri, tracking_uri=tracking_uri), version
 
 

@@ -303,7 +303,7 @@ def validation_details(error: RequestValidationError) -> tuple[int, list[dict]]:
     for item in error.errors():
         loc = [part for part in item.get("loc", ()) if part != "body"]
         ctx = item.get("ctx") or {}
-        field = ctx.get("field") or ".".join(str(p) for p in loc if not isinstance(p, int) or loc[0] == "tokens")
+        field = ctx.get("field") or ".".join(str(p) for p in loc if not isinstance(p, int))
         kind = item.get("type", "value_error")
         if kind == "json_invalid":
             status, field = 400, "body"

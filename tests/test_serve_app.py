@@ -1,0 +1,313 @@
+"""The TMR Serve app on tiny models: configs, deployments through handles, then every HTTP route.
+
+One app is deployed per module from configs/serve.tiny.yaml (Serve's own config path, as
+``serve run`` takes it) on the shared local Ray cluster, HTTP on 127.0.0.1 and a free port. The
+NER extractor is loaded from an MLflow registry (``models:/tmr-ner@champion``), the others from
+checkpoint folders; all are untrained tiny models, which is enough to test the serving path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from benchmarks.bench_serve import free_port, make_untrained_checkpoints, png_bytes, tiny_app_args
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN, TOKEN_ENV = "s3cret-test-token", "TMR_TEST_SERVE_TOKEN"
+TEXT = "Kevin Durant joins the Golden State Warriors in Oakland"
+
+
+# ----------------------------------------------------------------------------- no Ray needed
+
+
+@pytest.mark.parametrize("name", ["serve.yaml", "serve.tiny.yaml"])
+def test_serve_configs_are_valid_serve_configs_with_typed_args(name):
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import AppArgs
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "configs" / name).read_text()))
+    (app,) = config.applications
+    assert app.import_path == "serve.app:build_app"
+    args = AppArgs.model_validate(app.args)
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {"TMRIngress", "PhraseParser", "Grounder", "BackTranslator", "DivergenceEstimator",
+                                "NERExtractor", "REExtractor"}
+    if name == "serve.yaml":
+        assert args.ner_model == "models:/tmr-ner@champion" and args.mde_model == "models:/tmr-mde@champion"
+        assert deployments["BackTranslator"].ray_actor_options.num_gpus == 1
+        assert deployments["BackTranslator"].autoscaling_config["max_replicas"] > 1
+
+
+def test_app_args_reject_unknown_keys_naming_them():
+    from pydantic import ValidationError
+
+    from serve.app import AppArgs
+
+    with pytest.raises(ValidationError, match="ner_modle"):
+        AppArgs.model_validate({"ner_modle": "x"})
+
+
+def test_tiny_phrase_parser_keeps_names_and_determiner_phrases():
+    from serve.deployments import tiny_noun_phrases
+
+    phrases = tiny_noun_phrases(TEXT.split(), max_len=4)
+    spans = {(p["start"], p["end"]) for p in phrases}
+    assert {(0, 2), (4, 7), (8, 9), (3, 7)} <= spans
+    assert all(p["end"] - p["start"] <= 4 and p["text"] == " ".join(TEXT.split()[p["start"]:p["end"]]) for p in phrases)
+    assert tiny_noun_phrases(["rt", "@x", ":", "hello"], 4) == []
+
+
+def test_request_schemas_name_the_bad_field():
+    from pydantic import ValidationError
+
+    from serve.schemas import NERRequest, RERequest
+
+    assert NERRequest(tokens=["a", "b"]).words() == ["a", "b"]
+    for body, field in [({}, "text"), ({"text": "  "}, "text"), ({"text": "a", "tokens": ["a"]}, "tokens"),
+                        ({"tokens": ["a b"]}, "tokens"), ({"text": "a", "mode": "slow"}, "mode")]:
+        with pytest.raises(ValidationError) as info:
+            NERRequest.model_validate(body)
+        assert field in str(info.value)
+    with pytest.raises(ValidationError, match="outside the text"):
+        RERequest.model_validate({"text": "a b c", "head": {"start": 0, "end": 1}, "tail": {"start": 2, "end": 5}})
+
+
+# ----------------------------------------------------------------------------- the deployed app
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from tmr_core.tiny_models import ensure_tiny_models
+
+    tiny = ensure_tiny_models(REPO / ".cache" / "tmr-models")
+    root = tmp_path_factory.mktemp("serve-models")
+    return tiny, make_untrained_checkpoints(root, tiny), root
+
+
+def register_in_mlflow(model_dir: str, tracking_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    from jobs._tracking import register_model
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.create_run(client.create_experiment("tmr-ner-serve-test"))
+    register_model(tracking_uri, run.info.run_id, model_dir, "tmr-ner", alias="champion")
+
+
+@pytest.fixture(scope="module")
+def app(tiny_models, tmp_path_factory):
+    """The tiny app deployed from configs/serve.tiny.yaml; yields its base URL and test assets."""
+    from ray import serve
+
+    from serve.app import deploy_config, load_serve_config
+    from tests.fixtures.ray_cluster import ensure_local_ray
+
+    tiny, checkpoints, root = tiny_models
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    register_in_mlflow(checkpoints["ner"], tracking_uri)
+    images = tmp_path_factory.mktemp("allowed-images")
+    (images / "photo.png").write_bytes(png_bytes())
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    args = tiny_app_args(
+        {**checkpoints, "ner": "models:/tmr-ner@champion"}, tiny, root / "cache",
+        tracking_uri=tracking_uri, image_uri_prefixes=[str(images)], auth_token_env=TOKEN_ENV,
+        max_image_bytes=200_000, max_image_side=512,
+    )
+    ingress_env = {"ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": {TOKEN_ENV: TOKEN}}}}
+    config = load_serve_config(REPO / "configs" / "serve.tiny.yaml", args, {"TMRIngress": ingress_env})
+    ensure_local_ray()
+    url = deploy_config(config, port=free_port())
+    yield {"url": url, "images": images, "checkpoints": checkpoints, "cache": root / "cache"}
+    serve.shutdown()
+
+
+def auth() -> dict:
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def post(app, path, body, headers=None, **kwargs):
+    return requests.post(app["url"] + path, json=body, headers=headers if headers is not None else auth(),
+                         timeout=120, **kwargs)
+
+
+def test_deployments_through_handles(app):
+    """Local-dev pattern: each model step answers through its handle, batched calls equal single ones."""
+    from ray import serve
+
+    from serve.schemas import InputError
+
+    phrases = serve.get_deployment_handle("PhraseParser", app_name="tmr").parse.remote(TEXT.split()).result()
+    assert {"text": "Kevin Durant", "start": 0, "end": 2} in phrases
+    scores = serve.get_deployment_handle("DivergenceEstimator", app_name="tmr").score.remote(
+        TEXT.split(), png_bytes()).result()
+    assert len(scores) == 3 and sum(scores) == pytest.approx(1.0, abs=1e-5)
+
+    ner = serve.get_deployment_handle("NERExtractor", app_name="tmr")
+    rows = [{"tokens": s.split(), "phrases": [], "image": png_bytes(colour=c), "regions": [],
+             "back_translation_uri": None, "back_translation_regions": [], "divergence": [0.5, 0.3, 0.2]}
+            for s, c in [(TEXT, (200, 0, 0)), ("John Smith visits Paris", (0, 200, 0)), ("the car", (0, 0, 200))]]
+    single = [ner.predict.remote(row).result() for row in rows]
+
+    async def together():
+        return await asyncio.gather(*(ner.predict.remote(row) for row in rows))
+
+    batched = asyncio.run(together())
+    for one, many in zip(single, batched, strict=True):
+        assert [(e["type"], e["start"], e["end"]) for e in one["entities"]] == \
+               [(e["type"], e["start"], e["end"]) for e in many["entities"]]
+        for a, b in zip(one["entities"], many["entities"], strict=True):
+            assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+    with pytest.raises(InputError) as info:
+        ner.check.remote(["word"] * 500).result()
+    assert info.value.field == "text"
+
+
+def test_healthz_needs_no_token_and_data_routes_do(app):
+    assert requests.get(app["url"] + "/healthz", timeout=30).json() == {"status": "ok"}
+    for method, path in [("get", "/v1/models"), ("post", "/v1/ner"), ("post", "/v1/re")]:
+        response = getattr(requests, method)(app["url"] + path, json={"text": TEXT}, timeout=30)
+        assert response.status_code == 401, path
+        assert response.json()["detail"][0]["field"] == "Authorization"
+    wrong = requests.get(app["url"] + "/v1/models", headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert wrong.status_code == 401
+    assert requests.get(app["url"] + "/", timeout=30).status_code == 200  # the page holds no data
+    schema = requests.get(app["url"] + "/openapi.json", timeout=30).json()
+    assert {"/v1/ner", "/v1/re", "/healthz", "/v1/models"} <= set(schema["paths"])
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+def test_models_lists_names_versions_and_sources(app):
+    models = requests.get(app["url"] + "/v1/models", headers=auth(), timeout=30).json()
+    by_name = {m["name"]: m for m in models["models"]}
+    assert set(by_name) == {"ner", "re", "mde", "grounder", "back_translator", "phrases"}
+    assert by_name["ner"]["source_uri"] == "models:/tmr-ner@champion" and by_name["ner"]["version"] == "1"
+    assert by_name["re"]["source_uri"] == app["checkpoints"]["re"] and by_name["re"]["version"] is None
+    assert models["default_mode"] == "fast"
+
+
+def test_ner_fast_then_full_then_fast_uses_the_cache(app):
+    body = {"text": TEXT, "image": b64(png_bytes()), "sample_id": "twitter17-0001"}
+    fast = post(app, "/v1/ner", {**body, "mode": "fast"})
+    assert fast.status_code == 200, fast.text
+    result = fast.json()
+    assert result["tokens"] == TEXT.split() and result["mode"] == "fast"
+    assert sum(result["divergence"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert result["back_translation"]["used"] is False  # nothing cached yet, no generation in fast mode
+    for entity in result["entities"]:
+        assert entity["type"] in {"PER", "LOC", "ORG", "MISC"} and 0 <= entity["start"] < entity["end"] <= 9
+        assert entity["text"] == " ".join(TEXT.split()[entity["start"]:entity["end"]]) and 0 < entity["score"] <= 1
+
+    full = post(app, "/v1/ner", {**body, "mode": "full"}).json()
+    assert full["back_translation"]["used"] and not full["back_translation"]["cached"]
+    image = requests.get(app["url"] + full["back_translation"]["url"], headers=auth(), timeout=30)
+    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    assert list(app["cache"].rglob("*.png"))  # written to the shared content-addressed cache
+
+    again = post(app, "/v1/ner", {**body, "mode": "fast"}).json()
+    assert again["back_translation"] == {**full["back_translation"], "cached": True}
+
+
+def test_ner_with_tokens_and_image_uri_and_without_image(app):
+    uri = str(app["images"] / "photo.png")
+    with_uri = post(app, "/v1/ner", {"tokens": TEXT.split(), "image_uri": uri})
+    assert with_uri.status_code == 200, with_uri.text
+    no_image = post(app, "/v1/ner", {"text": TEXT})
+    assert no_image.status_code == 200 and no_image.json()["divergence"] is None
+
+
+def test_re_returns_a_relation_and_probabilities(app):
+    body = {"text": TEXT, "image": b64(png_bytes()), "head": {"start": 0, "end": 2}, "tail": {"start": 4, "end": 7}}
+    response = post(app, "/v1/re", body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["relation"] in result["probabilities"]
+    assert set(result["probabilities"]) == {"None", "/per/loc/place_of_residence", "/per/org/member_of"}
+    assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert result["relation"] == max(result["probabilities"], key=result["probabilities"].get)
+
+
+def _big_png(side: int) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, 8), (1, 2, 3)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _noisy_png(side: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+BAD_REQUESTS = {
+    "missing text": ("/v1/ner", {"image": None}, 422, "text"),
+    "empty text": ("/v1/ner", {"text": "   "}, 422, "text"),
+    "text and tokens": ("/v1/ner", {"text": "a", "tokens": ["a"]}, 422, "tokens"),
+    "text too long": ("/v1/ner", {"text": " ".join(["Paris"] * 300)}, 422, "text"),
+    "unknown field": ("/v1/ner", {"text": "a", "colour": "red"}, 422, "colour"),
+    "bad mode": ("/v1/ner", {"text": "a", "mode": "slow"}, 422, "mode"),
+    "not base64": ("/v1/ner", {"text": "a", "image": "%%%not base64%%%"}, 422, "image"),
+    "not an image": ("/v1/ner", {"text": "a", "image": b64(b"hello, I am text")}, 422, "image"),
+    "image over the byte limit": ("/v1/ner", {"text": "a", "image": "NOISE"}, 413, "image"),
+    "image over the pixel limit": ("/v1/ner", {"text": "a", "image": "WIDE"}, 413, "image"),
+    "image_uri outside the prefixes": ("/v1/ner", {"text": "a", "image_uri": "/etc/passwd"}, 403, "image_uri"),
+    "image_uri as a URL": ("/v1/ner", {"text": "a", "image_uri": "http://169.254.169.254/x"}, 403, "image_uri"),
+    "image_uri not decodable": ("/v1/ner", {"text": "a", "image_uri": "BROKEN"}, 422, "image_uri"),
+    "head outside the text": ("/v1/re", {"text": "a b c", "head": {"start": 2, "end": 4},
+                                         "tail": {"start": 0, "end": 1}}, 422, "head"),
+    "tail end before start": ("/v1/re", {"text": "a b c", "head": {"start": 0, "end": 1},
+                                         "tail": {"start": 2, "end": 1}}, 422, "tail"),
+    "missing tail": ("/v1/re", {"text": "a b c", "head": {"start": 0, "end": 1}}, 422, "tail"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_is_a_4xx_naming_the_field(app, case):
+    path, body, status, field = BAD_REQUESTS[case]
+    body = dict(body)
+    if body.get("image") == "NOISE":
+        body["image"] = b64(_noisy_png(300))  # ~270 kB > the 200 kB limit
+    if body.get("image") == "WIDE":
+        body["image"] = b64(_big_png(600))  # 600 px > the 512 px limit
+    if body.get("image_uri") == "BROKEN":
+        body["image_uri"] = str(app["images"] / "broken.png")
+    response = post(app, path, body)
+    assert response.status_code == status, response.text
+    (detail,) = response.json()["detail"]
+    assert detail["field"] == field, detail
+    assert detail["msg"]
+
+
+def test_malformed_json_and_oversized_bodies_are_4xx_and_the_replicas_survive(app):
+    response = requests.post(app["url"] + "/v1/ner", data=b'{"text": "a", ', timeout=30,
+                             headers={**auth(), "Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["detail"][0]["field"] == "body"
+    huge = requests.post(app["url"] + "/v1/ner", data=b"x" * 2_000_000, timeout=30,
+                         headers={**auth(), "Content-Type": "application/json"})
+    assert huge.status_code == 413 and huge.json()["detail"][0]["field"] == "body"
+    unknown_image = requests.get(app["url"] + "/v1/back-translations/" + "0" * 64, headers=auth(), timeout=30)
+    assert unknown_image.status_code == 404
+    traversal = requests.get(app["url"] + "/v1/back-translations/..%2F..%2Fetc", headers=auth(), timeout=30)
+    assert traversal.status_code in (404, 422)
+    # after every bad request above, the same replicas still answer a good one
+    ok = post(app, "/v1/ner", {"text": TEXT, "image": b64(png_bytes())})
+    assert ok.status_code == 200, ok.text
+    assert json.loads(ok.text)["tokens"] == TEXT.split()
