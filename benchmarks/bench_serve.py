@@ -136,7 +136,8 @@ def in_process_latencies(args: dict, image: bytes, count: int, time_limit_s: flo
 
     async def run() -> list[float]:
         latencies: list[float] = []
-        await pipeline.ner_request(NERRequest(text=SENTENCES[0], mode="fast"), image)  # warm-up
+        for sentence in SENTENCES:  # warm-up, as http_load does
+            await pipeline.ner_request(NERRequest(text=sentence, mode="fast"), image)
         deadline = time.perf_counter() + time_limit_s
         for i in range(count):
             started = time.perf_counter()
