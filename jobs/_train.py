@@ -77,6 +77,7 @@ class DebugConfig:
 
     step_delay_s: float = opt(0.0, "Sleep after each training step (lets a test kill a worker mid-run).")
     max_steps_per_epoch: int | None = opt(None, "Stop each epoch after this many steps; null: the whole shard.")
+    max_eval_rows: int | None = opt(None, "Score only the first N valid/test rows; null: all of them.")
     worker_pid_file: str | None = opt(
         None, "Rank 0 appends its process id here at each (re)start, so a test can kill it from outside."
     )
@@ -328,12 +329,17 @@ def persist_local_checkpoint(source: str, folder: str, name: str, storage_option
 
 
 def latest_local_checkpoint(folder: str) -> str | None:
-    """The newest complete ``checkpoint_epoch_*`` folder under a local run folder, or None."""
+    """The newest complete ``checkpoint_epoch_*`` folder under a local run folder, or None.
+
+    Complete means every file a resume reads is there (a worker killed while uploading leaves a
+    partial folder behind).
+    """
     if not os.path.isdir(folder):
         return None
+    needed = (STATE_FILE, os.path.join(MODEL_DIR, "model.safetensors"), os.path.join(MODEL_DIR, "config.json"))
     names = sorted(n for n in os.listdir(folder)
                    if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", n)
-                   and os.path.isfile(os.path.join(folder, n, STATE_FILE)))
+                   and all(os.path.isfile(os.path.join(folder, n, f)) for f in needed))
     return os.path.join(folder, names[-1]) if names else None
 
 
@@ -341,14 +347,20 @@ def restore_or_start(model: Any, optimizer: Any, scheduler: Any, folder: str, lo
                      mlflow_run_id: str | None = None) -> TrainState:
     """Load the latest checkpoint into the model/optimizer/scheduler if there is one.
 
-    Ray hands it back after a worker failure or on a resubmitted run; local mode looks in
-    ``folder``. Returns the restored :class:`TrainState` (``attempts`` + 1), or a fresh one.
+    Ray hands it back after a worker failure or on a resubmitted run. When it has none, a local
+    run folder is searched too: local mode keeps no Ray storage, and a worker killed right after
+    uploading a checkpoint can die before the controller registered it.
+    Returns the restored :class:`TrainState` (``attempts`` + 1), or a fresh one.
     """
     import ray.train
     from safetensors.torch import load_model
 
+    from tmr_core import storage
+
     checkpoint = ray.train.get_checkpoint()
-    local_path = latest_local_checkpoint(folder) if (checkpoint is None and local_mode) else None
+    local_path = None
+    if checkpoint is None and not storage.is_remote(folder):
+        local_path = latest_local_checkpoint(folder)
     if checkpoint is None and local_path is None:
         return TrainState(mlflow_run_id=mlflow_run_id)
     with (checkpoint.as_directory() if checkpoint is not None else _nullcontext(local_path)) as directory:
@@ -451,12 +463,18 @@ class Progress:
 
 
 def shard_batches(shard: Any, batch_size: int, collate: Any, max_steps: int | None = None,
-                  step_delay_s: float = 0.0):
-    """Rows of a Ray Data shard (or a list of row dicts in tests/benchmarks) as collated batches."""
+                  step_delay_s: float = 0.0, shuffle_seed: int | None = None):
+    """Rows of a Ray Data shard (or a list of row dicts in tests/benchmarks) as collated batches.
+
+    ``shuffle_seed`` shuffles a Ray shard through a local buffer of 8 batches (cheap, streaming),
+    with a different order per epoch when the caller passes ``seed + epoch``.
+    """
     if isinstance(shard, list):
         chunks = (shard[i:i + batch_size] for i in range(0, len(shard), batch_size))
     else:
-        chunks = (b.to_pylist() for b in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"))
+        shuffle = {} if shuffle_seed is None else {
+            "local_shuffle_buffer_size": 8 * batch_size, "local_shuffle_seed": shuffle_seed}
+        chunks = (b.to_pylist() for b in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", **shuffle))
     for step, rows in enumerate(chunks):
         if max_steps is not None and step >= max_steps:
             break

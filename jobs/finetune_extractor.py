@@ -255,13 +255,14 @@ def train_loop_per_worker(loop: dict) -> None:
               f"(attempt {state.attempts})", flush=True)
     _train.announce_pid(cfg.debug)
     train_shard = ray.train.get_dataset_shard("train")
-    valid_rows = _train.dataset_rows(ray.train.get_dataset_shard("valid")) if rank0 else []
+    valid_rows = _train.dataset_rows(ray.train.get_dataset_shard("valid"))[:cfg.debug.max_eval_rows] if rank0 else []
     scorer = score_fn(cfg.task)
     progress = _train.Progress("finetune_extractor", cfg.optim.epochs)
     for epoch in range(state.epoch, cfg.optim.epochs):
         progress.epoch_start()
         batches = _train.shard_batches(train_shard, cfg.optim.batch_size, collate,
-                                       cfg.debug.max_steps_per_epoch, cfg.debug.step_delay_s)
+                                       cfg.debug.max_steps_per_epoch, cfg.debug.step_delay_s,
+                                       shuffle_seed=cfg.seed + epoch)
         stats = train_epoch(model, as_model_inputs(batches), optimizer, scheduler, device, cfg.optim.grad_clip,
                             on_step=lambda step, loss, e=epoch: rank0 and progress.step(e, step, state.global_step, loss))
         metrics = {"epoch": epoch + 1, "train_loss": stats["loss"], "lr": scheduler.get_last_lr()[0]}
@@ -313,7 +314,7 @@ def finalize(cfg: Config, folder: str, tracking_uri: str | None, run_id: str | N
     with tempfile.TemporaryDirectory() as tmp:
         best_dir, state = _train.best_model_dir(folder, tmp, options)
         model = TMRExtractor.from_pretrained(best_dir, device=cfg.device)
-    rows = _train.read_rows(cfg.data.dataset, "test", options)
+    rows = _train.read_rows(cfg.data.dataset, "test", options, cfg.debug.max_eval_rows)
     gold, pred = predict_rows(model, rows, model.collator(options), cfg.optim.eval_batch_size, cfg.device)
     metrics: dict = {"best_epoch": state.best_epoch, "best_" + MONITOR: state.best_metric,
                      "global_step": state.global_step, "train_time_s": train_time_s, "attempts": state.attempts}
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     train_ds = splits["train"]
     if cfg.data.train_fraction < 1.0:
         train_ds = train_ds.random_sample(cfg.data.train_fraction, seed=cfg.seed)
-    train_ds = train_ds.random_shuffle(seed=cfg.seed).materialize()
+    train_ds = train_ds.materialize()
     train_rows = train_ds.count()
     if train_rows == 0:
         raise ConfigError([f"--data.train_fraction {cfg.data.train_fraction}: no training row left"])

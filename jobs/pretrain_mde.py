@@ -180,7 +180,7 @@ def train_loop_per_worker(loop: dict) -> None:
               flush=True)
     _train.announce_pid(cfg.debug)
     train_shard = ray.train.get_dataset_shard("train")
-    valid_rows = _train.dataset_rows(ray.train.get_dataset_shard("valid")) if rank0 else []
+    valid_rows = _train.dataset_rows(ray.train.get_dataset_shard("valid"))[:cfg.debug.max_eval_rows] if rank0 else []
     progress = _train.Progress("pretrain_mde", cfg.optim.epochs)
     for epoch in range(state.epoch, cfg.optim.epochs):
         remaining = loop["total_steps"] - state.global_step
@@ -188,7 +188,8 @@ def train_loop_per_worker(loop: dict) -> None:
             break
         cap = min(remaining, cfg.debug.max_steps_per_epoch or remaining)
         progress.epoch_start()
-        batches = _train.shard_batches(train_shard, cfg.optim.batch_size, collate, cap, cfg.debug.step_delay_s)
+        batches = _train.shard_batches(train_shard, cfg.optim.batch_size, collate, cap, cfg.debug.step_delay_s,
+                                       shuffle_seed=cfg.seed + epoch)
         stats = train_epoch(model, batches, optimizer, scheduler, device, cfg.optim.grad_clip,
                             on_step=lambda step, loss, e=epoch: rank0 and progress.step(e, step, state.global_step, loss))
         metrics = {"epoch": epoch + 1, "train_loss": stats["loss"], "lr": scheduler.get_last_lr()[0]}
@@ -239,7 +240,7 @@ def finalize(cfg: Config, folder: str, tracking_uri: str | None, run_id: str | N
         metrics["head_fit_loss"] = fit["loss"]
     model.eval()
     for split in [cfg.data.valid_split, *cfg.data.test_splits]:
-        rows = _train.read_rows(cfg.data.corpus, split, options)
+        rows = _train.read_rows(cfg.data.corpus, split, options, cfg.debug.max_eval_rows)
         for key, value in evaluate_rows(model, rows, collate, cfg.optim.eval_batch_size, cfg.device).items():
             metrics[f"{split}_{key}"] = value
     model_dir = _save_outputs(cfg, model, metrics)
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     train_ds = _data.read_split(cfg.data.corpus, cfg.data.train_split, options)
     if cfg.data.max_train_rows:
         train_ds = train_ds.limit(cfg.data.max_train_rows)
-    train_ds = train_ds.random_shuffle(seed=cfg.seed).materialize()
+    train_ds = train_ds.materialize()
     valid_ds = _data.read_split(cfg.data.corpus, cfg.data.valid_split, options)
     tracking_uri = run_id = None
     if cfg.tracking.enabled:

@@ -19,7 +19,7 @@ import torch
 
 from jobs import _train
 
-FAST = ["--debug.max_steps_per_epoch", "3", "--optim.batch_size", "8", "--optim.eval_batch_size", "64"]
+FAST = ["--debug.max_steps_per_epoch", "3", "--debug.max_eval_rows", "32", "--optim.batch_size", "8", "--optim.eval_batch_size", "64"]
 
 
 def make_stage_tables(benchmark: Path, task: str, out: Path) -> Path:
