@@ -182,6 +182,17 @@ def test_pool_grows_onto_a_node_added_mid_job(ray_multinode, stage_models, tmp_p
     job.start()
     wait_for(lambda: len(pngs(tmp_path / "cache")) >= 2, 120, "the first batch", job)
     second = cluster.add_node(num_cpus=1, resources={"fake_gpu": 1})
+    # Freeze the first actor (a slow GPU) so the job cannot end before a new actor could start;
+    # its queued batches keep the pool's utilisation high, and only a new actor can make progress.
+    frozen = generation_actor_pids()
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        done = len(pngs(tmp_path / "cache"))
+        wait_for(lambda: len(pngs(tmp_path / "cache")) > done, 180, "an actor on the added node", job)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
     assert job.finish(240) == 0
     assert_every_row_once_and_images_whole(tmp_path / "out", tmp_path / "cache", n)
     per_node = json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())["summary"]["rows_per_node"]
