@@ -222,7 +222,8 @@ def register_model(
     tracking_uri: str, run_id: str, model_dir: str, name: str, alias: str = "champion",
     tags: dict[str, str] | None = None,
 ) -> str:
-    """Log ``model_dir`` (config.json + model.safetensors) as the run's ``model`` artifacts and
+    """Log ``model_dir`` (config.json + model.safetensors) as the run's ``model`` artifacts (``model-2``
+    and so on when the run already registered one) and
     register it as a new version of ``name`` carrying ``alias``; returns the version number.
 
     Raises:
@@ -234,12 +235,17 @@ def register_model(
         if not os.path.isfile(os.path.join(model_dir, file_name)):
             raise FileNotFoundError(f"{model_dir}: missing {file_name}; register a save_pretrained folder")
     client = _client(tracking_uri)
-    client.log_artifacts(run_id, model_dir, MODEL_ARTIFACT_PATH)
+    # A version's source must never be overwritten: a second registration from the same run
+    # (a resubmitted job) goes to model-2/, model-3/, …
+    taken = {os.path.basename(a.path) for a in client.list_artifacts(run_id)}
+    artifact_path = next(p for p in (MODEL_ARTIFACT_PATH, *(f"{MODEL_ARTIFACT_PATH}-{k}" for k in range(2, 10**6)))
+                         if p not in taken)
+    client.log_artifacts(run_id, model_dir, artifact_path)
     try:
         client.get_registered_model(name)
     except Exception:  # noqa: BLE001 - MlflowException RESOURCE_DOES_NOT_EXIST
         client.create_registered_model(name)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
     version = client.create_model_version(name, source=source, run_id=run_id, tags=tags or {})
     client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)

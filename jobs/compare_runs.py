@@ -150,7 +150,7 @@ def ablation_rows(runs: list[RunRecord], metric: str, ambiguous_metric: str) -> 
     """One row per (task, dataset, ablation) over full-data runs; Δ against the full model."""
     groups: dict[tuple, list[RunRecord]] = {}
     for run in runs:
-        if run.experiment == "tmr-mde" or "tmr.ablation" not in run.tags or run.fraction < 1.0:
+        if run.tags.get("tmr.task") == "mde" or "tmr.ablation" not in run.tags or run.fraction < 1.0:
             continue
         key = (run.tags.get("tmr.task"), run.tags.get("tmr.dataset"), run.tags["tmr.ablation"])
         groups.setdefault(key, []).append(run)
@@ -175,7 +175,7 @@ def low_resource_rows(runs: list[RunRecord], metric: str) -> list[dict]:
     """Test F1 per (task, dataset, ablation, train fraction), mean over seeds (Fig. 4)."""
     groups: dict[tuple, list[float]] = {}
     for run in runs:
-        if run.experiment == "tmr-mde" or metric not in run.metrics:
+        if run.tags.get("tmr.task") == "mde" or metric not in run.metrics:
             continue
         key = (run.tags.get("tmr.task"), run.tags.get("tmr.dataset"), run.tags.get("tmr.ablation"), run.fraction)
         groups.setdefault(key, []).append(run.metrics[metric])
@@ -195,7 +195,7 @@ def mde_rows(runs: list[RunRecord], metrics: list[str]) -> list[dict]:
     """In-domain and out-of-domain F1 per MDE objective (Table 3), mean over seeds."""
     groups: dict[str, list[RunRecord]] = {}
     for run in runs:
-        if run.experiment == "tmr-mde" and "tmr.loss" in run.tags:
+        if run.tags.get("tmr.task") == "mde" and "tmr.loss" in run.tags:
             groups.setdefault(run.tags["tmr.loss"], []).append(run)
     order = ["ce", "ce_negative_sampling", "supcon"]
     rows = []
