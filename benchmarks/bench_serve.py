@@ -236,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"smoke_test": options.smoke_test, "requests": options.requests,
                                "time_limit_s": options.time_limit}
     results["in_process"] = percentiles(in_process_latencies(args, image, options.requests, options.time_limit))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": a fresh loopback cluster even when another one runs on this machine
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
     try:
         for name, batch_size in (("batched", 16), ("unbatched", 1)):
             url = deploy(args, free_port(), batch_size)

@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--set {item!r}: expected KEY=VALUE")
         overrides[key] = yaml.safe_load(value)
     config = load_serve_config(options.config, overrides)
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         url = deploy_config(config, port=options.port)
         print(f"TMR app running at {url} (docs: {url}/docs, demo page: {url}/)")
