@@ -213,7 +213,7 @@ def _collect_stats(ds: Any) -> tuple[dict[str, int], dict[str, Any]]:
     table = pa.concat_tables(ray.get(ds.select_columns(["split", *private]).to_arrow_refs()))
     dropped = table.column(DROP_COLUMN).to_pylist() if DROP_COLUMN in private else [False] * table.num_rows
     rows: dict[str, int] = {}
-    for split, drop in zip(table.column("split").to_pylist(), dropped):
+    for split, drop in zip(table.column("split").to_pylist(), dropped, strict=True):
         rows[split] = rows.get(split, 0) + (0 if drop else 1)
     stats: dict[str, Any] = {}
     for name in private:

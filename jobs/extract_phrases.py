@@ -93,7 +93,7 @@ class ExtractPhrases:
         if self._parser is not None:
             trees = self._parser.parse(batch.column("tokens").to_pylist())
         else:
-            keys = zip(*(batch.column(c).to_pylist() for c in ("split", "image_id", "id")))
+            keys = zip(*(batch.column(c).to_pylist() for c in ("split", "image_id", "id")), strict=True)
             trees = [self._gold_tree(split, image_id, sample_id) for split, image_id, sample_id in keys]
         phrases = [
             [{"text": p.text, "start": p.start, "end": p.end} for p in noun_phrases(tree, self.cfg.max_phrase_len)]

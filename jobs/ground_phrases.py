@@ -106,7 +106,7 @@ class GroundPhrases:
                    if "back_translation_uri" in batch.column_names else [None] * n)
         phrase_rows = batch.column("phrases").to_pylist() if "phrases" in batch.column_names else [[]] * n
         regions, bt_regions, missing, bt_missing = [], [], [], []
-        for sample_id, image_uri, bt_uri, phrases in zip(ids, image_uris, bt_uris, phrase_rows):
+        for sample_id, image_uri, bt_uri, phrases in zip(ids, image_uris, bt_uris, phrase_rows, strict=True):
             texts = [p["text"] for p in phrases or []]
             real, real_missing = self._regions(sample_id, image_uri, texts, "image_uri")
             back, back_missing = self._regions(sample_id, bt_uri, texts, "back_translation_uri")

@@ -99,14 +99,14 @@ class ScoreDivergence:
     def __call__(self, batch: Any) -> Any:
         ids = batch.column("id").to_pylist()
         tokens = batch.column("tokens").to_pylist()
-        images = [self._image_or_none(i, u) for i, u in zip(ids, batch.column("image_uri").to_pylist())]
+        images = [self._image_or_none(i, u) for i, u in zip(ids, batch.column("image_uri").to_pylist(), strict=True)]
         scored = [i for i, image in enumerate(images) if image is not None]
         divergence: list[list[float] | None] = [None] * len(ids)
         if scored:
             inputs = self.collator([{"id": ids[i], "tokens": tokens[i], "image": images[i]} for i in scored])
             inputs = {k: v.to(self.cfg.device) for k, v in inputs.items()}
             probs = self.model.score(**inputs).float().cpu()  # (B, 3): strengthen, complement, weaken
-            for row, p in zip(scored, probs.tolist()):
+            for row, p in zip(scored, probs.tolist(), strict=True):
                 divergence[row] = p
         missing = [image is None for image in images]
         return add_columns(batch, JOB, {

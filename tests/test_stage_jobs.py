@@ -291,3 +291,27 @@ def test_missing_and_corrupt_images_follow_on_missing_image(ray_local, stage_mod
     strict = ground_phrases.GroundPhrases(parse_config(ground_phrases.Config, [*common, "--on_missing_image", "error"]))
     with pytest.raises(FileNotFoundError, match="'gone'.*missing.png.*on_missing_image"):
         strict(batch)
+
+
+# --------------------------------------------------------------------------- CUDA (gpu marker, off by default)
+
+
+@pytest.mark.gpu
+def test_fp16_generation_on_cuda_through_the_job(ray_local, stage_models, small_dataset, tmp_path, capsys):
+    from jobs import generate_back_translations
+
+    assert torch.cuda.is_available(), "the gpu marker needs a CUDA device"
+    settings = GenerationSettings(model=stage_models["text_to_image"], scheduler="EulerDiscreteScheduler", steps=2,
+                                  guidance_scale=1.0, height=32, width=32, dtype="float16", device="cuda")
+    translator = BackTranslator(settings, str(tmp_path / "direct"))
+    assert translator.pipeline.unet.dtype == torch.float16 and translator.pipeline.device.type == "cuda"
+    results = translator(["Dell is trending right now", "Happy birthday to Ford !"], [1, 2])
+    assert all(r.error is None for r in results)
+    again = BackTranslator(settings, str(tmp_path / "again"), pipeline=translator.pipeline)(["Dell is trending right now"], [1])[0]
+    assert Image.open(again.uri).tobytes() == Image.open(results[0].uri).tobytes()  # seeded CUDA generators
+
+    assert generate_back_translations.main([
+        "--input", str(small_dataset), "--output", str(tmp_path / "bt"), "--cache_uri", str(tmp_path / "cache"),
+        "--generation.model", stage_models["text_to_image"], *TINY_GENERATION, "--generation.dtype", "float16",
+        "--generation.device", "cuda", "--compute.num_gpus", "1", "--compute.batch_size", "6"]) == 0
+    assert "generated 18 | cached 0 | failed 0" in capsys.readouterr().out

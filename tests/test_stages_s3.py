@@ -25,8 +25,8 @@ def upload_folder(s3, bucket: str, folder: Path, prefix: str) -> None:
         s3.put_object(Bucket=bucket, Key=f"{prefix}/{path.relative_to(folder)}", Body=path.read_bytes())
 
 
-def test_whole_chain_against_an_s3_endpoint(ray_local, s3_endpoint, s3_bucket, stage_models, stage_benchmark,
-                                            small_dataset, mde_checkpoint, tmp_path, capsys):
+def test_whole_chain_against_an_s3_endpoint(ray_local, s3_endpoint, s3_bucket, stage_models, stage_benchmark,  # noqa: F811
+                                            small_dataset, mde_checkpoint, tmp_path, capsys):  # noqa: F811
     import boto3
 
     from jobs import extract_phrases, generate_back_translations, ground_phrases, score_divergence
@@ -39,7 +39,7 @@ def test_whole_chain_against_an_s3_endpoint(ray_local, s3_endpoint, s3_bucket, s
     for split in ("valid", "test"):
         table = pq.read_table(small_dataset / f"{split}.parquet")
         uris = [f"{bucket}/images/{Path(u).name}" for u in table.column("image_uri").to_pylist()]
-        for local, remote in zip(table.column("image_uri").to_pylist(), uris):
+        for local, remote in zip(table.column("image_uri").to_pylist(), uris, strict=True):
             s3.put_object(Bucket=s3_bucket, Key=remote.split("/", 3)[3], Body=Path(local).read_bytes())
         table = table.set_column(table.schema.get_field_index("image_uri"), "image_uri", [uris])
         pq.write_table(table, dataset / f"{split}.parquet")

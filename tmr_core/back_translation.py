@@ -212,7 +212,7 @@ class BackTranslator:
             raise ValueError(f"prompts and seeds differ in length: {len(prompts)} vs {len(seeds)}")
         results: list[BackTranslation | None] = [None] * len(prompts)
         todo: list[int] = []
-        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
             if not isinstance(prompt, str) or not prompt.strip():
                 results[i] = BackTranslation(None, f"bad prompt: expected a non-empty sentence, got {prompt!r}", False)
                 continue
@@ -221,7 +221,8 @@ class BackTranslator:
                 results[i] = BackTranslation(uri, None, True)
             else:
                 todo.append(i)
-        for i, outcome in zip(todo, self._generate_isolating_failures([prompts[i] for i in todo], [seeds[i] for i in todo])):
+        outcomes = self._generate_isolating_failures([prompts[i] for i in todo], [seeds[i] for i in todo])
+        for i, outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, str):
                 results[i] = BackTranslation(None, outcome, False)
                 continue
@@ -244,7 +245,7 @@ class BackTranslator:
             if len(prompts) == 1:
                 return [f"{type(exc).__name__}: {exc}"[:500]]
         outcomes: list[Any] = []
-        for prompt, seed in zip(prompts, seeds):
+        for prompt, seed in zip(prompts, seeds, strict=True):
             outcomes.extend(self._generate_isolating_failures([prompt], [seed]))
         return outcomes
 

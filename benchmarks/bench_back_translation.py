@@ -1,0 +1,196 @@
+"""Back-translation throughput: the Ray Data job (1 actor) vs a plain diffusers loop, and a cached rerun.
+
+    python -m benchmarks.bench_back_translation                 # tiny pipeline on CPU, ~2-3 minutes
+    python -m benchmarks.bench_back_translation --smoke-test    # one row, seconds after startup
+    python -m benchmarks.bench_back_translation --model stabilityai/stable-diffusion-2 --device cuda \\
+        --dtype float16 --height 768 --width 768 --steps 50 --batch-size 8 --num-gpus 1
+
+Side by side in one run, on the same pipeline, prompts, seeds and batch size:
+
+1. plain loop: load the pipeline, then per batch ``pipeline(prompts, generator=[per-sample])``,
+   PNG-encode and write each image (what a hand-written script does);
+2. job: ``jobs.generate_back_translations`` with a 1-actor pool over the same rows, end to end
+   (Ray Data read, actor start and pipeline load, generation, cache writes, table write);
+3. cached rerun: the same job again (``--force true``): every image is a cache hit.
+
+Both timed runs include loading the pipeline. The number of rows is calibrated on a warm-up batch
+so the plain loop does at least ``--seconds`` of work. Prints the ratios and writes JSON.
+Goals (issue 7): job throughput ≥ 0.90× the plain loop (≥ 0.95× for fp16 on a GPU); cached
+rerun ≤ 5% of the first run's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="benchmarks.bench_back_translation", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="diffusers pipeline; default: the tiny text-to-image model")
+    parser.add_argument("--scheduler", default="EulerDiscreteScheduler")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs for the job's actor")
+    parser.add_argument("--actor-cpus", type=float, default=float(os.cpu_count() or 1),
+                        help="CPUs for the actor (Ray sets the actor's torch threads from it)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="plain-loop work to calibrate the row count for")
+    parser.add_argument("--max-rows", type=int, default=4096)
+    parser.add_argument("--smoke-test", action="store_true", help="one row: checks the code path, no timing goals")
+    parser.add_argument("--output", default="outputs/bench/back_translation.json")
+    return parser.parse_args(argv)
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def write_rows(folder: Path, n: int) -> list[dict]:
+    """``n`` distinct sentences as a one-split NER table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tmr_core.schema import base_schema
+
+    words = "Taylor Swift wins the award at a music show in New York with her band tonight".split()
+    rows = []
+    for i in range(n):
+        tokens = [words[(i * 7 + k) % len(words)] for k in range(4 + i % 5)] + [f"#{i}"]
+        rows.append({"id": f"b{i:05d}", "split": "test", "task": "ner", "tokens": tokens,
+                     "tags": ["O"] * len(tokens), "image_id": f"b{i:05d}", "image_uri": None})
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=base_schema("ner")), folder / "test.parquet")
+    return rows
+
+
+def plain_loop(settings, rows: list[dict], batch_size: int, out_dir: Path) -> float:
+    """Seconds for: load the pipeline, generate every row batch by batch, write PNGs."""
+    import torch
+
+    from tmr_core.back_translation import encode_png, load_pipeline, prompt_from_tokens, sample_seed
+
+    sync(settings.device)
+    start = time.perf_counter()
+    pipeline = load_pipeline(settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i:i + batch_size]
+        generators = [torch.Generator(settings.device).manual_seed(sample_seed(r["id"])) for r in batch]
+        with torch.inference_mode():
+            images = pipeline(prompt=[prompt_from_tokens(r["tokens"]) for r in batch],
+                              num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+                              height=settings.height, width=settings.width, generator=generators,
+                              output_type="pil").images
+        for row, image in zip(batch, images, strict=True):
+            (out_dir / f"{row['id']}.png").write_bytes(encode_png(image))
+    sync(settings.device)
+    return time.perf_counter() - start
+
+
+def seconds_per_image(settings, batch_size: int) -> float:
+    """Warm-up: per-image time of one warm batch (the pipeline is loaded and run once first)."""
+    import torch
+
+    from tmr_core.back_translation import load_pipeline
+
+    pipeline = load_pipeline(settings)
+    kwargs = dict(num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+                  height=settings.height, width=settings.width, output_type="pil")
+    prompts = ["a warm up sentence"] * batch_size
+    with torch.inference_mode():
+        pipeline(prompt=prompts, generator=[torch.Generator(settings.device).manual_seed(0)] * batch_size, **kwargs)
+        sync(settings.device)
+        start = time.perf_counter()
+        pipeline(prompt=prompts, generator=[torch.Generator(settings.device).manual_seed(1)] * batch_size, **kwargs)
+        sync(settings.device)
+    return (time.perf_counter() - start) / batch_size
+
+
+def run_job(args, model: str, inp: Path, out: Path, cache: Path, *extra: str) -> tuple[float, dict]:
+    from jobs import generate_back_translations
+
+    argv = ["--input", str(inp), "--output", str(out), "--cache_uri", str(cache),
+            "--generation.model", model, "--generation.scheduler", args.scheduler,
+            "--generation.steps", str(args.steps), "--generation.guidance_scale", str(args.guidance_scale),
+            "--generation.height", str(args.height), "--generation.width", str(args.width),
+            "--generation.dtype", args.dtype, "--generation.device", args.device,
+            "--compute.min_actors", "1", "--compute.max_actors", "1", "--compute.batch_size", str(args.batch_size),
+            "--compute.num_cpus", str(args.actor_cpus), "--compute.num_gpus", str(args.num_gpus), *extra]
+    start = time.perf_counter()
+    assert generate_back_translations.main(argv) == 0
+    seconds = time.perf_counter() - start
+    return seconds, json.loads((out / "_SUCCESS.json").read_text())["summary"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+
+    from tmr_core.back_translation import GenerationSettings
+
+    args = parse_args(argv)
+    model = args.model
+    if model is None:
+        from tmr_core.tiny_models import ensure_tiny_models
+
+        model = ensure_tiny_models()["text_to_image"]
+    settings = GenerationSettings(model=model, scheduler=args.scheduler, steps=args.steps,
+                                  guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                                  dtype=args.dtype, device=args.device)
+    if args.smoke_test:
+        rows_n, per_image = 1, float("nan")
+    else:
+        per_image = seconds_per_image(settings, args.batch_size)
+        rows_n = min(args.max_rows, args.batch_size * math.ceil(args.seconds / per_image / args.batch_size))
+    print(f"[bench] {rows_n} rows; warm per-image time {per_image:.4f}s; model {model}")
+
+    work = Path(tempfile.mkdtemp(prefix="bench-bt-"))
+    try:
+        rows = write_rows(work / "in", rows_n)
+        plain_s = plain_loop(settings, rows, args.batch_size, work / "plain")
+
+        ray.init(num_cpus=math.ceil(args.actor_cpus) + 1, num_gpus=math.ceil(args.num_gpus), include_dashboard=False,
+                 log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        job_s, job_summary = run_job(args, model, work / "in", work / "out", work / "cache")
+        cached_s, cached_summary = run_job(args, model, work / "in", work / "out", work / "cache", "--force", "true")
+        ray.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    result = {
+        "device": args.device, "dtype": args.dtype, "model": model, "steps": args.steps,
+        "size": [args.height, args.width], "batch_size": args.batch_size, "rows": rows_n,
+        "plain_loop": {"seconds": plain_s, "images_per_s": rows_n / plain_s},
+        "job": {"seconds": job_s, "images_per_s": rows_n / job_s, "summary": job_summary},
+        "cached_rerun": {"seconds": cached_s, "summary": cached_summary},
+        "throughput_ratio_job_vs_plain": plain_s / job_s,
+        "cached_rerun_time_fraction": cached_s / job_s,
+        "goals": {"throughput_ratio_min": 0.95 if args.device.startswith("cuda") else 0.90, "cached_fraction_max": 0.05},
+    }
+    print(f"[bench] plain loop   {plain_s:8.2f}s  {rows_n / plain_s:8.2f} images/s")
+    print(f"[bench] Ray Data job {job_s:8.2f}s  {rows_n / job_s:8.2f} images/s  "
+          f"(ratio {result['throughput_ratio_job_vs_plain']:.3f}×, goal ≥ {result['goals']['throughput_ratio_min']})")
+    print(f"[bench] cached rerun {cached_s:8.2f}s  ({100 * result['cached_rerun_time_fraction']:.1f}% of the first run, "
+          f"goal ≤ 5%; generated {cached_summary.get('generated')}, cached {cached_summary.get('cached')})")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    print(f"[bench] wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
