@@ -22,10 +22,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[test,plots]"
+	@# the browser test drives Debian's chromium (never a downloaded browser build)
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+		echo "warning: chromium not installed; tests/test_serve_browser.py will fail"; }
 	@touch $(STAMP)
 
 demo: install
-	$(PY) -m jobs.run_demo
+	$(PY) -m jobs.run_demo --config configs/demo.tiny.yaml
 
 test: install
 	$(PY) -m pytest -q

@@ -293,10 +293,9 @@ def run_stage(stage: Stage) -> None:
         raise RuntimeError(f"stage {stage.id} (jobs.{stage.job}) exited with code {code}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(Config, argv, prog="jobs.run_pipeline")
+def execute(cfg: Config) -> tuple[list[Stage], dict[str, float | None], float]:
+    """Run (or skip) every planned stage; returns the stages, per-stage seconds (None: skipped), total."""
     check_config(cfg)
-    print_config(cfg, "run_pipeline")
     if cfg.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
     stages = plan(cfg)
@@ -331,14 +330,23 @@ def main(argv: list[str] | None = None) -> int:
             write_marker(cfg.workdir, stage, fingerprint, ran[stage.id])
         if stage.id == cfg.stop_after:
             break
+    return stages, ran, time.perf_counter() - started
 
-    total = time.perf_counter() - started
+
+def print_summary(cfg: Config, stages: list[Stage], ran: dict[str, float | None], total: float) -> None:
     print("\n## Pipeline summary\n")
     print(summary_table(cfg, stages, ran))
     if any(s.job == "finetune_extractor" and s.id in ran for s in stages):
-        print("\n## NER / RE: full model vs text only (synthetic benchmark test split)\n")
+        print("\n## NER / RE: full model vs text only (test split)\n")
         print(f1_table(cfg, [s for s in stages if s.id in ran]))
     print(f"\nTotal {total:.1f} s. Outputs under {cfg.workdir}/.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(Config, argv, prog="jobs.run_pipeline")
+    print_config(cfg, "run_pipeline")
+    stages, ran, total = execute(cfg)
+    print_summary(cfg, stages, ran, total)
     return 0
 
 

@@ -65,8 +65,10 @@ def test_every_job_has_a_config_and_a_tiny_config(name):
     # Imported here, not at collection, so one broken job module fails one test, not the file.
     if not hasattr(importlib.import_module(f"jobs.{name}"), "Config"):
         return  # a helper script with no config needs no YAML
-    for file_name in (f"{name}.yaml", f"{name}.tiny.yaml"):
-        assert (CONFIGS / file_name).is_file(), f"configs/{file_name} is missing for jobs/{name}.py"
+    stems = [name] + ([name.removeprefix("run_")] if name.startswith("run_") else [])  # run_pipeline: pipeline.yaml
+    for suffix in (".yaml", ".tiny.yaml"):
+        assert any((CONFIGS / f"{stem}{suffix}").is_file() for stem in stems), (
+            f"configs/{name}{suffix} is missing for jobs/{name}.py")
 
 
 def test_matching_rules(tmp_path):
