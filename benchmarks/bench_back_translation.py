@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -43,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs for the job's actor")
-    parser.add_argument("--actor-cpus", type=float, default=float(os.cpu_count() or 1),
-                        help="CPUs for the actor (Ray sets the actor's torch threads from it)")
+    parser.add_argument("--actor-cpus", type=float, default=1.0,
+                        help="CPUs for the actor; Ray sets its torch threads from it, the plain loop uses as many")
     parser.add_argument("--seconds", type=float, default=30.0, help="plain-loop work to calibrate the row count for")
     parser.add_argument("--max-rows", type=int, default=4096)
     parser.add_argument("--smoke-test", action="store_true", help="one row: checks the code path, no timing goals")
@@ -142,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     from tmr_core.back_translation import GenerationSettings
 
     args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(max(1, int(args.actor_cpus)))  # the same thread count as the job's actor
     model = args.model
     if model is None:
         from tmr_core.tiny_models import ensure_tiny_models

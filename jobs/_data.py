@@ -8,7 +8,7 @@ config and inputs; a stage whose marker matches is up to date and can be skipped
 
 Stage UDFs may add private columns next to their real ones: ``_stat_<name>`` (numbers summed, or
 strings counted per value, into the summary) and ``_drop`` (true: the row is left out, e.g.
-``on_missing_image: skip``). :func:`write_split` aggregates and removes them before writing.
+``on_missing_image: skip``). :func:`write_splits` aggregates and removes them before writing.
 """
 
 from __future__ import annotations

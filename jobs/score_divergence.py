@@ -46,7 +46,7 @@ class Config:
     splits: list[str] = opt(["train", "valid", "test"], "Splits to process (those present are read).")
     force: bool = opt(False, "Run even when the output's _SUCCESS.json matches this config and input.")
     checkpoint: str = opt("outputs/mde/checkpoint", "MDE folder (save_pretrained) or MLflow URI (runs:/…, models:/…).")
-    processor: str | None = opt(None, "ViLT processor folder or hub name; null: the checkpoint folder.")
+    processor: str | None = opt(None, "ViLT processor folder or hub name; null: the checkpoint's, else its backbone's.")
     max_length: int = opt(40, "Word pieces per sentence after truncation (ViLT: 40 text positions).")
     on_missing_image: Literal["error", "skip", "keep"] = opt(
         "error", "A missing or unreadable image: error, skip the sample, or keep it with a null divergence."
@@ -78,8 +78,21 @@ class ScoreDivergence:
         checkpoint = local_checkpoint(cfg.checkpoint)
         self.model = MultimodalDivergenceEstimator.from_pretrained(checkpoint, device=cfg.device, options=self.options)
         self.model.eval()
-        processor_dir = local_checkpoint(cfg.processor) if cfg.processor else checkpoint
-        self.collator = MDECollator(AutoProcessor.from_pretrained(processor_dir), cfg.max_length, self.options)
+        self.collator = MDECollator(AutoProcessor.from_pretrained(self._processor_source(checkpoint)),
+                                    cfg.max_length, self.options)
+
+    def _processor_source(self, checkpoint: str) -> str:
+        """``processor`` if set; else the checkpoint folder when it holds processor files; else
+        the ViLT backbone the MDE was built from (``pretrain_mde`` saves only config + weights)."""
+        import os
+
+        if self.cfg.processor:
+            return local_checkpoint(self.cfg.processor)
+        if os.path.isfile(os.path.join(checkpoint, "processor_config.json")) or os.path.isfile(
+            os.path.join(checkpoint, "preprocessor_config.json")
+        ):
+            return checkpoint
+        return self.model.config.backbone
 
     def _image_or_none(self, sample_id: str, uri: str | None) -> Any:
         from tmr_core.images import load_image

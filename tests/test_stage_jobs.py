@@ -71,15 +71,13 @@ def small_dataset(stage_benchmark, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def mde_checkpoint(stage_models, tmp_path_factory) -> Path:
-    """A tiny untrained MDE saved with its ViLT processor, as pretrain_mde leaves it."""
-    from transformers import ViltProcessor
-
+    """A tiny untrained MDE as pretrain_mde leaves it: config + weights; the job finds the
+    processor through the config's backbone folder."""
     from tmr_core.mde import MultimodalDivergenceEstimator
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("mde")
     MultimodalDivergenceEstimator.from_backbone(stage_models["mde_backbone"], projection_dim=16).save_pretrained(str(out))
-    ViltProcessor.from_pretrained(stage_models["mde_backbone"]).save_pretrained(str(out))
     return out
 
 

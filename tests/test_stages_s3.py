@@ -55,10 +55,9 @@ def test_whole_chain_against_an_s3_endpoint(ray_local, s3_endpoint, s3_bucket, s
     assert "generated 18 | cached 0 | failed 0" in capsys.readouterr().out
     assert ground_phrases.main(["--input", f"{bucket}/bt", "--output", f"{bucket}/regions", *store,
                                 "--detector.model", stage_models["detector"], "--compute.batch_size", "6"]) == 0
-    # the MDE weights come from the bucket; its processor files from the local copy
+    # the MDE weights come from the bucket; its processor from the ViLT backbone it names
     assert score_divergence.main(["--input", f"{bucket}/regions", "--output", f"{bucket}/divergence", *store,
-                                  "--checkpoint", f"{bucket}/mde", "--processor", str(mde_checkpoint),
-                                  "--compute.batch_size", "6"]) == 0
+                                  "--checkpoint", f"{bucket}/mde", "--compute.batch_size", "6"]) == 0
 
     keys = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
             for o in page.get("Contents", [])}
