@@ -373,7 +373,7 @@ def config_to_yaml(cfg: Any) -> str:
 
 def print_config(cfg: Any, title: str) -> None:
     """Print the resolved config at job start, so logs say exactly what ran."""
-    print(f"[{title}] resolved config:\n" + "\n".join("  " + l for l in config_to_yaml(cfg).splitlines()))
+    print(f"[{title}] resolved config:\n" + "\n".join("  " + line for line in config_to_yaml(cfg).splitlines()))
 
 
 def format_help(cls: type, prog: str) -> str:

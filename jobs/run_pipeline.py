@@ -114,10 +114,17 @@ def plan(cfg: Config) -> list[Stage]:
                             summary="none"))
     source_args = (["--data_dir", bench] if synthetic else
                    ["--data_dir", cfg.data_dir, *(["--image_dir", cfg.image_dir] if cfg.image_dir else [])])
-    phrase_args = (lambda task: ["--parser", "trees", "--trees_dir", os.path.join(bench, "trees", task)]
-                   if synthetic else ["--parser", "stanza"])
+
+    def phrase_args(task: str) -> list[str]:
+        if synthetic:  # the benchmark's gold trees: no stanza model download
+            return ["--parser", "trees", "--trees_dir", os.path.join(bench, "trees", task)]
+        return ["--parser", "stanza"]
+
     needs_data = [data_stage] if data_stage else []
-    model_args = (lambda key, name: [key, os.path.join(models, name)]) if models else (lambda key, name: [])
+
+    def model_args(key: str, name: str) -> list[str]:
+        return [key, os.path.join(models, name)] if models else []
+
 
     for task in cfg.tasks:
         base = os.path.join(wd, "stages", task)
@@ -269,6 +276,11 @@ def summary_table(cfg: Config, stages: list[Stage], ran: dict[str, float | None]
     return "\n".join(lines)
 
 
+def _percent(metrics: dict, key: str) -> str:
+    value = metrics.get(key)
+    return f"{100 * value:.1f}" if isinstance(value, (int, float)) else "n/a"
+
+
 def f1_table(cfg: Config, stages: list[Stage]) -> str:
     """NER/RE test F1 (all and ambiguous mentions) of the full model vs the text-only ablation."""
     lines = ["| task | model | test F1 | ambiguous-subset F1 |", "|---|---|---|---|"]
@@ -277,8 +289,7 @@ def f1_table(cfg: Config, stages: list[Stage]) -> str:
             continue
         _, task, ablation = stage.id.split(".")
         metrics = read_metrics(stage.output)
-        fmt = lambda key: f"{100 * metrics[key]:.1f}" if isinstance(metrics.get(key), (int, float)) else "n/a"
-        lines.append(f"| {task} | {ablation} | {fmt('test_f1')} | {fmt('test_ambiguous_f1')} |")
+        lines.append(f"| {task} | {ablation} | {_percent(metrics, 'test_f1')} | {_percent(metrics, 'test_ambiguous_f1')} |")
     return "\n".join(lines)
 
 
