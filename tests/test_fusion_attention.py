@@ -10,7 +10,7 @@ import torch
 from tmr_core.attention import CrossModalAttention, MultiGrainedAttention
 from tmr_core.encoders import ImageEncoder, TextEncoder, VisualFeatures
 from tmr_core.fusion import divergence_fusion
-from tmr_core.heads import NERHead, bio_constraints, is_valid_bio, left_align, repair_bio
+from tmr_core.heads import NERHead, REHead, bio_constraints, is_valid_bio, left_align, repair_bio
 from tmr_core.schema import NER_TAGS
 
 
@@ -218,3 +218,14 @@ def test_crf_loss_ignores_masked_positions_and_keeps_labels_aligned():
     packed = head.loss(emissions[:, [0, 2, 3]], labels[:, [0, 2, 3]], mask[:, [0, 2, 3]])
     assert torch.allclose(head.loss(emissions, labels, mask), packed)
     assert torch.isfinite(head.loss(emissions, torch.full((1, 4), -100), torch.zeros(1, 4, dtype=torch.bool)))
+
+
+def test_re_head_reads_h_whatever_the_divergence_scale():
+    # h = mean(α_s·G^f + α_c·G^c): an unsure MDE gives α around 0.1-0.3, which must not shrink
+    # the image path's vote against T_i, T_j and p (the NER head's Eq. 7 block normalises too).
+    torch.manual_seed(0)
+    head = REHead(hidden=8, num_relations=3, dropout=0.0).eval()
+    head_state, tail, phrases, pair = torch.randn(4, 2, 8).unbind(0)
+    logits = head(head_state, tail, phrases, pair)
+    assert torch.allclose(head(head_state, tail, phrases, 0.15 * pair), logits, atol=1e-4)
+    assert not torch.allclose(head(head_state, tail, phrases, pair.flip(0)), logits, atol=1e-3)

@@ -16,7 +16,9 @@ same conlleval chunk, so the whole sequence stays valid BIO).
 RE: Ğ_ij = T_i ⊕ T_j ⊕ p ⊕ h (Eq. 10), softmax over relations, cross-entropy (Eq. 11). T_i, T_j are
 the encoder states at the entity start markers (``[unused0]`` before the head, ``[unused2]``
 before the tail), as TMR-RE's BERT entity encoder (OpenNRE) does; p is the sum of the phrase
-vectors T^p; h is the mean over words of G* + G'* (of G* alone without a back-translation).
+vectors T^p; h is the mean over words of G* + G'* (of G* alone without a back-translation),
+layer-normalised so that the α scale of Eq. 4 does not shrink the image path to noise (NER's
+Eq. 7 block ends in a LayerNorm for the same reason).
 """
 
 from __future__ import annotations
@@ -196,6 +198,10 @@ class REHead(nn.Module):
 
     def __init__(self, hidden: int, num_relations: int, dropout: float):
         super().__init__()
+        # G* = α_s·G^f + α_c·G^c (Eq. 4) has the scale of α; NER's Eq. 7 block ends in a LayerNorm
+        # that lets the head read it whatever that scale, and h gets the same. The fine/coarse
+        # mix α sets is kept; only the overall size (under 0.3 from an unsure MDE) is undone.
+        self.pair_norm = nn.LayerNorm(hidden)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(4 * hidden, num_relations)
 
@@ -203,7 +209,7 @@ class REHead(nn.Module):
         self, head: torch.Tensor, tail: torch.Tensor, phrases: torch.Tensor, pair: torch.Tensor
     ) -> torch.Tensor:
         """Relation logits (batch, relations) from four (batch, hidden) vectors: T_i, T_j, p, h."""
-        features = torch.cat([head, tail, phrases, pair], dim=-1)  # (B, 4H), Eq. 10
+        features = torch.cat([head, tail, phrases, self.pair_norm(pair)], dim=-1)  # (B, 4H), Eq. 10
         return self.classifier(self.dropout(features))
 
     @staticmethod
