@@ -227,5 +227,5 @@ def test_re_head_reads_h_whatever_the_divergence_scale():
     head = REHead(hidden=8, num_relations=3, dropout=0.0).eval()
     head_state, tail, phrases, pair = torch.randn(4, 2, 8).unbind(0)
     logits = head(head_state, tail, phrases, pair)
-    assert torch.allclose(head(head_state, tail, phrases, 0.15 * pair), logits, atol=1e-4)
-    assert not torch.allclose(head(head_state, tail, phrases, pair.flip(0)), logits, atol=1e-3)
+    assert torch.allclose(head(head_state, tail, phrases, 0.15 * pair), logits, atol=1e-3)
+    assert not torch.allclose(head(head_state, tail, phrases, pair.flip(0)), logits, atol=1e-2)
