@@ -185,8 +185,19 @@ def read_splits(dataset_uri: str, splits: list[str], options: storage.StorageOpt
             one actor would get the whole split, the pool could not grow, and a killed actor would
             redo all of it. Pass the stage's batch size.
     """
-    datasets = [read_split(dataset_uri, split, options) for split in splits]
-    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    import ray
+
+    uris = []
+    for split in splits:
+        uri = split_uri(dataset_uri, split, options)
+        if uri is None:
+            raise FileNotFoundError(f"{dataset_uri}: no table for split '{split}'")
+        uris.append(uri)
+    fs, _ = storage.resolve(uris[0], options)
+    # one read over every split's files, not a union of per-split reads: each read costs its own
+    # listing and read tasks, and on a small cluster those queue behind the stage's actors
+    paths = [storage.resolve(uri, options)[1] for uri in uris]
+    ds = ray.data.read_parquet(paths, filesystem=fs, ray_remote_args=worker_env(*uris) or None)
     return ds.repartition(target_num_rows_per_block=rows_per_block) if rows_per_block else ds
 
 

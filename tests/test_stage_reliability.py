@@ -176,28 +176,31 @@ def _elastic_argv(model: str, root: Path, n: int) -> list[str]:
 def test_pool_grows_onto_a_node_added_mid_job(ray_multinode, stage_models, tmp_path):  # noqa: F811
     from jobs import generate_back_translations
 
-    cluster, n = ray_multinode, 32
+    cluster, n, batch = ray_multinode, 24, 2
     first = cluster.add_node(num_cpus=1, resources={"fake_gpu": 1})
     job = JobThread(generate_back_translations.main, _elastic_argv(stage_models["text_to_image"], tmp_path, n))
     job.start()
-    wait_for(lambda: len(pngs(tmp_path / "cache")) >= 2, 120, "the first batch", job)
-    second = cluster.add_node(num_cpus=1, resources={"fake_gpu": 1})
-    # Freeze the first actor (a slow GPU) so the job cannot end before a new actor could start;
-    # its queued batches keep the pool's utilisation high, and only a new actor can make progress.
+    # An actor runs one batch at a time: once the second batch's first image exists, the first
+    # batch has come back from the first node's actor, so that node holds rows whatever follows.
+    wait_for(lambda: len(pngs(tmp_path / "cache")) > batch, 120, "the first batch", job)
     frozen = generation_actor_pids()
-    for pid in frozen:
-        os.kill(pid, signal.SIGSTOP)
+    assert len(frozen) == 1, f"expected one actor before the node is added, found {frozen}"
+    # Freeze it (a slow GPU) before the node exists: its queued batches keep the pool's
+    # utilisation high, and only an actor on the added node can make progress from here on.
+    os.kill(frozen[0], signal.SIGSTOP)
     try:
         done = len(pngs(tmp_path / "cache"))
-        wait_for(lambda: len(pngs(tmp_path / "cache")) > done, 180, "an actor on the added node", job)
+        second = cluster.add_node(num_cpus=1, resources={"fake_gpu": 1})
+        wait_for(lambda: len(pngs(tmp_path / "cache")) >= done + batch, 180, "a batch from the added node", job)
+        grown = set(generation_actor_pids()) - set(frozen)
     finally:
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
+        os.kill(frozen[0], signal.SIGCONT)
+    assert grown, "new images appeared but no second actor process did"
     assert job.finish(240) == 0
     assert_every_row_once_and_images_whole(tmp_path / "out", tmp_path / "cache", n)
     per_node = json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())["summary"]["rows_per_node"]
     assert set(per_node) == {first.node_id, second.node_id}, per_node
-    assert sum(per_node.values()) == n and min(per_node.values()) > 0
+    assert sum(per_node.values()) == n and per_node[first.node_id] >= batch and per_node[second.node_id] >= batch
 
 
 def test_every_row_once_when_a_node_is_removed_mid_job(ray_multinode, stage_models, tmp_path):  # noqa: F811
