@@ -19,4 +19,5 @@ pytest_plugins = [
     "tests.fixtures.storage",
     "tests.fixtures.assets",
     "tests.fixtures.ray_cluster",
+    "tests.fixtures.serve_app",
 ]

@@ -1,9 +1,10 @@
 """The TMR Serve app on tiny models: configs, deployments through handles, then every HTTP route.
 
-One app is deployed per module from configs/serve.tiny.yaml (Serve's own config path, as
-``serve run`` takes it) on the shared local Ray cluster, HTTP on 127.0.0.1 and a free port. The
-NER extractor is loaded from an MLflow registry (``models:/tmr-ner@champion``), the others from
-checkpoint folders; all are untrained tiny models, which is enough to test the serving path.
+The app is deployed once per session from configs/serve.tiny.yaml (Serve's own config path, as
+``serve run`` takes it) on the shared local Ray cluster, HTTP on 127.0.0.1 and a free port, and
+shared with test_serve_browser.py (``serve_app`` in tests/fixtures/serve_app.py). The NER
+extractor is loaded from an MLflow registry (``models:/tmr-ner@champion``), the others from
+checkpoint folders; all are tiny models, which is enough to test the serving path.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import pytest
 import requests
 import yaml
 
-from benchmarks.bench_serve import free_port, make_untrained_checkpoints, png_bytes, tiny_app_args
+from benchmarks.bench_serve import png_bytes
+from tests.fixtures.serve_app import TOKEN
 
 REPO = Path(__file__).resolve().parents[1]
-TOKEN, TOKEN_ENV = "s3cret-test-token", "TMR_TEST_SERVE_TOKEN"
 TEXT = "Kevin Durant joins the Golden State Warriors in Oakland"
 
 
@@ -84,50 +85,10 @@ def test_request_schemas_name_the_bad_field():
 # ----------------------------------------------------------------------------- the deployed app
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    from tmr_core.tiny_models import ensure_tiny_models
-
-    tiny = ensure_tiny_models(REPO / ".cache" / "tmr-models")
-    root = tmp_path_factory.mktemp("serve-models")
-    return tiny, make_untrained_checkpoints(root, tiny), root
-
-
-def register_in_mlflow(model_dir: str, tracking_uri: str) -> None:
-    from mlflow import MlflowClient
-
-    from jobs._tracking import register_model
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    run = client.create_run(client.create_experiment("tmr-ner-serve-test"))
-    register_model(tracking_uri, run.info.run_id, model_dir, "tmr-ner", alias="champion")
-
-
-@pytest.fixture(scope="module")
-def app(tiny_models, tmp_path_factory):
-    """The tiny app deployed from configs/serve.tiny.yaml; yields its base URL and test assets."""
-    from ray import serve
-
-    from serve.app import deploy_config, load_serve_config
-    from tests.fixtures.ray_cluster import ensure_local_ray
-
-    tiny, checkpoints, root = tiny_models
-    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-    register_in_mlflow(checkpoints["ner"], tracking_uri)
-    images = tmp_path_factory.mktemp("allowed-images")
-    (images / "photo.png").write_bytes(png_bytes())
-    (images / "broken.png").write_bytes(b"\x89PNG not really")
-    args = tiny_app_args(
-        {**checkpoints, "ner": "models:/tmr-ner@champion"}, tiny, root / "cache",
-        tracking_uri=tracking_uri, image_uri_prefixes=[str(images)], auth_token_env=TOKEN_ENV,
-        max_image_bytes=200_000, max_image_side=512,
-    )
-    ingress_env = {"ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": {TOKEN_ENV: TOKEN}}}}
-    config = load_serve_config(REPO / "configs" / "serve.tiny.yaml", args, {"TMRIngress": ingress_env})
-    ensure_local_ray()
-    url = deploy_config(config, port=free_port())
-    yield {"url": url, "images": images, "checkpoints": checkpoints, "cache": root / "cache"}
-    serve.shutdown()
+@pytest.fixture
+def app(serve_app):
+    """The session's tiny app (tests/fixtures/serve_app.py): NER from the MLflow registry, a token."""
+    return serve_app
 
 
 def auth() -> dict:
