@@ -483,9 +483,8 @@ def shard_batches(shard: Any, batch_size: int, collate: Any, max_steps: int | No
             time.sleep(step_delay_s)
 
 
-def read_rows(dataset_uri: str, split: str, storage_options: Any = None, limit: int | None = None) -> list[dict]:
-    """A split's table as row dicts, read with pyarrow in this process (driver-side evaluation:
-    no Ray Data scheduling for a table that fits in memory)."""
+def read_table(dataset_uri: str, split: str, storage_options: Any = None):
+    """A split's table (``<split>.parquet`` or ``<split>/``), read with pyarrow in this process."""
     import pyarrow.parquet as pq
 
     from jobs._data import split_uri
@@ -495,8 +494,26 @@ def read_rows(dataset_uri: str, split: str, storage_options: Any = None, limit: 
     if uri is None:
         raise FileNotFoundError(f"{dataset_uri}: no table for split '{split}' (<split>.parquet or <split>/)")
     fs, path = storage.resolve(uri, storage_options)
-    table = pq.read_table(path, filesystem=fs)
+    return pq.read_table(path, filesystem=fs)
+
+
+def read_rows(dataset_uri: str, split: str, storage_options: Any = None, limit: int | None = None) -> list[dict]:
+    """A split's table as row dicts, read with pyarrow in this process (driver-side evaluation:
+    no Ray Data scheduling for a table that fits in memory)."""
+    table = read_table(dataset_uri, split, storage_options)
     return (table.slice(0, limit) if limit else table).to_pylist()
+
+
+def table_dataset(dataset_uri: str, split: str, storage_options: Any = None):
+    """A split as a Ray Dataset whose blocks the driver read with pyarrow (``ray.data.from_arrow``).
+
+    For tables that fit in the driver's memory (the extractor's stage tables hold URIs, not
+    pixels): the dataset is materialized from the start, so no Ray Data read task (and no worker
+    process to run it) is scheduled before training, on each submission.
+    """
+    import ray
+
+    return ray.data.from_arrow(read_table(dataset_uri, split, storage_options))
 
 
 def dataset_rows(dataset: Any) -> list[dict]:

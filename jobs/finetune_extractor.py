@@ -4,9 +4,10 @@
     python -m jobs.finetune_extractor --config configs/finetune_extractor.tiny.yaml --ablation text_only --seed 1
 
 Reads the stage tables (``<data.dataset>/{train,valid,test}``: tokens, tags or head/tail/relation,
-image_uri, phrases, back_translation_uri, regions, back_translation_regions, divergence) with Ray
-Data; each worker trains on ``ray.train.get_dataset_shard("train")`` under DDP, rank 0 scores
-valid each epoch, logs to MLflow and checkpoints (safetensors, resumable). The best epoch on valid
+image_uri, phrases, back_translation_uri, regions, back_translation_regions, divergence) in the
+driver (small: URIs, not pixels); train goes to the workers as a Ray Dataset, each training on
+``ray.train.get_dataset_shard("train")`` under DDP; rank 0 scores valid (shipped in the loop
+config) each epoch, logs to MLflow and checkpoints (safetensors, resumable). The best epoch on valid
 is scored on test: precision/recall/F1 micro and per entity type / relation label, and, with
 ``--data.ground_truth`` (the synthetic benchmark's ``ground_truth.jsonl``), on the
 ambiguous-mention subset and per alignment category (strengthen/complement/weaken).
@@ -255,7 +256,7 @@ def train_loop_per_worker(loop: dict) -> None:
               f"(attempt {state.attempts})", flush=True)
     _train.announce_pid(cfg.debug)
     train_shard = ray.train.get_dataset_shard("train")
-    valid_rows = _train.dataset_rows(ray.train.get_dataset_shard("valid"))[:cfg.debug.max_eval_rows] if rank0 else []
+    valid_rows = loop["valid_rows"] if rank0 else []
     scorer = score_fn(cfg.task)
     progress = _train.Progress("finetune_extractor", cfg.optim.epochs)
     for epoch in range(state.epoch, cfg.optim.epochs):
@@ -366,14 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(Config, argv, prog="jobs.finetune_extractor")
     check_config(cfg)
     print_config(cfg, "finetune_extractor")
-    from jobs import _data, _tracking, _train
+    from jobs import _tracking, _train
 
     options = cfg.storage.options()
     _train.init_ray(cfg.ray)
     name = cfg.ray.name or _train.ray_run_name(run_name(cfg))
     folder = _train.run_folder(cfg.ray, name)
-    splits = {split: _data.read_split(cfg.data.dataset, split, options) for split in ("train", "valid")}
-    train_ds = splits["train"]
+    train_ds = _train.table_dataset(cfg.data.dataset, "train", options)
     if cfg.data.train_fraction < 1.0:
         train_ds = train_ds.random_sample(cfg.data.train_fraction, seed=cfg.seed)
     train_ds = train_ds.materialize()
@@ -399,12 +399,14 @@ def main(argv: list[str] | None = None) -> int:
     per_epoch = -(-train_rows // (cfg.optim.batch_size * workers))
     if cfg.debug.max_steps_per_epoch:
         per_epoch = min(per_epoch, cfg.debug.max_steps_per_epoch)
+    # Valid is small and scored by rank 0 only: read it here with pyarrow and ship the rows in the
+    # loop config, so a (re)started worker group does not launch a Ray Data job to fetch it.
+    valid_rows = _train.read_rows(cfg.data.dataset, "valid", options, cfg.debug.max_eval_rows)
     loop = {"cfg": cfg, "labels": labels, "total_steps": per_epoch * cfg.optim.epochs, "run_folder": folder,
-            "mlflow_run_id": run_id, "tracking_uri": tracking_uri}
+            "mlflow_run_id": run_id, "tracking_uri": tracking_uri, "valid_rows": valid_rows}
     start = time.perf_counter()
     try:
-        _train.fit(train_loop_per_worker, loop, cfg.ray, name, {"train": train_ds, "valid": splits["valid"]},
-                   options, MONITOR)
+        _train.fit(train_loop_per_worker, loop, cfg.ray, name, {"train": train_ds}, options, MONITOR)
     except Exception:
         if run_id:
             _tracking.finish_run(tracking_uri, run_id, status="FAILED")

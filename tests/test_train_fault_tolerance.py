@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 
-from tests.test_train_jobs import make_stage_tables
+from tests.test_train_jobs import shared_stage_tables
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -28,14 +28,14 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 def test_killed_worker_resumes_from_checkpoint_into_the_same_mlflow_run(
-    ray_local, tiny_models, tiny_benchmark, tmp_path, repo_root, monkeypatch
+    ray_local, tiny_models, tiny_benchmark, tmp_path_factory, tmp_path, repo_root, monkeypatch
 ):
     from mlflow import MlflowClient
 
     from jobs import finetune_extractor
 
     monkeypatch.chdir(repo_root)
-    tables = make_stage_tables(tiny_benchmark, "ner", tmp_path)
+    tables = shared_stage_tables(tiny_benchmark, "ner", tmp_path_factory)
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     pid_file = tmp_path / "worker.pid"
     folder = tmp_path / "ray" / "ft-run"
@@ -46,14 +46,16 @@ def test_killed_worker_resumes_from_checkpoint_into_the_same_mlflow_run(
         "--ray.num_workers", "1", "--ray.cpus_per_worker", "1", "--ray.max_failures", "1",
         "--ray.storage_path", str(tmp_path / "ray"), "--ray.name", "ft-run",
         "--tracking.tracking_uri", tracking_uri, "--tracking.register_as", "null",
-        "--optim.batch_size", "8", "--debug.max_steps_per_epoch", "4", "--debug.max_eval_rows", "16",
-        "--debug.step_delay_s", "0.5", "--debug.worker_pid_file", str(pid_file),
+        "--optim.batch_size", "4", "--debug.max_steps_per_epoch", "2", "--debug.max_eval_rows", "8",
+        # 2 x 0.75 s of sleep per epoch: the window in which the test sees epoch 1's checkpoint and
+        # kills the worker while epoch 2 is still running.
+        "--debug.step_delay_s", "0.75", "--debug.worker_pid_file", str(pid_file),
     ]
     outcome: dict = {}
 
     def run() -> None:
         try:
-            outcome["code"] = finetune_extractor.main([*args, "--optim.epochs", "3"])
+            outcome["code"] = finetune_extractor.main([*args, "--optim.epochs", "2"])
         except BaseException as error:  # noqa: BLE001 - reported by the assertion below
             outcome["error"] = error
 
@@ -70,20 +72,20 @@ def test_killed_worker_resumes_from_checkpoint_into_the_same_mlflow_run(
 
     pids = [int(p) for p in pid_file.read_text().split()]
     assert len(pids) == 2 and pids[1] != first_pid, "Ray Train should have started a new worker process"
-    state = json.loads((folder / "checkpoint_epoch_0003" / "train_state.json").read_text())
+    state = json.loads((folder / "checkpoint_epoch_0002" / "train_state.json").read_text())
     assert state["attempts"] == 2
-    assert (state["epoch"], state["global_step"]) == (3, 12), "the step counter continues, it does not restart"
-    assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
+    assert (state["epoch"], state["global_step"]) == (2, 4), "the step counter continues, it does not restart"
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
 
     client = MlflowClient(tracking_uri=tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("tmr-ner").experiment_id])
     assert len(runs) == 1, "no duplicate MLflow run after a restart"
     assert runs[0].info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "valid_f1")}
-    assert steps == {1, 2, 3}
+    assert steps == {1, 2}
 
     # Resubmitting the finished job (same name + storage path) restores it: one more epoch only.
-    assert finetune_extractor.main([*args, "--optim.epochs", "4"]) == 0
-    state = json.loads((folder / "checkpoint_epoch_0004" / "train_state.json").read_text())
-    assert (state["epoch"], state["global_step"], state["attempts"]) == (4, 16, 3)
+    assert finetune_extractor.main([*args, "--optim.epochs", "3"]) == 0
+    state = json.loads((folder / "checkpoint_epoch_0003" / "train_state.json").read_text())
+    assert (state["epoch"], state["global_step"], state["attempts"]) == (3, 6, 3)
     assert len(client.search_runs([client.get_experiment_by_name("tmr-ner").experiment_id])) == 1

@@ -19,7 +19,8 @@ import torch
 
 from jobs import _train
 
-FAST = ["--debug.max_steps_per_epoch", "3", "--debug.max_eval_rows", "32", "--optim.batch_size", "8", "--optim.eval_batch_size", "64"]
+# Two steps of four rows per epoch and 12 eval rows (the first 12 test rows hold 2 ambiguous mentions).
+FAST = ["--debug.max_steps_per_epoch", "2", "--debug.max_eval_rows", "12", "--optim.batch_size", "4", "--optim.eval_batch_size", "64"]
 
 
 def make_stage_tables(benchmark: Path, task: str, out: Path) -> Path:
@@ -53,9 +54,21 @@ def make_stage_tables(benchmark: Path, task: str, out: Path) -> Path:
     return stages
 
 
-@pytest.fixture(scope="module")
+_SHARED_TABLES: dict[tuple[str, str], Path] = {}
+
+
+def shared_stage_tables(benchmark: Path, task: str, tmp_path_factory) -> Path:
+    """``make_stage_tables`` once per session and task: the tables are read-only, and a fixture
+    imported into another test module would be a second fixture that builds them again."""
+    key = (str(benchmark), task)
+    if key not in _SHARED_TABLES:
+        _SHARED_TABLES[key] = make_stage_tables(benchmark, task, tmp_path_factory.mktemp(f"{task}-tables"))
+    return _SHARED_TABLES[key]
+
+
+@pytest.fixture
 def ner_tables(tiny_benchmark, tmp_path_factory) -> Path:
-    return make_stage_tables(tiny_benchmark, "ner", tmp_path_factory.mktemp("ner-tables"))
+    return shared_stage_tables(tiny_benchmark, "ner", tmp_path_factory)
 
 
 def extractor_args(tiny_models, tables: Path, benchmark: Path, tmp_path: Path, *extra: str) -> list[str]:
@@ -65,7 +78,7 @@ def extractor_args(tiny_models, tables: Path, benchmark: Path, tmp_path: Path, *
         "--model.text_encoder", tiny_models["text_encoder"], "--model.image_encoder", tiny_models["image_encoder"],
         "--output", str(tmp_path / "out"), "--ray.storage_path", str(tmp_path / "ray"),
         "--tracking.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--ray.name", "ner-run",
-        *FAST, *extra,
+        "--model.num_regions", "1", *FAST, *extra,
     ]
 
 
@@ -82,16 +95,16 @@ def test_finetune_ner_checkpoints_resumes_and_tracks_one_run(ray_local, tiny_mod
     from jobs import finetune_extractor
 
     monkeypatch.chdir(repo_root)
-    args = extractor_args(tiny_models, ner_tables, tiny_benchmark, tmp_path, "--optim.epochs", "2")
+    args = extractor_args(tiny_models, ner_tables, tiny_benchmark, tmp_path, "--optim.epochs", "1")
     assert finetune_extractor.main(args) == 0
 
     folder = tmp_path / "ray" / "ner-run"
-    assert sorted(p.name for p in folder.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0001", "checkpoint_epoch_0002"]
-    last = folder / "checkpoint_epoch_0002"
+    assert sorted(p.name for p in folder.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0001"]
+    last = folder / "checkpoint_epoch_0001"
     assert {p.name for p in last.iterdir()} >= {"model", "optimizer.safetensors", "optimizer.json", "train_state.json"}
     assert (last / "model" / "model.safetensors").is_file() and (last / "model" / "config.json").is_file()
     state = json.loads((last / "train_state.json").read_text())
-    assert (state["epoch"], state["global_step"], state["attempts"]) == (2, 6, 1)
+    assert (state["epoch"], state["global_step"], state["attempts"]) == (1, 2, 1)
 
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     for key in ("test_precision", "test_recall", "test_f1", "test_ambiguous_f1", "test_align_complement_f1"):
@@ -99,19 +112,20 @@ def test_finetune_ner_checkpoints_resumes_and_tracks_one_run(ray_local, tiny_mod
     assert metrics["test_ambiguous_support"] > 0
     assert any(key.startswith("test_") and key.split("_")[1] in ("PER", "LOC", "ORG", "MISC") for key in metrics)
 
-    # Resubmitting with the same run name and storage continues: epoch 3 only, same MLflow run.
-    assert finetune_extractor.main([*args, "--optim.epochs", "3"]) == 0
-    state = json.loads((folder / "checkpoint_epoch_0003" / "train_state.json").read_text())
-    assert (state["epoch"], state["global_step"], state["attempts"]) == (3, 9, 2)
-    assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
+    # Resubmitting with the same run name and storage continues: epoch 2 only, same MLflow run.
+    assert finetune_extractor.main([*args, "--optim.epochs", "2"]) == 0
+    assert sorted(p.name for p in folder.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0001", "checkpoint_epoch_0002"]
+    state = json.loads((folder / "checkpoint_epoch_0002" / "train_state.json").read_text())
+    assert (state["epoch"], state["global_step"], state["attempts"]) == (2, 4, 2)
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
 
     client, runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "tmr-ner")
     assert len(runs) == 1, "a resumed job must log into its existing MLflow run"
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.tags["tmr.ablation"] == "full" and run.data.tags["mlflow.source.git.commit"]
-    assert run.data.params["optim.epochs"] == "2"  # params are the resolved config of the first submission
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "valid_f1")) == [1, 2, 3]
+    assert run.data.params["optim.epochs"] == "1"  # params are the resolved config of the first submission
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "valid_f1")) == [1, 2]
     assert "test_f1" in run.data.metrics
 
 
@@ -156,7 +170,7 @@ def test_pretrain_mde_reports_in_and_out_of_domain_scores(ray_local, tiny_models
     for split in ("test_in_domain", "test_out_of_domain"):
         assert 0.0 <= metrics[f"{split}_macro_f1"] <= 1.0
         assert 0.0 <= metrics[f"{split}_accuracy"] <= 1.0
-    assert metrics["global_step"] == 6 and metrics["best_epoch"] in (1, 2)
+    assert metrics["global_step"] == 4 and metrics["best_epoch"] in (1, 2)
     _, runs = mlflow_runs(f"sqlite:///{tmp_path / 'm.db'}", "tmr-mde")
     assert len(runs) == 1 and runs[0].data.tags["tmr.loss"] == loss
     assert runs[0].data.metrics["test_out_of_domain_macro_f1"] == pytest.approx(metrics["test_out_of_domain_macro_f1"])
