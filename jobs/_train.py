@@ -524,3 +524,24 @@ def dataset_rows(dataset: Any) -> list[dict]:
     for batch in dataset.iter_batches(batch_size=256, batch_format="pyarrow"):
         rows.extend(batch.to_pylist())
     return rows
+
+
+def save_outputs(cfg: Any, model: Any, metrics: dict) -> str:
+    """Write a job's final ``<output>/model``, ``metrics.json`` and ``config.yaml``; returns the model dir."""
+    import json
+
+    from jobs._config import save_config
+    from tmr_core import storage
+
+    options = cfg.storage.options()
+    model_dir = storage.join(cfg.output, "model")
+    model.save_pretrained(model_dir, options)
+    storage.write_text_atomic(storage.join(cfg.output, "metrics.json"), json.dumps(metrics, indent=2), options)
+    save_config(cfg, cfg.output, options=options)
+    return model_dir
+
+
+def is_remote(uri: str) -> bool:
+    from tmr_core import storage
+
+    return storage.is_remote(uri)

@@ -243,7 +243,7 @@ def finalize(cfg: Config, folder: str, tracking_uri: str | None, run_id: str | N
         rows = _train.read_rows(cfg.data.corpus, split, options, cfg.debug.max_eval_rows)
         for key, value in evaluate_rows(model, rows, collate, cfg.optim.eval_batch_size, cfg.device).items():
             metrics[f"{split}_{key}"] = value
-    model_dir = _save_outputs(cfg, model, metrics)
+    model_dir = _train.save_outputs(cfg, model, metrics)
     if cfg.tracking.enabled and run_id:
         _tracking.log_metrics(tracking_uri, run_id, metrics, step=state.epoch)
         with tempfile.TemporaryDirectory() as tmp:
@@ -253,7 +253,7 @@ def finalize(cfg: Config, folder: str, tracking_uri: str | None, run_id: str | N
             _tracking.log_artifacts(tracking_uri, run_id, tmp, "outputs")
             local_model = model_dir
             if cfg.tracking.log_checkpoint or cfg.tracking.register_as:
-                if _is_remote(model_dir):
+                if _train.is_remote(model_dir):
                     local_model = os.path.join(tmp, "model")
                     model.save_pretrained(local_model)
             if cfg.tracking.register_as:
@@ -266,21 +266,6 @@ def finalize(cfg: Config, folder: str, tracking_uri: str | None, run_id: str | N
     return metrics
 
 
-def _is_remote(uri: str) -> bool:
-    from tmr_core import storage
-
-    return storage.is_remote(uri)
-
-
-def _save_outputs(cfg: Config, model, metrics: dict) -> str:
-    from tmr_core import storage
-
-    options = cfg.storage.options()
-    model_dir = storage.join(cfg.output, "model")
-    model.save_pretrained(model_dir, options)
-    storage.write_text_atomic(storage.join(cfg.output, "metrics.json"), json.dumps(metrics, indent=2), options)
-    save_config(cfg, cfg.output, options=options)
-    return model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
