@@ -266,3 +266,30 @@ def resolve_model_uri(uri: str, dst_dir: str | None = None, tracking_uri: str | 
     return mlflow.artifacts.download_artifacts(
         artifact_uri=uri, dst_path=dst_dir, tracking_uri=resolve_tracking_uri(tracking_uri)
     )
+
+
+def log_final_outputs(cfg: Any, tracking_uri: str, run_id: str, model: Any, model_dir: str, metrics: dict,
+                      step: int, tags: dict[str, str], job: str) -> None:
+    """Log a training job's final metrics, config and model, register it if asked, and close the run."""
+
+    from jobs._config import save_config
+    from tmr_core import storage
+
+    log_metrics(tracking_uri, run_id, metrics, step=step)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_config(cfg, tmp)
+        with open(os.path.join(tmp, "metrics.json"), "w") as handle:
+            json.dump(metrics, handle, indent=2)
+        log_artifacts(tracking_uri, run_id, tmp, "outputs")
+        local_model = model_dir
+        if (cfg.tracking.log_checkpoint or cfg.tracking.register_as) and storage.is_remote(model_dir):
+            local_model = os.path.join(tmp, "model")  # the registry needs the files locally
+            model.save_pretrained(local_model)
+        if cfg.tracking.register_as:
+            version = register_model(tracking_uri, run_id, local_model, cfg.tracking.register_as,
+                                     cfg.tracking.alias, tags=tags)
+            print(f"[{job}] registered models:/{cfg.tracking.register_as}@{cfg.tracking.alias} (v{version})",
+                  flush=True)
+        elif cfg.tracking.log_checkpoint:
+            log_artifacts(tracking_uri, run_id, local_model, "model")
+    finish_run(tracking_uri, run_id)

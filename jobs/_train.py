@@ -539,9 +539,3 @@ def save_outputs(cfg: Any, model: Any, metrics: dict) -> str:
     storage.write_text_atomic(storage.join(cfg.output, "metrics.json"), json.dumps(metrics, indent=2), options)
     save_config(cfg, cfg.output, options=options)
     return model_dir
-
-
-def is_remote(uri: str) -> bool:
-    from tmr_core import storage
-
-    return storage.is_remote(uri)

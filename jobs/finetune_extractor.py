@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from jobs._common import StorageConfig
-from jobs._config import ConfigError, config_to_dict, opt, parse_config, print_config, run_main, save_config
+from jobs._config import ConfigError, config_to_dict, opt, parse_config, print_config, run_main
 from jobs._tracking import TrackingConfig
 from jobs._train import DebugConfig, RayTrainConfig
 
@@ -325,27 +325,9 @@ def finalize(cfg: Config, folder: str, tracking_uri: str | None, run_id: str | N
         metrics |= ground_truth_scores(cfg.task, rows, gold, pred, truth, model.config.none_label)
     model_dir = _train.save_outputs(cfg, model, metrics)
     if cfg.tracking.enabled and run_id:
-        _tracking.log_metrics(tracking_uri, run_id, metrics, step=state.epoch)
-        with tempfile.TemporaryDirectory() as tmp:
-            save_config(cfg, tmp)
-            with open(os.path.join(tmp, "metrics.json"), "w") as handle:
-                json.dump(metrics, handle, indent=2)
-            _tracking.log_artifacts(tracking_uri, run_id, tmp, "outputs")
-            local_model = model_dir
-            if _train.is_remote(model_dir):
-                local_model = os.path.join(tmp, "model")
-                model.save_pretrained(local_model)
-            if cfg.tracking.register_as:
-                version = _tracking.register_model(tracking_uri, run_id, local_model, cfg.tracking.register_as,
-                                                   cfg.tracking.alias, tags={"ablation": cfg.ablation})
-                print(f"[finetune_extractor] registered models:/{cfg.tracking.register_as}@{cfg.tracking.alias} "
-                      f"(v{version})", flush=True)
-            elif cfg.tracking.log_checkpoint:
-                _tracking.log_artifacts(tracking_uri, run_id, local_model, "model")
-        _tracking.finish_run(tracking_uri, run_id)
+        _tracking.log_final_outputs(cfg, tracking_uri, run_id, model, model_dir, metrics, state.epoch,
+                                    tags={"ablation": cfg.ablation}, job="finetune_extractor")
     return metrics
-
-
 
 
 def main(argv: list[str] | None = None) -> int:
