@@ -80,7 +80,7 @@ def init_ray() -> None:
 
 
 def worker_env(*uris: str | None) -> dict[str, Any]:
-    """``ray_remote_args`` passing the driver's storage env vars on to Ray workers when any of
+    """``{"runtime_env": ...}`` (a Ray Data remote argument) passing the driver's storage env vars on to Ray workers when any of
     ``uris`` is remote (workers may have started before the driver's credentials were set).
     Local-only stages get ``{}``: a runtime env costs a dedicated worker process."""
     if not any(u and storage.is_remote(u) for u in uris):
@@ -147,7 +147,7 @@ def read_split(dataset_uri: str, split: str, options: storage.StorageOptions | N
     if uri is None:
         raise FileNotFoundError(f"{dataset_uri}: no table for split '{split}'")
     fs, path = storage.resolve(uri, options)
-    return ray.data.read_parquet(path, filesystem=fs, ray_remote_args=worker_env(uri) or None)
+    return ray.data.read_parquet(path, filesystem=fs, **worker_env(uri))
 
 
 def add_columns(batch: pa.Table, stage: str, values: dict[str, list]) -> pa.Table:
@@ -197,7 +197,7 @@ def read_splits(dataset_uri: str, splits: list[str], options: storage.StorageOpt
     # one read over every split's files, not a union of per-split reads: each read costs its own
     # listing and read tasks, and on a small cluster those queue behind the stage's actors
     paths = [storage.resolve(uri, options)[1] for uri in uris]
-    ds = ray.data.read_parquet(paths, filesystem=fs, ray_remote_args=worker_env(*uris) or None)
+    ds = ray.data.read_parquet(paths, filesystem=fs, **worker_env(*uris))
     return ds.repartition(target_num_rows_per_block=rows_per_block) if rows_per_block else ds
 
 
@@ -215,13 +215,10 @@ def _kept_rows_of_split(batch: pa.Table, split: str) -> pa.Table:
     return batch.filter(keep).drop_columns([n for n in batch.column_names if _is_private(n)])
 
 
-def _collect_stats(ds: Any) -> tuple[dict[str, int], dict[str, Any]]:
-    """Rows kept per split, and the stats: numeric ``_stat_*`` columns summed, string ones counted
-    per value (e.g. rows per node), ``_drop`` counted as ``dropped``."""
-    import ray
-
-    private = [n for n in ds.schema().names if _is_private(n)]
-    table = pa.concat_tables(ray.get(ds.select_columns(["split", *private]).to_arrow_refs()))
+def _batch_report(table: pa.Table) -> dict[str, Any]:
+    """Rows kept per split and the private stats of one written batch: numeric ``_stat_*`` columns
+    summed, string ones counted per value (e.g. rows per node), ``_drop`` counted as ``dropped``."""
+    private = [n for n in table.column_names if _is_private(n)]
     dropped = table.column(DROP_COLUMN).to_pylist() if DROP_COLUMN in private else [False] * table.num_rows
     rows: dict[str, int] = {}
     for split, drop in zip(table.column("split").to_pylist(), dropped, strict=True):
@@ -237,28 +234,101 @@ def _collect_stats(ds: Any) -> tuple[dict[str, int], dict[str, Any]]:
             stats[key] = counts
         else:
             stats[key] = int(sum(int(v or 0) for v in values))
+    return {"rows": rows, "stats": stats}
+
+
+def _merge_reports(reports: list[dict[str, Any]]) -> tuple[dict[str, int], dict[str, Any]]:
+    rows: dict[str, int] = {}
+    stats: dict[str, Any] = {}
+    for report in reports:
+        for split, n in report["rows"].items():
+            rows[split] = rows.get(split, 0) + n
+        for key, value in report["stats"].items():
+            if isinstance(value, dict):
+                counts = stats.setdefault(key, {})
+                for name, n in value.items():
+                    counts[name] = counts.get(name, 0) + n
+            else:
+                stats[key] = stats.get(key, 0) + value
     return rows, stats
 
 
-def write_splits(ds: Any, output_uri: str, splits: list[str],
-                 options: storage.StorageOptions | None = None) -> tuple[dict[str, int], dict[str, Any]]:
-    """Run a stage's dataset once and write each split under ``<output>/<split>/``, replacing an
-    older copy; private ``_stat_*``/``_drop`` columns are aggregated and left out.
+def _part_name(table: pa.Table) -> str:
+    """A file name fixed by the rows it holds: a retried write task replaces its own file instead
+    of adding a second copy of the same rows."""
+    digest = hashlib.sha1("\x1f".join(map(str, table.column("id").to_pylist())).encode("utf-8")).hexdigest()
+    return f"part-{digest[:20]}.parquet"
+
+
+def _make_split_sink(output_uri: str, splits: list[str], options: storage.StorageOptions | None,
+                     min_rows_per_file: int) -> Any:
+    """A Ray Data ``Datasink`` writing a stage's rows to ``<output>/<split>/part-*.parquet`` and its
+    stats to the driver, in the stage's own streaming pass (built here so importing this module
+    does not import Ray)."""
+    import io
+
+    import pyarrow.parquet as pq
+    from ray.data import Datasink
+    from ray.data.block import BlockAccessor
+
+    class SplitTableSink(Datasink):
+        def __init__(self) -> None:
+            self.reports: list[dict[str, Any]] = []
+
+        @property
+        def min_rows_per_write(self) -> int:
+            return min_rows_per_file
+
+        def get_name(self) -> str:
+            return "SplitParquet"
+
+        def write(self, blocks: Any, ctx: Any) -> dict[str, Any]:
+            tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
+            tables = [t for t in tables if t.num_rows]
+            if not tables:
+                return {"rows": {}, "stats": {}}
+            table = pa.concat_tables(tables, promote_options="default")
+            name = _part_name(table)
+            for split in splits:
+                part = _kept_rows_of_split(table, split)
+                if part.num_rows:
+                    buffer = io.BytesIO()
+                    pq.write_table(part, buffer)
+                    storage.write_bytes_atomic(storage.join(output_uri, split, name), buffer.getvalue(), options)
+            return _batch_report(table)
+
+        def on_write_complete(self, write_result: Any) -> None:
+            self.reports = list(write_result.write_returns)
+
+    return SplitTableSink()
+
+
+def write_splits(ds: Any, output_uri: str, splits: list[str], options: storage.StorageOptions | None = None,
+                 min_rows_per_file: int = 4096) -> tuple[dict[str, int], dict[str, Any]]:
+    """Run a stage's dataset once, streaming: each split's rows go to ``<output>/<split>/`` (an
+    older copy is removed first) and the private ``_stat_*``/``_drop`` columns are aggregated
+    on the way, without a second pass over the data.
 
     Returns:
         (rows written per split, stats).
     """
-    from ray.data import SaveMode
-
-    ds = ds.materialize()  # runs the stage once; stats and writes read the same blocks
-    rows, stats = _collect_stats(ds)
     for split in splits:
-        fs, path = storage.resolve(storage.join(output_uri, split), options)
-        part = ds.map_batches(_kept_rows_of_split, fn_kwargs={"split": split}, batch_format="pyarrow",
-                              batch_size=None, **worker_env(output_uri))
-        part.write_parquet(path, filesystem=fs, mode=SaveMode.OVERWRITE, ray_remote_args=worker_env(output_uri) or None)
+        _remove_tree(storage.join(output_uri, split), options)
+        storage.makedirs(storage.join(output_uri, split), options)
+    sink = _make_split_sink(output_uri, splits, options, min_rows_per_file)
+    ds.write_datasink(sink, ray_remote_args=worker_env(output_uri) or None)
+    rows, stats = _merge_reports(sink.reports)
+    for split in splits:
         rows.setdefault(split, 0)
     return rows, stats
+
+
+def _remove_tree(uri: str, options: storage.StorageOptions | None) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(uri, options)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
 
 
 # --------------------------------------------------------------------------- markers
