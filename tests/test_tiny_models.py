@@ -72,7 +72,7 @@ def test_image_encoder_gives_7x7_patches_and_reloads(fresh_build):
     with torch.no_grad():
         features = reloaded(pixels).last_hidden_state
         assert torch.equal(model(pixels).last_hidden_state, features)
-    assert features.shape == (1, 128, 7, 7)
+    assert features.shape == (1, 64, 7, 7)
 
 
 def test_text_to_image_pipeline_reloads_and_swaps_scheduler(fresh_build):
@@ -152,5 +152,5 @@ def test_bpe_merges_break_ties_by_text():
 
 
 def test_spec_rejects_sizes_that_break_the_7x7_grid():
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match="multiple of 16"):
         tm.TinyModelSpec(resnet_input_size=200)

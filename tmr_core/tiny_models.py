@@ -9,7 +9,7 @@ text (:func:`tmr_core.synthetic.synthetic_corpus`, default seed).
 | role (key)        | folder           | tiny model (built here)                                               | paper / full-size config      |
 |-------------------|------------------|-----------------------------------------------------------------------|-------------------------------|
 | ``text_encoder``  | ``text-encoder`` | ``BertModel`` 2 layers, hidden 64, 2 heads, max 128 positions; WordPiece vocab (~830) trained on the benchmark, ``BertTokenizerFast`` (lowercase) | ``bert-base-uncased`` (§4, App. B) |
-| ``image_encoder`` | ``image-encoder``| ``ResNetModel`` basic blocks, depths 1-1-1-1, widths 16-32-64-128; ``ConvNextImageProcessor`` to 224×224 → last feature map 7×7 = 49 patches | ``microsoft/resnet-50`` (ResNet-50, 49 patches, §3.2) |
+| ``image_encoder`` | ``image-encoder``| ``ResNetModel`` basic blocks, depths 1-1-1, widths 16-32-64 (16× downsampling); ``ConvNextImageProcessor`` to 112×112 → last feature map 7×7 = 49 patches | ``microsoft/resnet-50`` (ResNet-50, 49 patches, §3.2) |
 | ``text_to_image`` | ``text-to-image``| ``StableDiffusionPipeline``: UNet2DConditionModel (32-64 channels), AutoencoderKL (16-32-32, ×4), CLIPTextModel (2 layers, hidden 32), CLIP BPE tokenizer trained on the benchmark; ``EulerDiscreteScheduler``; 64×64 output; no safety checker | ``stabilityai/stable-diffusion-2`` + Euler (768×768) |
 | ``detector``      | ``detector``     | ``OwlViTForObjectDetection`` (text/vision 2 layers, hidden 32, 64×64 input, patch 8 → 64 boxes) + ``OwlViTProcessor`` (same CLIP BPE) | ``google/owlv2-base-patch16-ensemble`` (paper: one-stage grounding) |
 | ``mde_backbone``  | ``mde-backbone`` | ``ViltModel`` 2 layers, hidden 64, 2 heads, 64×64 image, patch 8; ``ViltProcessor`` (WordPiece vocab above, max 40 tokens) | ``dandelin/vilt-b32-mlm`` (ViLT, §3.4, App. B.3) |
@@ -78,8 +78,10 @@ class TinyModelSpec:
     text_layers: int = 2
     text_heads: int = 2
     text_max_positions: int = 128
-    resnet_widths: tuple[int, int, int, int] = (16, 32, 64, 128)
-    resnet_input_size: int = 224  # 224 / 32 = 7 → 7×7 = 49 patches
+    # three stages downsample 16× (ResNet-50's four: 32×), so 112 px gives the paper's 7×7 = 49
+    # patches at a quarter of 224 px's pixels: the synthetic images are 64 px anyway
+    resnet_widths: tuple[int, ...] = (16, 32, 64)
+    resnet_input_size: int = 112
     scheduler: str = "EulerDiscreteScheduler"
     diffusion_image_size: int = 64
     detector_image_size: int = 64
@@ -88,14 +90,24 @@ class TinyModelSpec:
     vilt_patch_size: int = 8
     vilt_max_text_len: int = 40
 
+    @property
+    def resnet_downsampling(self) -> int:
+        """Stem (conv + max-pool) 4×, then 2× per stage after the first."""
+        return 4 * 2 ** max(0, len(self.resnet_widths) - 1)
+
     def __post_init__(self) -> None:
         problems = []
-        if self.resnet_input_size % 32:
-            problems.append(f"resnet_input_size must be a multiple of 32 (ResNet downsamples 32×), got {self.resnet_input_size}")
+        if self.resnet_input_size % self.resnet_downsampling:
+            problems.append(
+                f"resnet_input_size must be a multiple of {self.resnet_downsampling} (a {len(self.resnet_widths)}-stage "
+                f"ResNet downsamples {self.resnet_downsampling}×), got {self.resnet_input_size}"
+            )
         if self.diffusion_image_size % 4:
             problems.append(f"diffusion_image_size must be a multiple of 4 (the tiny VAE downsamples 4×), got {self.diffusion_image_size}")
         if self.detector_image_size % self.detector_patch_size or self.vilt_image_size % self.vilt_patch_size:
             problems.append("image sizes must be multiples of their patch sizes")
+        if not self.resnet_widths:
+            problems.append("resnet_widths: at least one stage")
         if self.text_hidden_size % self.text_heads:
             problems.append("text_hidden_size must be divisible by text_heads")
         if problems:
@@ -277,12 +289,12 @@ def build_image_encoder(spec: TinyModelSpec):
         num_channels=3,
         embedding_size=spec.resnet_widths[0],
         hidden_sizes=list(spec.resnet_widths),
-        depths=[1, 1, 1, 1],
+        depths=[1] * len(spec.resnet_widths),
         layer_type="basic",
         hidden_act="relu",
         downsample_in_first_stage=False,
     )
-    # ResNet-50's processor: resize the short side to 224/0.875 = 256, centre-crop 224
+    # ResNet-50's processor recipe: resize the short side to size/0.875, centre-crop size
     processor = ConvNextImageProcessorPil(size={"shortest_edge": spec.resnet_input_size}, crop_pct=0.875)
     torch.manual_seed(spec.seed + 1)
     return ResNetModel(config).eval(), processor
