@@ -92,8 +92,9 @@ def worker_env(*uris: str | None) -> dict[str, Any]:
 def actor_pool_args(compute: ComputeConfig, *uris: str | None) -> dict[str, Any]:
     """``map_batches`` keyword arguments for a model stage that reads/writes ``uris``.
 
-    Actors restart when killed (``max_restarts=-1``) and their unfinished batch is retried
-    (``max_task_retries=-1``), so a preempted node or a killed process costs time, not rows.
+    Ray Data's actor pool restarts a killed actor and retries its unfinished batch by default
+    (``max_restarts=-1``, ``max_task_retries=-1``), so a preempted node or a killed process costs
+    time, not rows (``tests/test_stage_reliability.py`` kills one).
     """
     import ray
 
@@ -102,8 +103,6 @@ def actor_pool_args(compute: ComputeConfig, *uris: str | None) -> dict[str, Any]
         "batch_size": compute.batch_size,
         "batch_format": "pyarrow",
         "num_cpus": compute.num_cpus,
-        "max_restarts": -1,
-        "max_task_retries": -1,
         **worker_env(*uris),
     }
     if compute.accelerator_resource:
@@ -147,7 +146,23 @@ def read_split(dataset_uri: str, split: str, options: storage.StorageOptions | N
     if uri is None:
         raise FileNotFoundError(f"{dataset_uri}: no table for split '{split}'")
     fs, path = storage.resolve(uri, options)
+    _use_task_based_parquet_listing()
     return ray.data.read_parquet(path, filesystem=fs, **worker_env(uri))
+
+
+def _use_task_based_parquet_listing() -> None:
+    """Read Parquet through Ray Data's task-based (V1) datasource unless the user chose otherwise
+    with ``RAY_DATA_USE_DATASOURCE_V2``.
+
+    The V2 datasource lists a read by starting a pool of ``FooterReader`` actors to collect
+    row-group statistics for predicate push-down. Stage tables are read whole, and on a small
+    cluster those actors cost ~1 s per read (0.1 s with V1, measured on 2 cores) — a large part of
+    a cached rerun.
+    """
+    import ray
+
+    if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
+        ray.data.DataContext.get_current().use_datasource_v2 = False
 
 
 def add_columns(batch: pa.Table, stage: str, values: dict[str, list]) -> pa.Table:
@@ -197,6 +212,7 @@ def read_splits(dataset_uri: str, splits: list[str], options: storage.StorageOpt
     # one read over every split's files, not a union of per-split reads: each read costs its own
     # listing and read tasks, and on a small cluster those queue behind the stage's actors
     paths = [storage.resolve(uri, options)[1] for uri in uris]
+    _use_task_based_parquet_listing()
     ds = ray.data.read_parquet(paths, filesystem=fs, **worker_env(*uris))
     return ds.repartition(target_num_rows_per_block=rows_per_block) if rows_per_block else ds
 

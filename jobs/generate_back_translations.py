@@ -6,8 +6,12 @@
 Reads each split table, prompts the pipeline with ``' '.join(tokens)`` and a seed derived from the
 sample id, and adds ``back_translation_uri`` / ``back_translation_error``. Images are
 content-addressed under ``cache_uri`` (see :mod:`tmr_core.back_translation`), so a rerun, a resumed
-job and the server reuse what exists. A pool of actors (one pipeline each) grows and shrinks with
-the cluster's GPUs; a killed actor restarts and its batch is retried.
+job and the server reuse what exists.
+
+Two passes: Ray tasks first look every row up in the cache (no model); only when some image is
+missing does a pool of actors (one pipeline each) generate them. The pool grows and shrinks with
+the cluster's GPUs; a killed actor restarts and its batch is retried. A fully cached rerun starts
+no actor and loads no pipeline.
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ from jobs._data import (
     is_up_to_date,
     present_splits,
     read_splits,
+    worker_env,
     write_splits,
     write_success_marker,
 )
 
 JOB = "generate_back_translations"
+# rows per cache look-up task: existence checks are cheap, so fewer, larger tasks
+LOOK_UP_ROWS_PER_TASK = 1024
 
 
 @dataclass
@@ -64,6 +71,65 @@ class Config:
     storage: StorageConfig = opt(StorageConfig, "Where s3:// URIs are served.")
 
 
+def _settings(generation: GenerationConfig) -> Any:
+    from tmr_core.back_translation import GenerationSettings
+
+    return GenerationSettings(
+        model=generation.model,
+        revision=generation.revision,
+        scheduler=generation.scheduler,
+        steps=generation.steps,
+        guidance_scale=generation.guidance_scale,
+        height=generation.height,
+        width=generation.width,
+        dtype=generation.dtype,
+        device=generation.device,
+    )
+
+
+def _prompts_and_seeds(batch: Any, base_seed: int) -> tuple[list[str], list[int]]:
+    from tmr_core.back_translation import prompt_from_tokens, sample_seed
+
+    prompts = [prompt_from_tokens(tokens or []) for tokens in batch.column("tokens").to_pylist()]
+    seeds = [sample_seed(sample_id, base_seed) for sample_id in batch.column("id").to_pylist()]
+    return prompts, seeds
+
+
+def _with_results(batch: Any, results: list, node_id: str | None = None) -> Any:
+    """The batch plus this stage's columns. From the look-up (``node_id`` None), ``None`` results
+    are rows still to generate; from a generating actor, ``node_id`` says where the rows ran."""
+    counts = {"_stat_to_generate": [int(r is None) for r in results]} if node_id is None else {
+        "_stat_rows_per_node": [node_id] * len(results)}
+    return add_columns(batch, JOB, {
+        "back_translation_uri": [r.uri if r else None for r in results],
+        "back_translation_error": [r.error if r else None for r in results],
+        "_stat_generated": [int(r is not None and r.uri is not None and not r.cached) for r in results],
+        "_stat_cached": [int(r is not None and r.cached) for r in results],
+        "_stat_failed": [int(r is not None and r.error is not None) for r in results],
+        **counts,
+    })
+
+
+def look_up_cached(batch: Any, generation: GenerationConfig, cache_uri: str, storage: StorageConfig) -> Any:
+    """Ray Data task: fill in the rows whose image is already cached (or whose prompt is bad)."""
+    from tmr_core.back_translation import BackTranslator
+
+    translator = BackTranslator(_settings(generation), cache_uri, storage.options())
+    return _with_results(batch, translator.look_up(*_prompts_and_seeds(batch, generation.seed)))
+
+
+def _count_to_generate(looked_up: Any) -> int:
+    """Rows the look-up left for the generators: one number per block comes back to the driver
+    (``Dataset.sum`` would start a hash-shuffle aggregation, ~3 s on a small cluster)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def count(block: Any) -> Any:
+        return pa.table({"n": [pc.sum(block.column("_stat_to_generate")).as_py() or 0]})
+
+    return sum(row["n"] for row in looked_up.map_batches(count, batch_format="pyarrow", batch_size=None).take_all())
+
+
 class GenerateBackTranslations:
     """Ray Data callable: one pipeline per actor, a batch of rows in, the same rows plus
     ``back_translation_uri``/``back_translation_error`` out."""
@@ -71,38 +137,18 @@ class GenerateBackTranslations:
     def __init__(self, generation: GenerationConfig, cache_uri: str, storage: StorageConfig):
         import ray
 
-        from tmr_core.back_translation import BackTranslator, GenerationSettings
+        from tmr_core.back_translation import BackTranslator
 
-        settings = GenerationSettings(
-            model=generation.model,
-            revision=generation.revision,
-            scheduler=generation.scheduler,
-            steps=generation.steps,
-            guidance_scale=generation.guidance_scale,
-            height=generation.height,
-            width=generation.width,
-            dtype=generation.dtype,
-            device=generation.device,
-        )
         self.base_seed = generation.seed
-        # the pipeline loads on the first cache miss, once per actor: a fully cached rerun loads nothing
-        self.translator = BackTranslator(settings, cache_uri, storage.options())
+        # the pipeline loads on the first cache miss, once per actor
+        self.translator = BackTranslator(_settings(generation), cache_uri, storage.options())
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: Any) -> Any:
-        from tmr_core.back_translation import prompt_from_tokens, sample_seed
-
-        prompts = [prompt_from_tokens(tokens or []) for tokens in batch.column("tokens").to_pylist()]
-        seeds = [sample_seed(sample_id, self.base_seed) for sample_id in batch.column("id").to_pylist()]
-        results = self.translator(prompts, seeds)
-        return add_columns(batch, JOB, {
-            "back_translation_uri": [r.uri for r in results],
-            "back_translation_error": [r.error for r in results],
-            "_stat_generated": [int(r.uri is not None and not r.cached) for r in results],
-            "_stat_cached": [int(r.cached) for r in results],
-            "_stat_failed": [int(r.error is not None) for r in results],
-            "_stat_rows_per_node": [self.node_id] * len(results),
-        })
+        # every row again, not only the misses: an image another actor wrote since the look-up
+        # is a cache hit, and the stats then describe this run's final outcome per row
+        results = self.translator(*_prompts_and_seeds(batch, self.base_seed))
+        return _with_results(batch, results, self.node_id)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,11 +163,19 @@ def main(argv: list[str] | None = None) -> int:
 
     init_ray()
     start = time.perf_counter()
-    ds = read_splits(cfg.input, splits, options, rows_per_block=cfg.compute.batch_size).map_batches(
-        GenerateBackTranslations,
-        fn_constructor_kwargs={"generation": cfg.generation, "cache_uri": cfg.cache_uri, "storage": cfg.storage},
-        **actor_pool_args(cfg.compute, cfg.input, cfg.output, cfg.cache_uri),
-    )
+    worker_kwargs = {"generation": cfg.generation, "cache_uri": cfg.cache_uri, "storage": cfg.storage}
+    looked_up = read_splits(cfg.input, splits, options, rows_per_block=LOOK_UP_ROWS_PER_TASK).map_batches(
+        look_up_cached, fn_kwargs=worker_kwargs, batch_format="pyarrow", batch_size=None,
+        **worker_env(cfg.input, cfg.cache_uri),
+    ).materialize()
+    to_generate = _count_to_generate(looked_up)
+    print(f"[{JOB}] {to_generate} of {looked_up.count()} rows need an image; the rest are cached")
+    ds = looked_up
+    if to_generate:
+        ds = looked_up.repartition(target_num_rows_per_block=cfg.compute.batch_size).map_batches(
+            GenerateBackTranslations, fn_constructor_kwargs=worker_kwargs,
+            **actor_pool_args(cfg.compute, cfg.input, cfg.output, cfg.cache_uri),
+        )
     rows, stats = write_splits(ds, cfg.output, splits, options)
     seconds = time.perf_counter() - start
 

@@ -156,9 +156,13 @@ def test_rerun_writes_nothing_new_and_yields_the_same_table(killed_run, capsys):
     # up to date: nothing runs
     assert generate_back_translations.main(killed_run["argv"]) == 0
     assert "up to date" in capsys.readouterr().out
-    # forced: the job runs and every image is a cache hit
+    # forced: the job runs, every image is a cache hit, and no generation actor starts
     assert generate_back_translations.main([*killed_run["argv"], "--force", "true"]) == 0
-    assert f"generated 0 | cached {killed_run['n']} | failed 0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"generated 0 | cached {killed_run['n']} | failed 0" in out
+    assert f"0 of {killed_run['n']} rows need an image" in out
+    summary = json.loads((killed_run["output"] / "_SUCCESS.json").read_text())["summary"]
+    assert summary["to_generate"] == 0 and "rows_per_node" not in summary  # only actors report a node
     assert {p: p.stat().st_mtime_ns for p in pngs(killed_run["cache"])} == before
     assert read_table(killed_run["output"] / "test").equals(first)
 

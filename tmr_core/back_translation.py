@@ -198,6 +198,24 @@ class BackTranslator:
             )
         return list(output.images)
 
+    def look_up(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[BackTranslation | None]:
+        """What a batch would give without running the pipeline: the cached image, an error for a
+        bad prompt, or ``None`` where an image must be generated.
+
+        Raises:
+            ValueError: ``prompts`` and ``seeds`` differ in length.
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"prompts and seeds differ in length: {len(prompts)} vs {len(seeds)}")
+        results: list[BackTranslation | None] = []
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            if not isinstance(prompt, str) or not prompt.strip():
+                results.append(BackTranslation(None, f"bad prompt: expected a non-empty sentence, got {prompt!r}", False))
+                continue
+            uri = self.uri_for(prompt, seed)
+            results.append(BackTranslation(uri, None, True) if storage.exists(uri, self.storage_options) else None)
+        return results
+
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[BackTranslation]:
         """Back-translate a batch: reuse cached images, generate the rest, write them atomically.
 
@@ -208,19 +226,8 @@ class BackTranslator:
         Returns:
             B results in input order; a failed sample has ``uri=None`` and an ``error``.
         """
-        if len(prompts) != len(seeds):
-            raise ValueError(f"prompts and seeds differ in length: {len(prompts)} vs {len(seeds)}")
-        results: list[BackTranslation | None] = [None] * len(prompts)
-        todo: list[int] = []
-        for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
-            if not isinstance(prompt, str) or not prompt.strip():
-                results[i] = BackTranslation(None, f"bad prompt: expected a non-empty sentence, got {prompt!r}", False)
-                continue
-            uri = self.uri_for(prompt, seed)
-            if storage.exists(uri, self.storage_options):
-                results[i] = BackTranslation(uri, None, True)
-            else:
-                todo.append(i)
+        results = self.look_up(prompts, seeds)
+        todo = [i for i, result in enumerate(results) if result is None]
         outcomes = self._generate_isolating_failures([prompts[i] for i in todo], [seeds[i] for i in todo])
         for i, outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, str):
