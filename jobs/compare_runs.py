@@ -45,6 +45,9 @@ class SweepConfig:
     mde_config: str | None = opt("configs/pretrain_mde.tiny.yaml", "Base pretrain_mde config; null: no MDE runs.")
     mde_losses: list[str] = opt(["ce", "ce_negative_sampling", "supcon"], "MDE objectives for Table 3.")
     extra_args: list[str] = opt([], "Extra --key value arguments passed to every launched run.")
+    task_args: dict[str, list[str]] = opt(
+        {}, "Extra --key value arguments per task (e.g. another pipeline's stage tables and output folders)."
+    )
 
 
 @dataclass
@@ -72,7 +75,7 @@ def sweep_commands(cfg: Config) -> list[tuple[str, list[str]]]:
     sweep, commands = cfg.sweep_config, []
     tracking = ["--tracking.tracking_uri", cfg.tracking.tracking_uri] if cfg.tracking.tracking_uri else []
     for task in sweep.tasks:
-        base = ["--config", sweep.extractor_configs[task], *tracking, *sweep.extra_args]
+        base = ["--config", sweep.extractor_configs[task], *tracking, *sweep.extra_args, *sweep.task_args.get(task, [])]
         for ablation in sweep.ablations:
             for seed in sweep.seeds:
                 commands.append(("finetune_extractor", [*base, "--ablation", ablation, "--seed", str(seed)]))
