@@ -195,6 +195,19 @@ def http_load(url: str, image: bytes, clients: int, count: int, time_limit_s: fl
             "throughput_rps": len(latencies) / wall if wall else 0.0, "errors": errors[:5], "num_errors": len(errors)}
 
 
+def healthz_latencies(url: str, count: int) -> dict[str, Any]:
+    """GET /healthz one at a time: HTTP proxy + ingress, no model hop (the floor under /v1/ner)."""
+    import requests
+
+    session = requests.Session()
+    latencies = []
+    for _ in range(count):
+        started = time.perf_counter()
+        session.get(f"{url}/healthz", timeout=30).raise_for_status()
+        latencies.append(time.perf_counter() - started)
+    return percentiles(latencies)
+
+
 def deploy(args: dict, port: int, max_batch_size: int) -> str:
     from serve.app import deploy_config, load_serve_config
 
@@ -242,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, batch_size in (("batched", 16), ("unbatched", 1)):
             url = deploy(args, free_port(), batch_size)
-            if name == "batched":
-                results["served_1_client"] = http_load(url, image, 1, options.requests, options.time_limit)
+            if name == "unbatched":
+                results["healthz_1_client"] = healthz_latencies(url, options.requests)
+            results[f"served_1_client_{name}"] = http_load(url, image, 1, options.requests, options.time_limit)
             results[f"served_{options.clients}_clients_{name}"] = http_load(
                 url, image, options.clients, options.requests * 2, options.time_limit
             )
@@ -252,17 +266,21 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
 
-    results["overhead_p50_ms"] = results["served_1_client"]["p50_ms"] - results["in_process"]["p50_ms"]
+    # the graph's own cost: unbatched, so no replica waits for batch mates (batching trades up to
+    # batch_wait_timeout_s per batched hop for throughput; that cost is reported apart)
+    results["overhead_p50_ms"] = results["served_1_client_unbatched"]["p50_ms"] - results["in_process"]["p50_ms"]
+    results["overhead_p50_ms_batched"] = results["served_1_client_batched"]["p50_ms"] - results["in_process"]["p50_ms"]
     batched = results[f"served_{options.clients}_clients_batched"]["throughput_rps"]
     unbatched = results[f"served_{options.clients}_clients_unbatched"]["throughput_rps"]
     results["batching_throughput_ratio"] = batched / unbatched if unbatched else float("nan")
 
     print(f"{'measurement':<34}{'n':>6}{'p50 ms':>10}{'p95 ms':>10}{'req/s':>10}")
-    for key in ("in_process", "served_1_client", f"served_{options.clients}_clients_batched",
+    for key in ("in_process", "healthz_1_client", "served_1_client_unbatched", "served_1_client_batched", f"served_{options.clients}_clients_batched",
                 f"served_{options.clients}_clients_unbatched"):
         row = results[key]
         print(f"{key:<34}{row['n']:>6}{row['p50_ms']:>10.1f}{row['p95_ms']:>10.1f}{row.get('throughput_rps', 0):>10.1f}")
-    print(f"deployment-graph overhead, p50: {results['overhead_p50_ms']:.1f} ms (goal ≤ 10 ms)")
+    print(f"deployment-graph overhead, p50: {results['overhead_p50_ms']:.1f} ms (goal ≤ 10 ms); with batching "
+          f"(up to {0.005 * 1000:.0f} ms batch wait per batched hop): {results['overhead_p50_ms_batched']:.1f} ms")
     print(f"batched / unbatched throughput at {options.clients} clients: {results['batching_throughput_ratio']:.2f}x "
           "(goal ≥ 3x)")
     Path(options.output).parent.mkdir(parents=True, exist_ok=True)
