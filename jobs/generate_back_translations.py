@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         **worker_env(cfg.input, cfg.cache_uri),
     ).materialize()
     to_generate = _count_to_generate(looked_up)
-    print(f"[{JOB}] {to_generate} of {looked_up.count()} rows need an image; the rest are cached")
+    print(f"[{JOB}] {to_generate} of {looked_up.count()} rows need an image (the others are cached or have no usable prompt)")
     ds = looked_up
     if to_generate:
         ds = looked_up.repartition(target_num_rows_per_block=cfg.compute.batch_size).map_batches(
