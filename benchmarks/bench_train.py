@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs for the plain loop and the 1-worker arm.")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (use_gpu for the Ray arms).")
+    parser.add_argument("--cache-shard-rows", type=int, default=None,
+                        help="ray.cache_shard_rows of the jobs (default: theirs); 0 streams every epoch from Ray Data")
     parser.add_argument("--output", default="outputs/bench/bench_train.json")
     parser.add_argument("--smoke-test", action="store_true", help="3 steps per arm, no ray-2 timing goal.")
     return parser.parse_args(argv)
@@ -91,17 +93,20 @@ def ray_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from jobs._train import device
+    from jobs._train import ShardRows, device
 
     model, collate, optimizer, scheduler = build(config["backbone"], config["batch_size"])
     model = ray.train.torch.prepare_model(model)
-    shard = ray.train.get_dataset_shard("train")
+    # the training jobs' data path: streamed the first epoch, then replayed from memory if small
+    shard = ShardRows(ray.train.get_dataset_shard("train"), config["cache_shard_rows"])
 
     def batches():
         produced = 0
         while True:  # wrap around the shard like the plain arm wraps around the table
-            for batch in shard.iter_batches(batch_size=config["batch_size"], batch_format="pyarrow", drop_last=True):
-                yield collate(batch.to_pylist())
+            for rows in shard.chunks(config["batch_size"]):
+                if len(rows) < config["batch_size"]:
+                    continue  # whole batches only, as the plain arm
+                yield collate(rows)
                 produced += 1
                 if produced == config["steps"] + 1:
                     return
@@ -122,7 +127,8 @@ def ray_arm(args, backbone: str, dataset, steps: int, workers: int) -> dict:
     with tempfile.TemporaryDirectory() as storage:
         trainer = TorchTrainer(
             ray_loop,
-            train_loop_config={"backbone": backbone, "batch_size": args.batch_size, "steps": steps // workers},
+            train_loop_config={"backbone": backbone, "batch_size": args.batch_size, "steps": steps // workers,
+                               "cache_shard_rows": args.cache_shard_rows},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": args.cpus / workers}),
             run_config=RunConfig(name=f"bench-{workers}", storage_path=storage),
@@ -141,6 +147,10 @@ def ray_arm(args, backbone: str, dataset, steps: int, workers: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.cache_shard_rows is None:
+        from jobs._train import RayTrainConfig
+
+        args.cache_shard_rows = RayTrainConfig().cache_shard_rows
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import pyarrow.parquet as pq
     import ray
@@ -174,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "backbone": backbone, "device": args.device, "batch_size": args.batch_size, "cpus": args.cpus,
-        "steps": steps, "plain": plain, "ray_1_worker": one, "ray_2_workers": two,
+        "steps": steps, "cache_shard_rows": args.cache_shard_rows, "plain": plain, "ray_1_worker": one, "ray_2_workers": two,
         "ratio_ray1_vs_plain_train": one["train_s"] / plain["train_s"],
         "ratio_ray1_vs_plain_total": one["total_s"] / plain["train_s"],
         "ratio_ray2_vs_ray1_train": (two["train_s"] / one["train_s"]) if two else None,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -58,9 +59,15 @@ class RayTrainConfig:
         None, "Keep the best N checkpoints by the validation metric (plus the latest); null: keep all."
     )
     address: str | None = opt(None, "ray.init address; null: a running cluster if any, else a local one.")
+    cache_shard_rows: int = opt(
+        100_000, "Keep a worker's training shard in its memory after the first epoch when it has at most this "
+        "many rows (stage tables hold text and URIs, not pixels); 0: stream it from Ray Data every epoch."
+    )
 
     def __post_init__(self) -> None:
         problems = []
+        if self.cache_shard_rows < 0:
+            problems.append(f"ray.cache_shard_rows: expected >= 0, got {self.cache_shard_rows}")
         if self.num_workers < 0:
             problems.append(f"ray.num_workers: expected >= 0, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
@@ -462,19 +469,56 @@ class Progress:
               flush=True)
 
 
+class ShardRows:
+    """A worker's training shard, epoch after epoch: streamed from Ray Data the first time and, if
+    it has at most ``keep_up_to`` rows, replayed from this worker's memory afterwards.
+
+    Each epoch over a Ray Data shard restarts its streaming split and pays Ray Data's per-batch
+    iteration; on 2 cores that was ~0.5–1.7 s per epoch plus 6–9 ms per batch
+    (``benchmarks/bench_train.py``), a third of a tiny model's step. A replayed epoch is reshuffled
+    in full with its seed; a rank keeps the rows its shard gave it, so DDP ranks keep equal step
+    counts. An epoch cut short (``max_steps``) does not fill the cache.
+    """
+
+    def __init__(self, shard: Any, keep_up_to: int):
+        self.shard = shard
+        self.keep_up_to = keep_up_to
+        self.rows: list[dict] | None = None
+
+    def chunks(self, batch_size: int, shuffle_seed: int | None = None):
+        """Lists of up to ``batch_size`` row dicts covering the shard once."""
+        if self.rows is not None:
+            rows = list(self.rows)
+            if shuffle_seed is not None:
+                random.Random(shuffle_seed).shuffle(rows)
+            yield from (rows[i:i + batch_size] for i in range(0, len(rows), batch_size))
+            return
+        shuffle = {} if shuffle_seed is None else {
+            "local_shuffle_buffer_size": 8 * batch_size, "local_shuffle_seed": shuffle_seed}
+        seen: list[dict] | None = [] if self.keep_up_to > 0 else None
+        for batch in self.shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", **shuffle):
+            rows = batch.to_pylist()
+            if seen is not None:
+                seen.extend(rows)
+                if len(seen) > self.keep_up_to:
+                    seen = None
+            yield rows
+        self.rows = seen  # reached only when the epoch ran to its end
+
+
 def shard_batches(shard: Any, batch_size: int, collate: Any, max_steps: int | None = None,
                   step_delay_s: float = 0.0, shuffle_seed: int | None = None):
-    """Rows of a Ray Data shard (or a list of row dicts in tests/benchmarks) as collated batches.
+    """Rows of a :class:`ShardRows`, a Ray Data shard, or a list of row dicts (evaluation, tests,
+    benchmarks) as collated batches.
 
-    ``shuffle_seed`` shuffles a Ray shard through a local buffer of 8 batches (cheap, streaming),
-    with a different order per epoch when the caller passes ``seed + epoch``.
+    ``shuffle_seed`` shuffles a streamed shard through a local buffer of 8 batches (cheap,
+    streaming), with a different order per epoch when the caller passes ``seed + epoch``.
     """
     if isinstance(shard, list):
         chunks = (shard[i:i + batch_size] for i in range(0, len(shard), batch_size))
     else:
-        shuffle = {} if shuffle_seed is None else {
-            "local_shuffle_buffer_size": 8 * batch_size, "local_shuffle_seed": shuffle_seed}
-        chunks = (b.to_pylist() for b in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", **shuffle))
+        rows = shard if isinstance(shard, ShardRows) else ShardRows(shard, keep_up_to=0)
+        chunks = rows.chunks(batch_size, shuffle_seed)
     for step, rows in enumerate(chunks):
         if max_steps is not None and step >= max_steps:
             break

@@ -255,7 +255,7 @@ def train_loop_per_worker(loop: dict) -> None:
         print(f"[finetune_extractor] resumed at epoch {state.epoch}, step {state.global_step} "
               f"(attempt {state.attempts})", flush=True)
     _train.announce_pid(cfg.debug)
-    train_shard = ray.train.get_dataset_shard("train")
+    train_shard = _train.ShardRows(ray.train.get_dataset_shard("train"), cfg.ray.cache_shard_rows)
     valid_rows = loop["valid_rows"] if rank0 else []
     scorer = score_fn(cfg.task)
     progress = _train.Progress("finetune_extractor", cfg.optim.epochs)

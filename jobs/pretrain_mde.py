@@ -177,7 +177,7 @@ def train_loop_per_worker(loop: dict) -> None:
         print(f"[pretrain_mde] resumed at epoch {state.epoch}, step {state.global_step} (attempt {state.attempts})",
               flush=True)
     _train.announce_pid(cfg.debug)
-    train_shard = ray.train.get_dataset_shard("train")
+    train_shard = _train.ShardRows(ray.train.get_dataset_shard("train"), cfg.ray.cache_shard_rows)
     valid_rows = _train.dataset_rows(ray.train.get_dataset_shard("valid"))[:cfg.debug.max_eval_rows] if rank0 else []
     progress = _train.Progress("pretrain_mde", cfg.optim.epochs)
     for epoch in range(state.epoch, cfg.optim.epochs):

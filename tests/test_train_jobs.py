@@ -223,3 +223,36 @@ def test_ray_configs_follow_the_config_section(tmp_path):
     assert _train.scaling_config(_train.RayTrainConfig(num_workers=0)).num_workers == 0
     with pytest.raises(ValueError, match="ray.num_workers"):
         _train.RayTrainConfig(num_workers=-1)
+
+
+class _FakeShard:
+    """What ``ShardRows`` uses of a Ray ``DataIterator``: ``iter_batches``, counted."""
+
+    def __init__(self, rows: list[dict]):
+        self.table, self.passes = pa.Table.from_pylist(rows), 0
+
+    def iter_batches(self, batch_size: int, batch_format: str, **_shuffle):
+        self.passes += 1
+        for start in range(0, self.table.num_rows, batch_size):
+            yield self.table.slice(start, batch_size)
+
+
+def test_shard_rows_streams_once_then_replays_every_row_reshuffled_per_epoch():
+    from jobs._train import ShardRows, shard_batches
+
+    shard = _FakeShard([{"id": i} for i in range(10)])
+    rows = ShardRows(shard, keep_up_to=100)
+    epochs = [[r["id"] for batch in shard_batches(rows, 4, lambda b: b, shuffle_seed=e) for r in batch] for e in range(3)]
+    assert shard.passes == 1  # epochs 2 and 3 came from memory
+    assert all(sorted(ids) == list(range(10)) for ids in epochs)
+    assert epochs[1] != epochs[2]  # a new order per epoch seed
+    # an epoch cut short does not fill the cache; a shard over the limit always streams
+    short = _FakeShard([{"id": i} for i in range(10)])
+    cut = ShardRows(short, keep_up_to=100)
+    list(shard_batches(cut, 4, lambda b: b, max_steps=1))
+    assert cut.rows is None
+    big = _FakeShard([{"id": i} for i in range(10)])
+    streamed = ShardRows(big, keep_up_to=5)
+    for _ in range(2):
+        list(shard_batches(streamed, 4, lambda b: b))
+    assert big.passes == 2 and streamed.rows is None
