@@ -80,9 +80,10 @@ def init_ray() -> None:
 
 
 def worker_env(*uris: str | None) -> dict[str, Any]:
-    """``{"runtime_env": ...}`` (a Ray Data remote argument) passing the driver's storage env vars on to Ray workers when any of
-    ``uris`` is remote (workers may have started before the driver's credentials were set).
-    Local-only stages get ``{}``: a runtime env costs a dedicated worker process."""
+    """``{"runtime_env": ...}`` (a Ray Data remote argument) passing the driver's storage env vars
+    on to Ray workers when any of ``uris`` is remote (workers may have started before the driver's
+    credentials were set). Local-only stages get ``{}``: a runtime env costs a dedicated worker
+    process."""
     if not any(u and storage.is_remote(u) for u in uris):
         return {}
     env = {key: os.environ[key] for key in _FORWARDED_ENV if key in os.environ}
