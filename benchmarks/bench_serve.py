@@ -117,22 +117,11 @@ def percentiles(latencies_s: list[float]) -> dict[str, float]:
 
 def in_process_latencies(args: dict, image: bytes, count: int, time_limit_s: float) -> list[float]:
     """Fast-mode requests on the deployment classes built here, one at a time, no Serve."""
-    from serve.app import AppArgs
-    from serve.deployments import DivergenceEstimator, Extractor, Grounder, PhraseParser
-    from serve.ingress import IngressSettings, Pipeline
+    from serve.app import AppArgs, in_process_pipeline
     from serve.schemas import NERRequest
 
-    parsed = AppArgs.model_validate(args)
-    steps = {
-        "phrases": PhraseParser.func_or_class(parser=parsed.phrase_parser, max_phrase_len=parsed.max_phrase_len),
-        "grounder": Grounder.func_or_class(parsed.grounder_model),
-        "back_translator": None,  # fast mode never calls it
-        "mde": DivergenceEstimator.func_or_class(parsed.mde_model, max_length=parsed.mde_max_length),
-        "ner": Extractor.func_or_class(parsed.ner_model, "ner"),
-        "re": None,
-    }
-    settings = IngressSettings(cache_uri=parsed.back_translation_cache, generation=parsed.generation.model_dump())
-    pipeline = Pipeline(**steps, settings=settings)
+    # fast mode never calls the back-translator, and the benchmark sends NER requests only
+    pipeline = in_process_pipeline(AppArgs.model_validate(args), steps=("phrases", "grounder", "mde", "ner"))
 
     async def run() -> list[float]:
         latencies: list[float] = []

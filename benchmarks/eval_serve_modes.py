@@ -3,7 +3,8 @@
     python -m benchmarks.eval_serve_modes                                  # after `make demo`
     python -m benchmarks.eval_serve_modes --workdir outputs/demo --serve-config configs/serve.tiny.yaml
 
-The serve config's deployment classes are built in this process and every test sentence of the
+The serve config's deployment classes are built in this process (``serve.app.in_process_pipeline``)
+and every test sentence of the
 pipeline's stage tables goes through the same ``Pipeline`` the HTTP ingress runs (phrase parser →
 grounder → back-translation → MDE → extractor), with the test image and the row's id as
 ``sample_id`` (so its seed, hence its back-translation key, is the batch job's). Three arms:
@@ -45,27 +46,6 @@ def test_rows(workdir: Path, task: str, limit: int | None) -> list[dict]:
     table = pads.dataset(str(workdir / "stages" / task / "divergence" / "test"), format="parquet").to_table()
     rows = sorted(table.to_pylist(), key=lambda row: row["id"])
     return rows[:limit] if limit else rows
-
-
-def build_pipeline(app_args: Any, cache_uri: str) -> Any:
-    """The ingress ``Pipeline`` over in-process deployment objects (no Serve, no HTTP)."""
-    from serve.deployments import BackTranslator, DivergenceEstimator, Extractor, Grounder, PhraseParser
-    from serve.ingress import IngressSettings, Pipeline
-
-    storage = {"endpoint_url": app_args.storage_endpoint_url, "region": app_args.storage_region}
-    steps = {
-        "phrases": PhraseParser.func_or_class(parser=app_args.phrase_parser, stanza_dir=app_args.stanza_dir,
-                                              max_phrase_len=app_args.max_phrase_len),
-        "grounder": Grounder.func_or_class(app_args.grounder_model, top_k=app_args.grounder_top_k,
-                                           threshold=app_args.grounder_threshold),
-        "back_translator": BackTranslator.func_or_class(app_args.generation.model_dump(), cache_uri, storage=storage),
-        "mde": DivergenceEstimator.func_or_class(app_args.mde_model, max_length=app_args.mde_max_length),
-        "ner": Extractor.func_or_class(app_args.ner_model, "ner"),
-        "re": Extractor.func_or_class(app_args.re_model, "re") if app_args.re_model else None,
-    }
-    settings = IngressSettings(cache_uri=cache_uri, generation=app_args.generation.model_dump(),
-                               base_seed=app_args.base_seed)
-    return Pipeline(**steps, settings=settings)
 
 
 def entity_tags(length: int, entities: list) -> list[str]:
@@ -110,7 +90,7 @@ def score(task: str, rows: list[dict], predictions: list, truth: dict, none_labe
 
 def main(argv: list[str] | None = None) -> int:
     from jobs.finetune_extractor import load_ground_truth
-    from serve.app import AppArgs, load_serve_config
+    from serve.app import AppArgs, in_process_pipeline, load_serve_config
 
     args = parse_args(argv)
     workdir = Path(args.workdir)
@@ -123,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("fast (warm cache)", app_args.back_translation_cache, "fast"),
                 ("fast (cold cache)", cold_cache, "fast")]
         for arm, cache_uri, mode in arms:
-            pipeline = build_pipeline(app_args, cache_uri)
+            pipeline = in_process_pipeline(app_args, cache_uri)
             for task in args.tasks:
                 rows = test_rows(workdir, task, args.limit)
                 started = time.perf_counter()

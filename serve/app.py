@@ -93,36 +93,29 @@ class AppArgs(BaseModel):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI for models:/ URIs; null: $MLFLOW_TRACKING_URI.")
 
 
-def build_app(args: AppArgs) -> Application:
-    """The TMR application: the ingress bound to its six model deployments.
-
-    Serve reads the annotation to build ``AppArgs`` from the config's ``args`` (so this module
-    does not use ``from __future__ import annotations``, which would make it a string).
-    """
+def _steps(args: AppArgs) -> dict[str, tuple[Any, str | None, tuple, dict]]:
+    """Each model step of the app: (deployment, replica name, init args, init kwargs) from ``args``,
+    so the served app and an in-process pipeline are built from one mapping."""
     storage = {"endpoint_url": args.storage_endpoint_url, "region": args.storage_region}
     batching = args.batching.model_dump()
-    generation = args.generation.model_dump()
-    phrases = PhraseParser.bind(
-        parser=args.phrase_parser, stanza_dir=args.stanza_dir, max_phrase_len=args.max_phrase_len, device=args.device
-    )
-    grounder = Grounder.bind(
-        args.grounder_model, top_k=args.grounder_top_k, threshold=args.grounder_threshold, device=args.device,
-        batching=batching, storage=storage,
-    )
-    back_translator = BackTranslator.bind(generation, args.back_translation_cache, batching=batching, storage=storage)
-    mde = DivergenceEstimator.bind(
-        args.mde_model, max_length=args.mde_max_length, device=args.device, batching=batching, storage=storage,
-        tracking_uri=args.tracking_uri,
-    )
-    ner = Extractor.options(name="NERExtractor").bind(
-        args.ner_model, "ner", device=args.device, batching=batching, storage=storage, tracking_uri=args.tracking_uri
-    )
-    re = None
-    if args.re_model is not None:
-        re = Extractor.options(name="REExtractor").bind(
-            args.re_model, "re", device=args.device, batching=batching, storage=storage, tracking_uri=args.tracking_uri
-        )
-    settings = IngressSettings(
+    models = {"device": args.device, "batching": batching, "storage": storage, "tracking_uri": args.tracking_uri}
+    steps = {
+        "phrases": (PhraseParser, None, (), {"parser": args.phrase_parser, "stanza_dir": args.stanza_dir,
+                                             "max_phrase_len": args.max_phrase_len, "device": args.device}),
+        "grounder": (Grounder, None, (args.grounder_model,), {
+            "top_k": args.grounder_top_k, "threshold": args.grounder_threshold, "device": args.device,
+            "batching": batching, "storage": storage}),
+        "back_translator": (BackTranslator, None, (args.generation.model_dump(), args.back_translation_cache),
+                            {"batching": batching, "storage": storage}),
+        "mde": (DivergenceEstimator, None, (args.mde_model,), {"max_length": args.mde_max_length, **models}),
+        "ner": (Extractor, "NERExtractor", (args.ner_model, "ner"), models),
+        "re": (Extractor, "REExtractor", (args.re_model, "re"), models) if args.re_model is not None else None,
+    }
+    return steps
+
+
+def _ingress_settings(args: AppArgs) -> IngressSettings:
+    return IngressSettings(
         default_mode=args.mode,
         image_uri_prefixes=args.image_uri_prefixes,
         max_image_bytes=args.max_image_bytes,
@@ -131,12 +124,52 @@ def build_app(args: AppArgs) -> Application:
         max_request_bytes=args.max_image_bytes * 4 // 3 + 1_000_000,
         auth_token_env=args.auth_token_env,
         cache_uri=args.back_translation_cache,
-        generation=generation,
+        generation=args.generation.model_dump(),
         base_seed=args.base_seed,
         storage_endpoint_url=args.storage_endpoint_url,
         storage_region=args.storage_region,
     )
-    return TMRIngress.bind(phrases, grounder, back_translator, mde, ner, re, settings.model_dump())
+
+
+def build_app(args: AppArgs) -> Application:
+    """The TMR application: the ingress bound to its six model deployments.
+
+    Serve reads the annotation to build ``AppArgs`` from the config's ``args`` (so this module
+    does not use ``from __future__ import annotations``, which would make it a string).
+    """
+    bound = {}
+    for key, step in _steps(args).items():
+        if step is None:
+            bound[key] = None
+            continue
+        deployment, name, init_args, init_kwargs = step
+        deployment = deployment.options(name=name) if name else deployment
+        bound[key] = deployment.bind(*init_args, **init_kwargs)
+    return TMRIngress.bind(bound["phrases"], bound["grounder"], bound["back_translator"], bound["mde"],
+                           bound["ner"], bound["re"], _ingress_settings(args).model_dump())
+
+
+def in_process_pipeline(args: AppArgs, cache_uri: str | None = None, steps: tuple[str, ...] | None = None) -> Any:
+    """The ingress's :class:`serve.ingress.Pipeline` over the deployment classes built in this
+    process (no Serve, no HTTP, no batching): what benchmarks compare the served app with.
+
+    Args:
+        cache_uri: another back-translation cache than the app's (e.g. an empty one).
+        steps: build only these steps (the others are ``None``); default all.
+    """
+    from serve.ingress import Pipeline
+
+    if cache_uri is not None:
+        args = args.model_copy(update={"back_translation_cache": cache_uri})
+    built = {}
+    for key, step in _steps(args).items():
+        if step is None or (steps is not None and key not in steps):
+            built[key] = None
+            continue
+        deployment, _name, init_args, init_kwargs = step
+        # called one request at a time through the *_many methods: no @serve.batch settings
+        built[key] = deployment.func_or_class(*init_args, **{k: v for k, v in init_kwargs.items() if k != "batching"})
+    return Pipeline(**built, settings=_ingress_settings(args))
 
 
 # ----------------------------------------------------------------------------- local runs
