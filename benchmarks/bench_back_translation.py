@@ -92,13 +92,14 @@ def plain_loop(settings, rows: list[dict], batch_size: int, out_dir: Path) -> fl
     start = time.perf_counter()
     import torch
 
-    from tmr_core.back_translation import encode_png, load_pipeline, prompt_from_tokens, sample_seed
+    from tmr_core.back_translation import encode_png, generation_seed, load_pipeline, prompt_from_tokens
 
     pipeline = load_pipeline(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i + batch_size]
-        generators = [torch.Generator(settings.device).manual_seed(sample_seed(r["id"])) for r in batch]
+        # the job's default seeds (generation.seed 0, not per sample)
+        generators = [torch.Generator(settings.device).manual_seed(generation_seed(r["id"], "")) for r in batch]
         with torch.inference_mode():
             images = pipeline(prompt=[prompt_from_tokens(r["tokens"]) for r in batch],
                               num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,

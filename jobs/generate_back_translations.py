@@ -3,8 +3,8 @@
     python -m jobs.generate_back_translations --config configs/generate_back_translations.yaml \\
         --input outputs/phrases --output outputs/back_translations
 
-Reads each split table, prompts the pipeline with ``' '.join(tokens)`` and a seed derived from the
-sample id, and adds ``back_translation_uri`` / ``back_translation_error``. Images are
+Reads each split table, prompts the pipeline with ``' '.join(tokens)`` and the base seed (or, with
+``generation.seed_per_sample``, a seed derived from the sample id), and adds ``back_translation_uri`` / ``back_translation_error``. Images are
 content-addressed under ``cache_uri`` (see :mod:`tmr_core.back_translation`), so a rerun, a resumed
 job and the server reuse what exists.
 
@@ -54,7 +54,10 @@ class GenerationConfig:
     width: int = opt(768, "Image width in pixels (multiple of 8).")
     dtype: Literal["float32", "float16", "bfloat16"] = opt("float32", "Pipeline dtype (float16 on GPUs).")
     device: str = opt("cpu", "torch device of each actor: cpu or cuda.")
-    seed: int = opt(0, "Base seed; each sample's seed is derived from it and the sample id.")
+    seed: int = opt(0, "Base seed: every prompt's, or the one per-sample seeds derive from.")
+    seed_per_sample: bool = opt(
+        False, "Derive each sample's seed from its id; default: one seed, so the image depends on the text alone."
+    )
 
 
 @dataclass
@@ -87,11 +90,12 @@ def _settings(generation: GenerationConfig) -> Any:
     )
 
 
-def _prompts_and_seeds(batch: Any, base_seed: int) -> tuple[list[str], list[int]]:
-    from tmr_core.back_translation import prompt_from_tokens, sample_seed
+def _prompts_and_seeds(batch: Any, generation: GenerationConfig) -> tuple[list[str], list[int]]:
+    from tmr_core.back_translation import generation_seed, prompt_from_tokens
 
     prompts = [prompt_from_tokens(tokens or []) for tokens in batch.column("tokens").to_pylist()]
-    seeds = [sample_seed(sample_id, base_seed) for sample_id in batch.column("id").to_pylist()]
+    ids = batch.column("id").to_pylist()
+    seeds = [generation_seed(i, p, generation.seed, generation.seed_per_sample) for i, p in zip(ids, prompts, strict=True)]
     return prompts, seeds
 
 
@@ -115,7 +119,7 @@ def look_up_cached(batch: Any, generation: GenerationConfig, cache_uri: str, sto
     from tmr_core.back_translation import BackTranslator
 
     translator = BackTranslator(_settings(generation), cache_uri, storage.options())
-    return _with_results(batch, translator.look_up(*_prompts_and_seeds(batch, generation.seed)))
+    return _with_results(batch, translator.look_up(*_prompts_and_seeds(batch, generation)))
 
 
 def _count_to_generate(looked_up: Any) -> int:
@@ -139,7 +143,7 @@ class GenerateBackTranslations:
 
         from tmr_core.back_translation import BackTranslator
 
-        self.base_seed = generation.seed
+        self.generation = generation
         # the pipeline loads on the first cache miss, once per actor
         self.translator = BackTranslator(_settings(generation), cache_uri, storage.options())
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -147,7 +151,7 @@ class GenerateBackTranslations:
     def __call__(self, batch: Any) -> Any:
         # every row again, not only the misses: an image another actor wrote since the look-up
         # is a cache hit, and the stats then describe this run's final outcome per row
-        results = self.translator(*_prompts_and_seeds(batch, self.base_seed))
+        results = self.translator(*_prompts_and_seeds(batch, self.generation))
         return _with_results(batch, results, self.node_id)
 
 

@@ -74,7 +74,10 @@ class AppArgs(BaseModel):
     back_translation_cache: str = Field(
         ".cache/back_translations", description="Content-addressed image cache shared with generate_back_translations."
     )
-    base_seed: int = Field(0, description="Seed the per-sample seeds derive from (as in the batch job).")
+    base_seed: int = Field(0, description="Back-translation seed (as in the batch job's generation.seed).")
+    seed_per_sample: bool = Field(
+        False, description="Per-sample seeds from the request's sample_id (as generation.seed_per_sample in the batch job)."
+    )
     mode: Literal["fast", "full"] = Field(
         "fast", description="Default per request: full generates the back-translation, fast only looks it up."
     )
@@ -126,6 +129,7 @@ def _ingress_settings(args: AppArgs) -> IngressSettings:
         cache_uri=args.back_translation_cache,
         generation=args.generation.model_dump(),
         base_seed=args.base_seed,
+        seed_per_sample=args.seed_per_sample,
         storage_endpoint_url=args.storage_endpoint_url,
         storage_region=args.storage_region,
     )

@@ -75,6 +75,7 @@ class IngressSettings(BaseModel):
     cache_uri: str = ".cache/back_translations"
     generation: dict[str, Any] = Field(default_factory=dict)
     base_seed: int = 0
+    seed_per_sample: bool = False
     storage_endpoint_url: str | None = None
     storage_region: str | None = None
 
@@ -151,7 +152,7 @@ class Pipeline:
     async def _features(self, extractor, tokens: list[str], image: bytes | None, mode: Mode,
                         sample_id: str | None) -> tuple[dict, dict]:
         """Steps 1-3: the extractor's input row and the response fields they produce."""
-        from tmr_core.back_translation import prompt_from_tokens, sample_seed
+        from tmr_core.back_translation import generation_seed, prompt_from_tokens
 
         _, phrases, divergence = await asyncio.gather(
             call(extractor, "check", tokens),
@@ -159,7 +160,7 @@ class Pipeline:
             call(self.mde, "score", tokens, image) if image is not None else _none(),
         )
         prompt = prompt_from_tokens(tokens)
-        seed = sample_seed(sample_id or prompt, self.settings.base_seed)
+        seed = generation_seed(sample_id, prompt, self.settings.base_seed, self.settings.seed_per_sample)
         if mode == "full":
             back_translation = await call(self.back_translator, "generate", prompt, seed)
         else:

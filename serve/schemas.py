@@ -77,8 +77,8 @@ class _TextImageRequest(BaseModel):
     )
     sample_id: str | None = Field(
         None, max_length=256,
-        description="Dataset sample id: seeds the back-translation as the batch job does, so its cached "
-        "image is found. Default: the text itself.",
+        description="Dataset sample id: with seed_per_sample, seeds the back-translation as the batch job "
+        "does, so its cached image is found. Default: the text itself. Ignored otherwise.",
     )
 
     @field_validator("text")

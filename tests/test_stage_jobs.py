@@ -17,6 +17,7 @@ from tmr_core.back_translation import (
     BackTranslator,
     GenerationSettings,
     cache_key,
+    generation_seed,
     prompt_from_tokens,
     sample_seed,
 )
@@ -111,6 +112,11 @@ def test_cache_key_changes_with_every_setting_and_seed_is_stable():
                                         dtype="float16", device="cuda"), 7, "a cat") == key
     assert sample_seed("syn_ner_000001") == sample_seed("syn_ner_000001") != sample_seed("syn_ner_000002")
     assert 0 <= sample_seed("x") < 2**31 and sample_seed("x", base_seed=1) != sample_seed("x")
+    # default: one seed for every prompt, so the image is a function of the text alone
+    assert generation_seed("syn_ner_000001", "a cat") == generation_seed(None, "a dog") == 0
+    assert generation_seed("a", "a cat", base_seed=5) == 5
+    assert generation_seed("syn_ner_000001", "a cat", per_sample=True) == sample_seed("syn_ner_000001")
+    assert generation_seed(None, "a cat", base_seed=3, per_sample=True) == sample_seed("a cat", 3)
     assert prompt_from_tokens(["Taylor", "Swift", "wins"]) == "Taylor Swift wins"
     with pytest.raises(ValueError, match="height"):
         GenerationSettings(model="m", height=30)

@@ -5,8 +5,12 @@ diffusion model, v' = argmax_v̂ p(v̂ | t) approximated by one sample of Stable
 with ``' '.join(tokens)``. This module holds everything except the cluster wiring, so the Ray Data
 job (``jobs.generate_back_translations``) and the server share one code path and one image cache:
 
-- :func:`sample_seed` derives a per-sample seed from the sample id (stable across runs and
-  machines), so an image is reproducible;
+- :func:`generation_seed` picks each prompt's seed: by default the base seed for every prompt, so
+  v' depends on the text alone (Eq. 3's p(v̂ | t)): identical texts share one cached image and the
+  server's back-translation of a sentence is the batch job's. Per-sample seeds
+  (:func:`sample_seed`, from the sample id) are an option; they add per-sample noise the text does
+  not explain, which an extractor can memorise (an untrained tiny pipeline's images differ almost
+  only by their seed);
 - :func:`cache_key` hashes (model, revision, scheduler, steps, guidance, size, seed, prompt); the
   image lives at ``<cache_uri>/<key[:2]>/<key>.png`` and an existing file is reused, never
   regenerated;
@@ -92,6 +96,11 @@ def sample_seed(sample_id: str, base_seed: int = 0) -> int:
     """A seed in [0, 2**31) from a sample id: stable across processes (unlike ``hash``)."""
     digest = hashlib.sha256(f"{base_seed}:{sample_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % (2**31)
+
+
+def generation_seed(sample_id: str | None, prompt: str, base_seed: int = 0, per_sample: bool = False) -> int:
+    """The seed one prompt is sampled with: ``base_seed``, or a per-sample one (the id, else the prompt)."""
+    return sample_seed(sample_id or prompt, base_seed) if per_sample else int(base_seed)
 
 
 def cache_key(settings: GenerationSettings, seed: int, prompt: str) -> str:
