@@ -231,8 +231,15 @@ def test_images_regions_and_back_translations(tokenizer, processor, tmp_path):
     crops = batch["region_pixel_values"][0]
     red, blue = crops[0, :, 16, 16], crops[2, :, 16, 16]
     assert red[0] > red[2] and blue[2] > blue[0]
-    assert not batch["bt_region_mask"].any()
+    # No usable box (none listed, or zero-area ones): the whole image is the one region.
+    assert batch["bt_region_mask"].tolist() == [[True, False, False]] * 2
+    assert torch.equal(batch["bt_region_pixel_values"][:, 0], batch["bt_pixel_values"])
     assert torch.allclose(batch["divergence"], torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]]))
+
+    degenerate = [region([10, 10, 10, 40], 0.9), region([90, 0, 120, 20], 0.5)]  # zero width; outside
+    crops_only = TMRCollator(tokenizer, processor, TMRConfig(num_regions=3, whole_image_region=False))
+    assert not crops_only([dict(rows[0], regions=degenerate)])["region_mask"].any()
+    assert collate([dict(rows[0], regions=degenerate)])["region_mask"].tolist() == [[True, False, False]]
 
     with pytest.raises(ValueError, match=r"row 1 \(id b\): divergence"):
         collate([rows[0], dict(rows[1], id="b", divergence=None)])

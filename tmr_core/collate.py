@@ -16,7 +16,8 @@ conlleval chunks as the gold tags.
 Phrases (``phrases``: ``{text, start, end}`` token spans) become word-piece spans over their
 first ``max_phrase_len`` tokens, at most ``max_phrases`` per sample; phrases with no kept piece
 are dropped. Images are read by URI (:mod:`tmr_core.images`); a null URI gives ``image_mask``
-False, and the top ``num_regions`` region boxes are cropped from their image, padded and masked.
+False, and the top ``num_regions`` region boxes are cropped from their image, padded and masked;
+an image with no usable box has itself as its one region (``TMRConfig.whole_image_region``).
 
 Output keys (tensors; B samples, L pieces, W = most tokens in the batch, P phrases ≥ 1,
 R = num_regions, S = the processor's image size):
@@ -226,6 +227,13 @@ class TMRCollator:
                 cache[uri] = None
         return cache[uri]
 
+    def _region_crops(self, image, regions: list, limit: int) -> list:
+        """The top ``limit`` region crops; the whole image when none is usable (``whole_image_region``)."""
+        if image is None or not limit:
+            return []
+        crops = crop_regions(image, regions, limit)
+        return crops or ([image] if self.config.whole_image_region else [])
+
     def images(
         self, rows: Sequence[Mapping], uri_key: str, regions_key: str, where: list[str]
     ) -> dict[str, torch.Tensor]:
@@ -240,9 +248,7 @@ class TMRCollator:
         for row, label in zip(rows, where, strict=True):
             image = self._load(row.get(uri_key), f"{label}: {uri_key}", cache)
             pictures.append(image)
-            crops.append(
-                crop_regions(image, _listed(row.get(regions_key)), limit) if image is not None else []
-            )
+            crops.append(self._region_crops(image, _listed(row.get(regions_key)), limit))
         flat = [p for p in pictures if p is not None] + [c for row_crops in crops for c in row_crops]
         processed = self._process(flat) if flat else torch.zeros(0, *self.pixel_shape)
         batch = len(rows)

@@ -73,6 +73,9 @@ class TMRConfig:
     max_phrase_len: int | None = None  # words kept per noun phrase
     max_phrases: int = 8  # noun phrases kept per sample
     num_regions: int = 3  # grounded region crops per image (V^r)
+    # An image whose grounding leaves no usable box gets the whole image as its one region, so the
+    # coarse level still sees the picture (HVPNeT likewise pairs the global image with its crops).
+    whole_image_region: bool = True
     num_patches: int = 49  # patch grid of V^s, a square number
     num_heads: int = 8  # heads of every attention block; must divide the text hidden size
     dropout: float = 0.1
