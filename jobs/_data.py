@@ -361,13 +361,18 @@ def fingerprint(job: str, cfg: Any, input_uri: str, splits: list[str],
     each split's files.
     """
     config = {k: v for k, v in config_to_dict(cfg).items() if k not in ignore}
-    marker = read_success_marker(input_uri, options)
-    if marker is not None:
-        inputs: Any = {"fingerprint": marker.get("fingerprint"), "rows": marker.get("rows")}
-    else:
-        inputs = {split: file_infos(split_uri(input_uri, split, options), options) for split in splits}
+    inputs = input_identity(input_uri, splits, options)
     blob = json.dumps({"job": job, "config": config, "inputs": inputs, "extra": extra}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def input_identity(input_uri: str, splits: list[str], options: storage.StorageOptions | None = None) -> Any:
+    """What identifies a dataset's content: its ``_SUCCESS.json`` fingerprint and row counts when
+    it has one, else the size and mtime of each split's files."""
+    marker = read_success_marker(input_uri, options)
+    if marker is not None:
+        return {"fingerprint": marker.get("fingerprint"), "rows": marker.get("rows")}
+    return {split: file_infos(split_uri(input_uri, split, options), options) for split in splits}
 
 
 def file_infos(uri: str | None, options: storage.StorageOptions | None = None) -> list:

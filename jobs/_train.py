@@ -24,6 +24,7 @@ storage path, hands it back through ``ray.train.get_checkpoint()``. Local mode
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -52,7 +53,10 @@ class RayTrainConfig:
     cpus_per_worker: float = opt(1.0, "CPUs each worker reserves.")
     gpus_per_worker: float = opt(1.0, "GPUs each worker reserves when use_gpu is true.")
     resources_per_worker: dict[str, float] = opt({}, "Extra custom resources per worker, e.g. {accelerator_type:A100: 0.01}.")
-    name: str | None = opt(None, "Ray Train run name (storage subfolder); null: the MLflow run name with / -> _.")
+    name: str | None = opt(
+        None, "Ray Train run name (storage subfolder); null: the MLflow run name with / -> _ and a hash of the "
+        "config and input, so a resubmitted job resumes its run and a changed one starts afresh."
+    )
     storage_path: str = opt("outputs/ray_results", "Where checkpoints persist: a local folder or s3://bucket/prefix.")
     max_failures: int = opt(2, "Worker-group restarts from the last checkpoint before the run fails; -1: unlimited.")
     checkpoints_to_keep: int | None = opt(
@@ -148,6 +152,66 @@ def run_folder(cfg: RayTrainConfig, name: str) -> str:
 def ray_run_name(mlflow_run_name: str) -> str:
     """A storage-safe Ray run name from an MLflow run name (``ner/x/full`` -> ``ner_x_full``)."""
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", mlflow_run_name).strip("_")
+
+
+# --------------------------------------------------------------------------- run identity
+
+IDENTITY_FILE = "run_identity.json"
+# where and how a run executes and is tracked, not what it trains
+NOT_IDENTITY = ("ray", "tracking", "debug", "output", "device")
+
+
+def run_identity(cfg: Any, dataset_uri: str, options: Any = None,
+                 splits: tuple[str, ...] = ("train", "valid", "test")) -> dict:
+    """What a training run trains: its resolved config minus :data:`NOT_IDENTITY` and
+    ``optim.epochs`` (a resubmission may extend a run), plus the identity of its input tables."""
+    from jobs._config import config_to_dict
+    from jobs._data import input_identity
+
+    config = {k: v for k, v in config_to_dict(cfg).items() if k not in NOT_IDENTITY}
+    config.get("optim", {}).pop("epochs", None)
+    return {"config": config, "inputs": input_identity(dataset_uri, list(splits), options)}
+
+
+def default_run_name(mlflow_run_name: str, identity: dict) -> str:
+    """``<ray_run_name>-<8 hex of the identity>``: a resubmitted job finds its run and resumes it,
+    while a changed config, default or input table starts a run of its own."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{ray_run_name(mlflow_run_name)}-{digest[:8]}"
+
+
+def claim_run_folder(folder: str, identity: dict, options: Any = None) -> None:
+    """Record what a run folder trains, or check that a reused one (an explicit ``ray.name``)
+    trains the same thing, so a changed job never silently resumes another run's checkpoints.
+
+    Raises:
+        ConfigError: the folder holds a run of another config or input, naming what differs.
+    """
+    from jobs._config import ConfigError
+    from tmr_core import storage
+
+    path = storage.join(folder, IDENTITY_FILE)
+    if not storage.exists(path, options):
+        storage.write_bytes_atomic(path, json.dumps(identity, sort_keys=True, default=str, indent=1).encode(), options)
+        return
+    recorded = json.loads(storage.read_bytes(path, options))
+    current = json.loads(json.dumps(identity, default=str))
+    differs = _differing_keys(recorded.get("config"), current["config"])
+    if recorded.get("inputs") != current["inputs"]:
+        differs.append("the input tables")
+    if differs:
+        shown = ", ".join(differs[:8]) + (f" and {len(differs) - 8} more" if len(differs) > 8 else "")
+        raise ConfigError([
+            f"ray.name: {folder} holds a run of another config or input ({shown} differ); its checkpoints "
+            "would be resumed. Pick another --ray.name, leave it null (one run per config), or delete that folder."
+        ])
+
+
+def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [k for key in keys for k in _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".") or "(root)"]
 
 
 def fit(train_loop: Any, loop_config: dict, cfg: RayTrainConfig, name: str, datasets: dict,

@@ -64,6 +64,7 @@ class ModelConfig:
     max_phrase_len: int | None = opt(None, "Words per noun phrase; null: the paper's 4 (NER) / 6 (RE).")
     max_phrases: int = opt(8, "Noun phrases kept per sample.")
     num_regions: int = opt(3, "Grounded region crops per image (V^r).")
+    whole_image_region: bool = opt(True, "An image with no usable grounded box gets the whole image as its region.")
     num_patches: int = opt(49, "Patch grid of V^s (7×7).")
     num_heads: int = opt(8, "Heads of every attention block.")
     dropout: float = opt(0.1, "Dropout in attention and heads.")
@@ -133,7 +134,7 @@ def model_config(cfg: Config, labels: list[str]):
     return TMRConfig(
         task=cfg.task, labels=tuple(labels), text_encoder=m.text_encoder, image_encoder=m.image_encoder,
         max_length=m.max_length, max_phrase_len=m.max_phrase_len, max_phrases=m.max_phrases,
-        num_regions=m.num_regions, num_patches=m.num_patches, num_heads=m.num_heads, dropout=m.dropout,
+        num_regions=m.num_regions, whole_image_region=m.whole_image_region, num_patches=m.num_patches, num_heads=m.num_heads, dropout=m.dropout,
         fixed_alpha=tuple(m.fixed_alpha), **ABLATION_SWITCHES[cfg.ablation],
     )
 
@@ -338,8 +339,10 @@ def main(argv: list[str] | None = None) -> int:
 
     options = cfg.storage.options()
     _train.init_ray(cfg.ray)
-    name = cfg.ray.name or _train.ray_run_name(run_name(cfg))
+    identity = _train.run_identity(cfg, cfg.data.dataset, options)
+    name = cfg.ray.name or _train.default_run_name(run_name(cfg), identity)
     folder = _train.run_folder(cfg.ray, name)
+    _train.claim_run_folder(folder, identity, options)
     train_ds = _train.table_dataset(cfg.data.dataset, "train", options)
     if cfg.data.train_fraction < 1.0:
         train_ds = train_ds.random_sample(cfg.data.train_fraction, seed=cfg.seed)

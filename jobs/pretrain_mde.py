@@ -256,8 +256,11 @@ def main(argv: list[str] | None = None) -> int:
 
     options = cfg.storage.options()
     _train.init_ray(cfg.ray)
-    name = cfg.ray.name or _train.ray_run_name(run_name(cfg))
+    splits = (cfg.data.train_split, cfg.data.valid_split, *cfg.data.test_splits)
+    identity = _train.run_identity(cfg, cfg.data.corpus, options, splits)
+    name = cfg.ray.name or _train.default_run_name(run_name(cfg), identity)
     folder = _train.run_folder(cfg.ray, name)
+    _train.claim_run_folder(folder, identity, options)
     train_ds = _data.read_split(cfg.data.corpus, cfg.data.train_split, options)
     if cfg.data.max_train_rows:
         train_ds = train_ds.limit(cfg.data.max_train_rows)

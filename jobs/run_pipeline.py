@@ -182,19 +182,21 @@ def plan(cfg: Config) -> list[Stage]:
 # --------------------------------------------------------------------------- skipping
 
 
-def _file_digest(path: str) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
-
-
 def stage_fingerprint(stage: Stage, upstream: dict[str, str]) -> str:
-    """Hash of what decides a stage's output: job, argv, config file bytes, upstream fingerprints."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps([stage.job, stage.argv, [upstream.get(n, "") for n in stage.needs]]).encode())
-    config = stage.argv[stage.argv.index("--config") + 1] if "--config" in stage.argv else None
-    if config and os.path.isfile(config):
-        digest.update(_file_digest(config).encode())
-    return digest.hexdigest()
+    """Hash of what decides a stage's output: job, resolved config, upstream fingerprints.
+
+    The config is resolved as the job resolves it (defaults < YAML < CLI), so a changed default
+    in the code reruns the stage just as an edited YAML does.
+    """
+    blob = [stage.job, _resolved_config(stage), [upstream.get(n, "") for n in stage.needs]]
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _resolved_config(stage: Stage) -> dict:
+    from jobs._config import config_to_dict
+
+    module = importlib.import_module(f"jobs.{stage.job}")
+    return config_to_dict(parse_config(module.Config, list(stage.argv), prog=f"jobs.{stage.job}"))
 
 
 def _marker_path(workdir: str, stage: Stage) -> str:

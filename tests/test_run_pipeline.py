@@ -1,5 +1,6 @@
 """jobs.run_pipeline: stage order, skipping up-to-date stages, resuming after a crash."""
 
+import dataclasses
 import os
 
 import pytest
@@ -37,12 +38,28 @@ def test_real_dataset_needs_its_files():
     assert "--data_dir" in message and "--mde_corpus" in message and "--tasks [re]" in message
 
 
-def test_fingerprint_changes_with_arguments_and_upstream():
-    stage = run_pipeline.Stage("a", "prepare_dataset", ["--config", "configs/prepare_dataset.tiny.yaml", "--x", "1"], "out")
-    other = run_pipeline.Stage("a", "prepare_dataset", ["--config", "configs/prepare_dataset.tiny.yaml", "--x", "2"], "out")
+def test_fingerprint_changes_with_arguments_defaults_and_upstream(monkeypatch):
+    from jobs import prepare_dataset
+
+    argv = ["--config", "configs/prepare_dataset.tiny.yaml"]
+    stage = run_pipeline.Stage("a", "prepare_dataset", [*argv, "--on_missing_image", "skip"], "out")
+    other = run_pipeline.Stage("a", "prepare_dataset", [*argv, "--on_missing_image", "keep"], "out")
     child = run_pipeline.Stage("b", "extract_phrases", ["--input", "out"], "out2", needs=["a"])
     assert run_pipeline.stage_fingerprint(stage, {}) != run_pipeline.stage_fingerprint(other, {})
     assert (run_pipeline.stage_fingerprint(child, {"a": "1"}) != run_pipeline.stage_fingerprint(child, {"a": "2"}))
+    # the same argv, but a default changed in the code: the stage is no longer up to date
+    plain = run_pipeline.Stage("a", "prepare_dataset", ["--data_dir", "outputs/benchmark"], "out")
+    before = run_pipeline.stage_fingerprint(plain, {})
+
+    @dataclasses.dataclass
+    class NewDefaults(prepare_dataset.Config):
+        image_dir: str | None = "elsewhere"
+
+    monkeypatch.setattr(prepare_dataset, "Config", NewDefaults)
+    assert run_pipeline.stage_fingerprint(plain, {}) != before
+    # a stage whose argv no longer parses fails before anything runs, naming the key
+    with pytest.raises(ConfigError, match="no_such_key"):
+        run_pipeline.stage_fingerprint(run_pipeline.Stage("a", "prepare_dataset", [*argv, "--no_such_key", "1"], "out"), {})
 
 
 def test_rerun_skips_and_crash_resumes(tmp_path, monkeypatch, capsys):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from jobs import _train
+from jobs._config import parse_config
 
 # Two steps of four rows per epoch and 12 eval rows (the first 12 test rows hold 2 ambiguous mentions).
 FAST = ["--debug.max_steps_per_epoch", "2", "--debug.max_eval_rows", "12", "--optim.batch_size", "4", "--optim.eval_batch_size", "64"]
@@ -118,6 +119,12 @@ def test_finetune_ner_checkpoints_resumes_and_tracks_one_run(ray_local, tiny_mod
     state = json.loads((folder / "checkpoint_epoch_0002" / "train_state.json").read_text())
     assert (state["epoch"], state["global_step"], state["attempts"]) == (2, 4, 2)
     assert [h["epoch"] for h in state["history"]] == [1, 2]
+
+    # The same run name with another config (or another input table) never resumes that run.
+    from jobs._config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"ner-run holds a run of another config or input \(optim.lr differ\)"):
+        finetune_extractor.main([*args, "--optim.epochs", "2", "--optim.lr", "0.01"])
 
     client, runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "tmr-ner")
     assert len(runs) == 1, "a resumed job must log into its existing MLflow run"
@@ -223,6 +230,33 @@ def test_ray_configs_follow_the_config_section(tmp_path):
     assert _train.scaling_config(_train.RayTrainConfig(num_workers=0)).num_workers == 0
     with pytest.raises(ValueError, match="ray.num_workers"):
         _train.RayTrainConfig(num_workers=-1)
+
+
+def test_default_run_name_follows_config_and_input_but_not_epochs_or_storage(tmp_path):
+    from jobs import finetune_extractor
+    from jobs._config import ConfigError
+    from jobs._data import write_success_marker
+
+    tables = tmp_path / "tables"
+    write_success_marker(str(tables), {"train": 4}, "stage-a")
+
+    def name(*argv: str) -> str:
+        cfg = parse_config(finetune_extractor.Config, ["--data.dataset", str(tables), *argv])
+        return _train.default_run_name(finetune_extractor.run_name(cfg), _train.run_identity(cfg, str(tables)))
+
+    base = name()
+    assert base.startswith("ner_") and base == name("--optim.epochs", "9", "--ray.storage_path", "s3://b/x")
+    assert len({base, name("--optim.lr", "0.01"), name("--seed", "1"), name("--model.whole_image_region", "false")}) == 4
+    write_success_marker(str(tables), {"train": 4}, "stage-b")  # the upstream stage reran
+    assert name() != base
+
+    cfg = parse_config(finetune_extractor.Config, ["--data.dataset", str(tables)])
+    folder = str(tmp_path / "run")
+    _train.claim_run_folder(folder, _train.run_identity(cfg, str(tables)))
+    _train.claim_run_folder(folder, _train.run_identity(cfg, str(tables)))  # the same run: fine
+    other = parse_config(finetune_extractor.Config, ["--data.dataset", str(tables), "--model.dropout", "0.3"])
+    with pytest.raises(ConfigError, match=r"model.dropout differ"):
+        _train.claim_run_folder(folder, _train.run_identity(other, str(tables)))
 
 
 class _FakeShard:
