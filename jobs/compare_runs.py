@@ -110,6 +110,7 @@ class RunRecord:
     experiment: str
     tags: dict[str, str]
     metrics: dict[str, float] = field(default_factory=dict)
+    start_time: int = 0  # ms since the epoch, as MLflow records it
 
     @property
     def fraction(self) -> float:
@@ -131,11 +132,26 @@ def load_runs(tracking_uri: str, experiments: list[str]) -> list[RunRecord]:
             page = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'",
                                       max_results=1000, page_token=page_token)
             for run in page:
-                records.append(RunRecord(run.info.run_id, name, dict(run.data.tags), dict(run.data.metrics)))
+                records.append(RunRecord(run.info.run_id, name, dict(run.data.tags), dict(run.data.metrics),
+                                         run.info.start_time or 0))
             page_token = page.token
             if not page_token:
                 break
     return records
+
+
+SETTING_TAGS = ("tmr.task", "tmr.dataset", "tmr.ablation", "tmr.loss", "tmr.seed", "tmr.train_fraction")
+
+
+def latest_per_setting(runs: list[RunRecord]) -> list[RunRecord]:
+    """The newest run of each setting (experiment, task, dataset, ablation, loss, seed, fraction):
+    a rerun after a code or data change replaces its predecessor instead of averaging with it."""
+    latest: dict[tuple, RunRecord] = {}
+    for run in runs:
+        key = (run.experiment, *(run.tags.get(tag) for tag in SETTING_TAGS))
+        if key not in latest or run.start_time > latest[key].start_time:
+            latest[key] = run
+    return list(latest.values())
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -361,7 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         failed = [code for code in run_sweep(cfg) if code]
         if failed:
             print(f"[compare_runs] {len(failed)} sweep run(s) failed; comparing what finished", flush=True)
-    runs = load_runs(tracking_uri, cfg.experiments)
+    finished = load_runs(tracking_uri, cfg.experiments)
+    runs = latest_per_setting(finished)
+    if len(runs) < len(finished):
+        print(f"[compare_runs] {len(finished) - len(runs)} older run(s) of a setting rerun since are left out", flush=True)
     files = build_report(cfg, runs)
     if cfg.tracking.enabled:
         run_id = log_report(cfg, tracking_uri, files, runs)

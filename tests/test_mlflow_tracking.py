@@ -144,6 +144,8 @@ def test_compare_runs_builds_tables_plots_and_logs_them(mlflow_server, tmp_path,
     prefix = f"cmp{abs(hash(str(tmp_path))) % 10**6}-"
     ner = _tracking.ensure_experiment(client, prefix + "ner")
     mde = _tracking.ensure_experiment(client, prefix + "mde")
+    _fake_extractor_run(client, ner, "ner", "text_only", 0.10, 0.10)  # superseded by the rerun below
+    time.sleep(0.01)  # MLflow start times have millisecond resolution
     _fake_extractor_run(client, ner, "ner", "full", 0.80, 0.70, seed=0)
     _fake_extractor_run(client, ner, "ner", "full", 0.90, 0.80, seed=1)
     _fake_extractor_run(client, ner, "ner", "text_only", 0.60, 0.40)
@@ -162,7 +164,7 @@ def test_compare_runs_builds_tables_plots_and_logs_them(mlflow_server, tmp_path,
                               "--tracking.tracking_uri", mlflow_server,
                               "--comparison_experiment", prefix + "comparisons"]) == 0
     runs = compare_runs.load_runs(mlflow_server, [prefix + "ner", prefix + "mde"])
-    assert len(runs) == 7
+    assert len(runs) == 8 and len(compare_runs.latest_per_setting(runs)) == 7
     with open(out / "ablations.csv") as handle:
         rows = {r["ablation"]: r for r in csv.DictReader(handle)}
     assert set(rows) == {"full", "text_only"}
