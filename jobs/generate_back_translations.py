@@ -4,9 +4,10 @@
         --input outputs/phrases --output outputs/back_translations
 
 Reads each split table, prompts the pipeline with ``' '.join(tokens)`` and the base seed (or, with
-``generation.seed_per_sample``, a seed derived from the sample id), and adds ``back_translation_uri`` / ``back_translation_error``. Images are
-content-addressed under ``cache_uri`` (see :mod:`tmr_core.back_translation`), so a rerun, a resumed
-job and the server reuse what exists.
+``generation.seed_per_sample``, a seed derived from the sample id), and adds
+``back_translation_uri`` / ``back_translation_error``. Images are content-addressed under
+``cache_uri`` (see :mod:`tmr_core.back_translation`), so a rerun, a resumed job and the server
+reuse what exists.
 
 Two passes: Ray tasks first look every row up in the cache (no model); only when some image is
 missing does a pool of actors (one pipeline each) generate them. The pool grows and shrinks with
@@ -95,7 +96,8 @@ def _prompts_and_seeds(batch: Any, generation: GenerationConfig) -> tuple[list[s
 
     prompts = [prompt_from_tokens(tokens or []) for tokens in batch.column("tokens").to_pylist()]
     ids = batch.column("id").to_pylist()
-    seeds = [generation_seed(i, p, generation.seed, generation.seed_per_sample) for i, p in zip(ids, prompts, strict=True)]
+    seeds = [generation_seed(sample_id, prompt, generation.seed, generation.seed_per_sample)
+             for sample_id, prompt in zip(ids, prompts, strict=True)]
     return prompts, seeds
 
 
