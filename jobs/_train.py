@@ -164,13 +164,23 @@ NOT_IDENTITY = ("ray", "tracking", "debug", "output", "device")
 def run_identity(cfg: Any, dataset_uri: str, options: Any = None,
                  splits: tuple[str, ...] = ("train", "valid", "test")) -> dict:
     """What a training run trains: its resolved config minus :data:`NOT_IDENTITY` and
-    ``optim.epochs`` (a resubmission may extend a run), plus the identity of its input tables."""
+    ``optim.epochs`` (a resubmission may extend a run), plus the identity of its input tables and
+    of every local file or folder the config names (a backbone rebuilt in place is another run)."""
     from jobs._config import config_to_dict
-    from jobs._data import input_identity
+    from jobs._data import file_infos, input_identity
 
     config = {k: v for k, v in config_to_dict(cfg).items() if k not in NOT_IDENTITY}
     config.get("optim", {}).pop("epochs", None)
-    return {"config": config, "inputs": input_identity(dataset_uri, list(splits), options)}
+    local = {path: file_infos(path) for path in sorted(_strings(config)) if os.sep in path and os.path.exists(path)}
+    return {"config": config, "inputs": input_identity(dataset_uri, list(splits), options), "local_files": local}
+
+
+def _strings(value: Any) -> set[str]:
+    if isinstance(value, dict):
+        return set().union(*map(_strings, value.values())) if value else set()
+    if isinstance(value, (list, tuple)):
+        return set().union(*map(_strings, value)) if value else set()
+    return {value} if isinstance(value, str) and value else set()
 
 
 def default_run_name(mlflow_run_name: str, identity: dict) -> str:
@@ -199,6 +209,8 @@ def claim_run_folder(folder: str, identity: dict, options: Any = None) -> None:
     differs = _differing_keys(recorded.get("config"), current["config"])
     if recorded.get("inputs") != current["inputs"]:
         differs.append("the input tables")
+    if recorded.get("local_files") != current.get("local_files"):
+        differs.append("the local files it names (" + ", ".join(sorted(current.get("local_files") or {})) + ")")
     if differs:
         shown = ", ".join(differs[:8]) + (f" and {len(differs) - 8} more" if len(differs) > 8 else "")
         raise ConfigError([

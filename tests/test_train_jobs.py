@@ -249,6 +249,12 @@ def test_default_run_name_follows_config_and_input_but_not_epochs_or_storage(tmp
     assert len({base, name("--optim.lr", "0.01"), name("--seed", "1"), name("--model.whole_image_region", "false")}) == 4
     write_success_marker(str(tables), {"train": 4}, "stage-b")  # the upstream stage reran
     assert name() != base
+    backbone = tmp_path / "text-encoder"
+    backbone.mkdir()
+    (backbone / "config.json").write_text("{}")
+    before = name("--model.text_encoder", str(backbone))
+    (backbone / "config.json").write_text('{"hidden_size": 64}')  # rebuilt in place
+    assert name("--model.text_encoder", str(backbone)) != before
 
     cfg = parse_config(finetune_extractor.Config, ["--data.dataset", str(tables)])
     folder = str(tmp_path / "run")
