@@ -150,6 +150,7 @@ def http_load(url: str, image: bytes, clients: int, count: int, time_limit_s: fl
     body_image = base64.b64encode(image).decode()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     latencies: list[float] = []
+    steps: dict[str, list[float]] = {}
     errors: list[str] = []
     lock = threading.Lock()
     sent = [0]
@@ -170,6 +171,8 @@ def http_load(url: str, image: bytes, clients: int, count: int, time_limit_s: fl
             with lock:
                 if response.status_code == 200:
                     latencies.append(elapsed)
+                    for name, ms in server_timing(response.headers.get("Server-Timing", "")).items():
+                        steps.setdefault(name, []).append(ms)
                 else:
                     errors.append(f"{response.status_code}: {response.text[:200]}")
 
@@ -185,8 +188,19 @@ def http_load(url: str, image: bytes, clients: int, count: int, time_limit_s: fl
     wall = time.perf_counter() - started
     if not latencies:
         raise RuntimeError(f"{url}/v1/ner: every request failed, e.g. {errors[:2]}")
-    return {**percentiles(latencies), "clients": clients, "wall_s": wall,
+    step_p50 = {name: statistics.median(values) for name, values in steps.items()}
+    return {**percentiles(latencies), "step_p50_ms": step_p50, "clients": clients, "wall_s": wall,
             "throughput_rps": len(latencies) / wall if wall else 0.0, "errors": errors[:5], "num_errors": len(errors)}
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """``{"features": 4.1, …}`` from a ``Server-Timing`` header (``name;dur=ms, …``)."""
+    timings = {}
+    for part in filter(None, (p.strip() for p in header.split(","))):
+        name, _, rest = part.partition(";")
+        if rest.startswith("dur="):
+            timings[name] = float(rest[4:])
+    return timings
 
 
 def healthz_latencies(url: str, count: int) -> dict[str, Any]:
@@ -315,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"deployment-graph overhead, p50: {results['overhead_p50_ms']:.1f} ms (goal ≤ 10 ms); with batching "
           f"(up to {0.005 * 1000:.0f} ms batch wait per batched hop): {results['overhead_p50_ms_batched']:.1f} ms; "
           f"an echo graph of the same shape costs {results['echo_graph_floor_p50_ms']:.1f} ms here")
+    steps = results["served_1_client_unbatched"]["step_p50_ms"]
+    if steps:
+        inside = " + ".join(f"{name} {ms:.1f}" for name, ms in steps.items())
+        print(f"inside the ingress, 1 client unbatched, p50 ms: {inside} = {sum(steps.values()):.1f}; "
+              f"the rest of {results['served_1_client_unbatched']['p50_ms']:.1f} is HTTP, the proxy and the ingress route")
     print(f"batched / unbatched throughput at {options.clients} clients: {results['batching_throughput_ratio']:.2f}x "
           "(goal ≥ 3x)")
     Path(options.output).parent.mkdir(parents=True, exist_ok=True)

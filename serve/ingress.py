@@ -12,7 +12,10 @@ One request runs the composite model of the paper, step by step, each step on it
 :class:`Pipeline` holds that order and calls its steps either through Serve handles (the
 deployed app) or directly on in-process objects (the benchmark's baseline), so both run the
 same code. The HTTP policy (token, image limits, storage prefixes, error bodies) lives in
-:func:`build_api`.
+:func:`build_api`. Every extraction response carries a ``Server-Timing`` header with the
+milliseconds of each step as the ingress saw them (``image``, ``features``, ``back_translation``,
+``grounding``, ``extract``), so a slow request shows where its time went (browsers' dev tools
+and ``benchmarks.bench_serve`` read it).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import io
 import logging
 import os
 import re
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +98,24 @@ class IngressSettings(BaseModel):
 # ----------------------------------------------------------------------------- the pipeline
 
 
+class StepTimer:
+    """Milliseconds per named step of one request, rendered as a ``Server-Timing`` header."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, float]] = []
+
+    @contextmanager
+    def step(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.steps.append((name, 1000 * (time.perf_counter() - started)))
+
+    def header(self) -> str:
+        return ", ".join(f"{name};dur={ms:.2f}" for name, ms in self.steps)
+
+
 async def call(target: Any, method: str, *args: Any) -> Any:
     """``target.method(*args)`` through a Serve handle, or directly on an in-process step object.
 
@@ -127,50 +150,59 @@ class Pipeline:
         targets = [self.ner, self.re, self.mde, self.grounder, self.back_translator, self.phrases]
         return await asyncio.gather(*(call(t, "info") for t in targets if t is not None))
 
-    async def ner_request(self, request: NERRequest, image: bytes | None) -> NERResponse:
+    async def ner_request(self, request: NERRequest, image: bytes | None,
+                          timer: StepTimer | None = None) -> NERResponse:
+        timer = timer or StepTimer()
         mode = request.mode or self.settings.default_mode
         tokens = request.words()
-        row, extras = await self._features(self.ner, tokens, image, mode, request.sample_id)
-        prediction = await call(self.ner, "predict", row)
+        row, extras = await self._features(self.ner, tokens, image, mode, request.sample_id, timer)
+        with timer.step("extract"):
+            prediction = await call(self.ner, "predict", row)
         entities = [Entity(text=" ".join(tokens[e["start"]:e["end"]]), **e) for e in prediction["entities"]]
         return NERResponse(tokens=tokens, mode=mode, entities=entities, **extras)
 
-    async def re_request(self, request: RERequest, image: bytes | None) -> REResponse:
+    async def re_request(self, request: RERequest, image: bytes | None,
+                         timer: StepTimer | None = None) -> REResponse:
+        timer = timer or StepTimer()
         if self.re is None:
             raise InputError("path", "this server has no relation extraction model (re_model is null)", 404, "not_found")
         mode = request.mode or self.settings.default_mode
         tokens = request.words()
-        row, extras = await self._features(self.re, tokens, image, mode, request.sample_id)
+        row, extras = await self._features(self.re, tokens, image, mode, request.sample_id, timer)
         row["head"] = {"name": " ".join(tokens[request.head.start:request.head.end]), **request.head.model_dump()}
         row["tail"] = {"name": " ".join(tokens[request.tail.start:request.tail.end]), **request.tail.model_dump()}
-        prediction = await call(self.re, "predict", row)
+        with timer.step("extract"):
+            prediction = await call(self.re, "predict", row)
         return REResponse(
             tokens=tokens, mode=mode, head=request.head, tail=request.tail,
             relation=prediction["relation"], probabilities=prediction["probabilities"], **extras,
         )
 
     async def _features(self, extractor, tokens: list[str], image: bytes | None, mode: Mode,
-                        sample_id: str | None) -> tuple[dict, dict]:
+                        sample_id: str | None, timer: StepTimer) -> tuple[dict, dict]:
         """Steps 1-3: the extractor's input row and the response fields they produce."""
         from tmr_core.back_translation import generation_seed, prompt_from_tokens
 
-        _, phrases, divergence = await asyncio.gather(
-            call(extractor, "check", tokens),
-            call(self.phrases, "parse", tokens),
-            call(self.mde, "score", tokens, image) if image is not None else _none(),
-        )
+        with timer.step("features"):
+            _, phrases, divergence = await asyncio.gather(
+                call(extractor, "check", tokens),
+                call(self.phrases, "parse", tokens),
+                call(self.mde, "score", tokens, image) if image is not None else _none(),
+            )
         prompt = prompt_from_tokens(tokens)
         seed = generation_seed(sample_id, prompt, self.settings.base_seed, self.settings.seed_per_sample)
-        if mode == "full":
-            back_translation = await call(self.back_translator, "generate", prompt, seed)
-        else:
-            back_translation = self._cached_back_translation(prompt, seed)
+        with timer.step("back_translation"):
+            if mode == "full":
+                back_translation = await call(self.back_translator, "generate", prompt, seed)
+            else:
+                back_translation = self._cached_back_translation(prompt, seed)
         bt_uri = back_translation["uri"]
         phrase_texts = [p["text"] for p in phrases]
-        regions, bt_regions = await asyncio.gather(
-            call(self.grounder, "ground", image, phrase_texts) if image is not None else _none([]),
-            call(self.grounder, "ground", bt_uri, phrase_texts) if bt_uri else _none([]),
-        )
+        with timer.step("grounding"):
+            regions, bt_regions = await asyncio.gather(
+                call(self.grounder, "ground", image, phrase_texts) if image is not None else _none([]),
+                call(self.grounder, "ground", bt_uri, phrase_texts) if bt_uri else _none([]),
+            )
         row = {
             "tokens": tokens,
             "phrases": phrases,
@@ -372,18 +404,26 @@ def build_api(pipeline: Pipeline, settings: IngressSettings, token: str | None) 
 
     @api.post("/v1/ner", response_model=NERResponse, responses=errors, tags=["extraction"],
               dependencies=[_security(bearer)])
-    async def ner(body: NERRequest) -> NERResponse:
+    async def ner(body: NERRequest, response: Response) -> NERResponse:
         """Named entities of the sentence (PER, LOC, ORG, MISC), the divergence scores of the
         (text, image) pair and the back-translated image used."""
-        image = await request_image(body, settings)
-        return await pipeline.ner_request(body, image)
+        timer = StepTimer()
+        with timer.step("image"):
+            image = await request_image(body, settings)
+        result = await pipeline.ner_request(body, image, timer)
+        response.headers["Server-Timing"] = timer.header()
+        return result
 
     @api.post("/v1/re", response_model=REResponse, responses=errors, tags=["extraction"],
               dependencies=[_security(bearer)])
-    async def relation(body: RERequest) -> REResponse:
+    async def relation(body: RERequest, response: Response) -> REResponse:
         """The relation between the head and tail spans, with every label's probability."""
-        image = await request_image(body, settings)
-        return await pipeline.re_request(body, image)
+        timer = StepTimer()
+        with timer.step("image"):
+            image = await request_image(body, settings)
+        result = await pipeline.re_request(body, image, timer)
+        response.headers["Server-Timing"] = timer.header()
+        return result
 
     @api.get("/v1/back-translations/{image_id}", responses={200: {"content": {"image/png": {}}}, **errors},
              response_class=Response, tags=["extraction"], dependencies=[_security(bearer)])

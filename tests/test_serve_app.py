@@ -171,6 +171,11 @@ def test_ner_fast_then_full_then_fast_uses_the_cache(app):
         assert entity["type"] in {"PER", "LOC", "ORG", "MISC"} and 0 <= entity["start"] < entity["end"] <= 9
         assert entity["text"] == " ".join(TEXT.split()[entity["start"]:entity["end"]]) and 0 < entity["score"] <= 1
 
+    # every step's milliseconds, as the ingress saw them
+    timing = dict(part.split(";dur=") for part in fast.headers["Server-Timing"].split(", "))
+    assert list(timing) == ["image", "features", "back_translation", "grounding", "extract"]
+    assert all(float(ms) >= 0 for ms in timing.values())
+
     full = post(app, "/v1/ner", {**body, "mode": "full"}).json()
     assert full["back_translation"]["used"] and not full["back_translation"]["cached"]
     image = requests.get(app["url"] + full["back_translation"]["url"], headers=auth(), timeout=30)
@@ -193,6 +198,7 @@ def test_re_returns_a_relation_and_probabilities(app):
     body = {"text": TEXT, "image": b64(png_bytes()), "head": {"start": 0, "end": 2}, "tail": {"start": 4, "end": 7}}
     response = post(app, "/v1/re", body)
     assert response.status_code == 200, response.text
+    assert "extract;dur=" in response.headers["Server-Timing"]
     result = response.json()
     assert result["relation"] in result["probabilities"]
     assert set(result["probabilities"]) == {"None", "/per/loc/place_of_residence", "/per/org/member_of"}
