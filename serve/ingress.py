@@ -344,6 +344,55 @@ def validation_details(error: RequestValidationError) -> tuple[int, list[dict]]:
     return status, details
 
 
+class RequestGuard:
+    """The bearer-token check, the body-size limit and the last-resort 500, as plain ASGI
+    middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware("http")``) added 1-2 ms to
+    every request on a 2-core node (measured on a no-op Serve app); this adds next to nothing."""
+
+    def __init__(self, app: Any, token: str | None, max_request_bytes: int):
+        self.app, self.token, self.max_request_bytes = app, token, max_request_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rejection = self._rejection(scope)
+        if rejection is not None:
+            return await rejection(scope, receive, send)
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as error:  # a bug or a failed replica answers 500; it never takes the ingress down
+            if isinstance(error, InputError):  # raised inside a deployment, surfaced through its handle
+                response = error_response(error.status, [error.detail()])
+            else:
+                logger.exception("request to %s failed", scope.get("path"))
+                response = error_response(500, [{"field": "body", "loc": [], "type": "internal_error",
+                                                 "msg": "internal error; see the server log"}])
+            if not started:
+                await response(scope, receive, send)
+
+    def _rejection(self, scope: dict) -> JSONResponse | None:
+        from starlette.datastructures import Headers
+
+        headers, path = Headers(scope=scope), scope.get("path", "")
+        if self.token and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+                return error_response(401, [{"field": "Authorization", "loc": ["header", "authorization"],
+                                             "msg": "missing or wrong bearer token", "type": "unauthorized"}])
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
+            return error_response(413, [{"field": "body", "loc": ["body"], "type": "too_large",
+                                         "msg": f"request body is over {self.max_request_bytes} bytes"}])
+        return None
+
+
 def build_api(pipeline: Pipeline, settings: IngressSettings, token: str | None) -> FastAPI:
     """The FastAPI app: routes, the token check, the body size limit and JSON error bodies."""
     api = FastAPI(
@@ -360,26 +409,7 @@ def build_api(pipeline: Pipeline, settings: IngressSettings, token: str | None) 
     errors = {400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 403: {"model": ErrorBody},
               413: {"model": ErrorBody}, 422: {"model": ErrorBody}}
 
-    @api.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        if token and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-                return error_response(401, [{"field": "Authorization", "loc": ["header", "authorization"],
-                                             "msg": "missing or wrong bearer token", "type": "unauthorized"}])
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
-            return error_response(413, [{"field": "body", "loc": ["body"], "type": "too_large",
-                                         "msg": f"request body is over {settings.max_request_bytes} bytes"}])
-        try:
-            return await call_next(request)
-        except InputError as error:  # raised inside a deployment, surfaced through its handle
-            return error_response(error.status, [error.detail()])
-        except Exception:  # a bug or a failed replica answers 500; it never takes the ingress down
-            logger.exception("request to %s failed", path)
-            return error_response(500, [{"field": "body", "loc": [], "msg": "internal error; see the server log",
-                                         "type": "internal_error"}])
+    api.add_middleware(RequestGuard, token=token, max_request_bytes=settings.max_request_bytes)
 
     @api.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, error: RequestValidationError):

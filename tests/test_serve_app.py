@@ -57,6 +57,49 @@ def test_app_args_reject_unknown_keys_naming_them():
         AppArgs.model_validate({"ner_modle": "x"})
 
 
+def _asgi(app, path: str, headers: dict[str, str]) -> tuple[int, dict]:
+    """One GET through an ASGI app: (status, JSON body)."""
+    scope = {"type": "http", "path": path, "method": "GET",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body) if body else {}
+
+
+def test_request_guard_checks_the_token_and_turns_failures_into_json():
+    from starlette.responses import JSONResponse
+
+    from serve.ingress import RequestGuard
+    from serve.schemas import InputError
+
+    async def route(scope, receive, send):
+        if scope["path"] == "/v1/bug":
+            raise RuntimeError("a bug")
+        if scope["path"] == "/v1/bad":
+            raise InputError("text", "too long", 422)
+        await JSONResponse({"ok": True})(scope, receive, send)
+
+    guard = RequestGuard(route, token="s3cret", max_request_bytes=100)
+    assert _asgi(guard, "/v1/ner", {})[0] == 401
+    assert _asgi(guard, "/v1/ner", {"Authorization": "Bearer wrong"})[0] == 401
+    assert _asgi(guard, "/healthz", {}) == (200, {"ok": True})  # public
+    ok = {"Authorization": "Bearer s3cret"}
+    assert _asgi(guard, "/v1/ner", ok) == (200, {"ok": True})
+    assert _asgi(guard, "/v1/ner", {**ok, "Content-Length": "101"})[1]["detail"][0]["type"] == "too_large"
+    status, body = _asgi(guard, "/v1/bug", ok)
+    assert status == 500 and body["detail"][0]["type"] == "internal_error" and "a bug" not in json.dumps(body)
+    status, body = _asgi(guard, "/v1/bad", ok)
+    assert status == 422 and body["detail"][0]["field"] == "text"
+
+
 def test_tiny_phrase_parser_keeps_names_and_determiner_phrases():
     from serve.deployments import tiny_noun_phrases
 
