@@ -432,28 +432,26 @@ def build_api(pipeline: Pipeline, settings: IngressSettings, token: str | None) 
         infos = await pipeline.models()
         return ModelsResponse(default_mode=settings.default_mode, models=[ModelInfo(**i) for i in infos])
 
+    async def timed_extraction(body: NERRequest | RERequest, response: Response, extract):
+        timer = StepTimer()
+        with timer.step("image"):
+            image = await request_image(body, settings)
+        result = await extract(body, image, timer)
+        response.headers["Server-Timing"] = timer.header()
+        return result
+
     @api.post("/v1/ner", response_model=NERResponse, responses=errors, tags=["extraction"],
               dependencies=[_security(bearer)])
     async def ner(body: NERRequest, response: Response) -> NERResponse:
         """Named entities of the sentence (PER, LOC, ORG, MISC), the divergence scores of the
         (text, image) pair and the back-translated image used."""
-        timer = StepTimer()
-        with timer.step("image"):
-            image = await request_image(body, settings)
-        result = await pipeline.ner_request(body, image, timer)
-        response.headers["Server-Timing"] = timer.header()
-        return result
+        return await timed_extraction(body, response, pipeline.ner_request)
 
     @api.post("/v1/re", response_model=REResponse, responses=errors, tags=["extraction"],
               dependencies=[_security(bearer)])
     async def relation(body: RERequest, response: Response) -> REResponse:
         """The relation between the head and tail spans, with every label's probability."""
-        timer = StepTimer()
-        with timer.step("image"):
-            image = await request_image(body, settings)
-        result = await pipeline.re_request(body, image, timer)
-        response.headers["Server-Timing"] = timer.header()
-        return result
+        return await timed_extraction(body, response, pipeline.re_request)
 
     @api.get("/v1/back-translations/{image_id}", responses={200: {"content": {"image/png": {}}}, **errors},
              response_class=Response, tags=["extraction"], dependencies=[_security(bearer)])
