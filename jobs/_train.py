@@ -171,7 +171,9 @@ def run_identity(cfg: Any, dataset_uri: str, options: Any = None,
 
     config = {k: v for k, v in config_to_dict(cfg).items() if k not in NOT_IDENTITY}
     config.get("optim", {}).pop("epochs", None)
-    local = {path: file_infos(path) for path in sorted(_strings(config)) if os.sep in path and os.path.exists(path)}
+    # the input tables are identified by their stage marker above, not by their files' mtimes
+    named = _strings(config) - {dataset_uri}
+    local = {path: file_infos(path) for path in sorted(named) if os.sep in path and os.path.exists(path)}
     return {"config": config, "inputs": input_identity(dataset_uri, list(splits), options), "local_files": local}
 
 

@@ -102,7 +102,7 @@ def _steps(args: AppArgs) -> dict[str, tuple[Any, str | None, tuple, dict]]:
     storage = {"endpoint_url": args.storage_endpoint_url, "region": args.storage_region}
     batching = args.batching.model_dump()
     models = {"device": args.device, "batching": batching, "storage": storage, "tracking_uri": args.tracking_uri}
-    steps = {
+    return {
         "phrases": (PhraseParser, None, (), {"parser": args.phrase_parser, "stanza_dir": args.stanza_dir,
                                              "max_phrase_len": args.max_phrase_len, "device": args.device}),
         "grounder": (Grounder, None, (args.grounder_model,), {
@@ -114,7 +114,6 @@ def _steps(args: AppArgs) -> dict[str, tuple[Any, str | None, tuple, dict]]:
         "ner": (Extractor, "NERExtractor", (args.ner_model, "ner"), models),
         "re": (Extractor, "REExtractor", (args.re_model, "re"), models) if args.re_model is not None else None,
     }
-    return steps
 
 
 def _ingress_settings(args: AppArgs) -> IngressSettings:
@@ -149,8 +148,7 @@ def build_app(args: AppArgs) -> Application:
         deployment, name, init_args, init_kwargs = step
         deployment = deployment.options(name=name) if name else deployment
         bound[key] = deployment.bind(*init_args, **init_kwargs)
-    return TMRIngress.bind(bound["phrases"], bound["grounder"], bound["back_translator"], bound["mde"],
-                           bound["ner"], bound["re"], _ingress_settings(args).model_dump())
+    return TMRIngress.bind(**bound, settings=_ingress_settings(args).model_dump())
 
 
 def in_process_pipeline(args: AppArgs, cache_uri: str | None = None, steps: tuple[str, ...] | None = None) -> Any:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.datastructures import Headers
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPBearer
@@ -378,8 +379,6 @@ class RequestGuard:
                 await response(scope, receive, send)
 
     def _rejection(self, scope: dict) -> JSONResponse | None:
-        from starlette.datastructures import Headers
-
         headers, path = Headers(scope=scope), scope.get("path", "")
         if self.token and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
             scheme, _, given = headers.get("authorization", "").partition(" ")

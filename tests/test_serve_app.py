@@ -75,7 +75,7 @@ def _asgi(app, path: str, headers: dict[str, str]) -> tuple[int, dict]:
 
 
 def test_request_guard_checks_the_token_and_turns_failures_into_json():
-    from starlette.responses import JSONResponse
+    from fastapi.responses import JSONResponse
 
     from serve.ingress import RequestGuard
     from serve.schemas import InputError
