@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import os
 import sys
 import types
 import typing
@@ -27,13 +28,29 @@ import yaml
 
 _MISSING = dataclasses.MISSING
 
+SHOWN_VALUE_CHARS = 200  # a value echoed in an error; the rest is counted, not printed
+SHOWN_PROBLEM_CHARS = 2000  # backstop for messages built elsewhere (a __post_init__ check)
+MAX_YAML_VALUES = 100_000  # values a config file may hold once its aliases are expanded
+MAX_YAML_DEPTH = 100  # nesting a config file may have (aliases included)
+
 
 class ConfigError(ValueError):
     """All problems found in a config, one per line, each naming where it came from."""
 
     def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
+        self.problems = [cut(problem, SHOWN_PROBLEM_CHARS) for problem in problems]
+        super().__init__("invalid config:\n  - " + "\n  - ".join(self.problems))
+
+
+def cut(text: str, limit: int = SHOWN_VALUE_CHARS) -> str:
+    """``text`` up to ``limit`` characters, then its full length: a hostile or mistaken value
+    (a megabyte string, an alias bomb) must not turn one error line into megabytes."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} chars)"
+
+
+def shown(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut to a sane length."""
+    return cut(repr(value))
 
 
 def opt(default: Any, doc: str) -> Any:
@@ -79,10 +96,16 @@ def _is_dataclass_type(tp: Any) -> bool:
 
 
 def _from_cli_text(text: str) -> Any:
-    """A command-line value is read as YAML (so ``8``, ``true``, ``[a, b]`` and ``null`` work)."""
+    """A command-line value is read as YAML (so ``8``, ``true``, ``[a, b]`` and ``null`` work).
+
+    Text that is not YAML, or whose aliases expand too far, stays text: the field's type check
+    then reports it (cut to a sane length).
+    """
+    if not text.strip():
+        return text
     try:
-        return yaml.safe_load(text) if text.strip() else text
-    except yaml.YAMLError:
+        return _load_yaml_text(text)[0]
+    except (yaml.YAMLError, _YamlTooLarge, RecursionError):
         return text
 
 
@@ -192,45 +215,155 @@ def _flatten(mapping: dict, dict_fields: set[str] = frozenset(), prefix: str = "
 
 
 def _closest(key: str, valid: list[str]) -> str:
+    key = key[:SHOWN_VALUE_CHARS]  # difflib is quadratic: a megabyte key would take minutes
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
     leaf_matches = [v for v in valid if v.split(".")[-1] == key.split(".")[-1]]
     best = leaf_matches[0] if leaf_matches else (match[0] if match else None)
     return f" (closest valid key: '{best}')" if best else ""
 
 
-def _yaml_line_numbers(path: Path) -> dict[str, int]:
-    """Dotted key -> line number in a YAML mapping, so errors point at ``file:line``."""
-    lines: dict[str, int] = {}
+# --------------------------------------------------------------------------- YAML files
+
+
+class _YamlTooLarge(Exception):
+    """A YAML document that expands (through its aliases) past the limits; ``line`` is 1-based."""
+
+    def __init__(self, line: int, reason: str):
+        self.line, self.reason = line, reason
+        super().__init__(reason)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a node graph that expands past ``MAX_YAML_VALUES`` values or ``MAX_YAML_DEPTH`` levels.
+
+    Aliases make a graph, not a tree: nine lines of anchors, each alias used nine times, expand
+    to 10^9 strings (a "billion laughs") once anything walks, copies or prints the data. Each
+    node's expanded size is computed once (memoised), so the check itself stays linear.
+    """
+    measured: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded values, levels below)
+    open_nodes: set[int] = set()
+
+    def measure(node: yaml.Node, depth: int) -> tuple[int, int]:
+        key = id(node)
+        if key in open_nodes:
+            raise _YamlTooLarge(node.start_mark.line + 1, "an alias refers to a value that contains it")
+        if key not in measured:
+            open_nodes.add(key)
+            children = _child_nodes(node)
+            sizes = [measure(child, depth + 1) for child in children]
+            open_nodes.discard(key)
+            measured[key] = (1 + sum(s for s, _ in sizes), 1 + max((h for _, h in sizes), default=0))
+        size, height = measured[key]
+        if size > MAX_YAML_VALUES:
+            raise _YamlTooLarge(
+                node.start_mark.line + 1, f"its aliases expand to {size} values (at most {MAX_YAML_VALUES}); "
+                "write the values out instead of nesting aliases"
+            )
+        if depth + height > MAX_YAML_DEPTH:
+            raise _YamlTooLarge(node.start_mark.line + 1, f"nested deeper than {MAX_YAML_DEPTH} levels")
+        return size, height
+
+    measure(root, 0)
+
+
+def _child_nodes(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _load_yaml_text(text: str) -> tuple[Any, dict[str, list[int]]]:
+    """YAML text to data and the lines of its keys (:func:`_key_lines`).
+
+    The node graph is checked before any data is built, and its key lines are read before the
+    constructor resolves merge keys (``<<: *base``) in place, which would make them look repeated.
+
+    Raises:
+        yaml.YAMLError: the text is not YAML.
+        _YamlTooLarge: its aliases expand too far, or it nests too deep.
+        RecursionError: it nests deeper than the YAML parser itself can follow.
+    """
+    loader = yaml.SafeLoader(text)
     try:
-        root = yaml.compose(path.read_text())
-    except yaml.YAMLError:
-        return lines
+        root = loader.get_single_node()
+        if root is None:
+            return None, {}
+        _check_expansion(root)
+        lines = _key_lines(root)
+        return loader.construct_document(root), lines
+    finally:
+        loader.dispose()
+
+
+def _key_lines(root: yaml.Node) -> dict[str, list[int]]:
+    """Dotted key -> every line that sets it, so errors point at ``file:line`` and a key set
+    twice (``a: 1`` twice, or ``data: {b: 1}`` and ``data.b: 2``) is found, not silently merged."""
+    lines: dict[str, list[int]] = {}
 
     def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                dotted = prefix + str(key_node.value)
-                lines[dotted] = key_node.start_mark.line + 1
-                walk(value_node, dotted + ".")
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` merges a mapping in; an explicit key may override it
+            dotted = prefix + str(key_node.value)
+            lines.setdefault(dotted, []).append(key_node.start_mark.line + 1)
+            walk(value_node, dotted + ".")
 
     walk(root, "")
     return lines
 
 
-def _load_yaml(path: Path) -> dict:
+def _repeated_keys(path: Path, lines: dict[str, list[int]]) -> list[str]:
+    return [
+        f"{path}:{line}: key '{cut(key)}' repeats line {where[0]}; set each key once"
+        for key, where in lines.items()
+        for line in where[1:]
+    ]
+
+
+def _read_config_text(path: Path) -> str:
+    """The file's text; a file that is not UTF-8 is named with the line and offset of its first bad byte."""
     if not path.is_file():
         raise ConfigError([f"--config {path}: no such file"])
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"--config {path}: cannot be read ({exc.strerror or exc})"]) from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError([
+            f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); save the file as UTF-8"
+        ]) from None
+
+
+def _load_yaml(path: Path) -> tuple[dict, dict[str, list[int]], list[str]]:
+    """A config file's mapping, the lines of its (dotted) keys, and its repeated keys as problems.
+
+    Raises:
+        ConfigError: the file is missing, not UTF-8, not YAML, too large once its aliases are
+            expanded, or not a mapping.
+    """
+    text = _read_config_text(path)
+    try:
+        data, lines = _load_yaml_text(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError([f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+        raise ConfigError([f"{where}: not valid YAML ({cut(str(getattr(exc, 'problem', exc)))})"]) from None
+    except _YamlTooLarge as exc:
+        raise ConfigError([f"{path}:{exc.line}: refused: {exc.reason}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: refused: nested deeper than the YAML parser can follow"]) from None
     if data is None:
-        return {}
+        return {}, {}, []
     if not isinstance(data, dict):
         raise ConfigError([f"{path}:1: expected a mapping of keys to values, found {type(data).__name__}"])
-    return data
+    return data, lines, _repeated_keys(path, lines)
 
 
 def _split_cli(argv: list[str]) -> tuple[Path | None, list[tuple[str, str | None]], list[str]]:
@@ -238,13 +371,15 @@ def _split_cli(argv: list[str]) -> tuple[Path | None, list[tuple[str, str | None
     config_path: Path | None = None
     overrides: list[tuple[str, str | None]] = []
     problems: list[str] = []
+    first_given: dict[str, tuple[int, str]] = {}  # key -> (argument number, as typed)
     i = 0
     while i < len(argv):
         token = argv[i]
         if not token.startswith("--"):
-            problems.append(f"command line: unexpected argument '{token}' (expected --key value)")
+            problems.append(f"command line: unexpected argument {shown(token)} (expected --key value)")
             i += 1
             continue
+        start = i
         key, eq, inline = token[2:].partition("=")
         if eq:
             value: str | None = inline
@@ -255,13 +390,25 @@ def _split_cli(argv: list[str]) -> tuple[Path | None, list[tuple[str, str | None
         else:
             value = None  # a bare flag: only valid for booleans
             i += 1
+        typed = " ".join(argv[start:i])
+        key = key.replace("-", "_")
+        if key in first_given:
+            # Last-one-wins would silently drop a value the user typed (a pasted command, a script
+            # that appends overrides): name both, let the user keep one.
+            number, earlier = first_given[key]
+            problems.append(
+                f"command line: --{cut(key)} is given twice ({shown(earlier)} at argument {number}, "
+                f"{shown(typed)} at argument {start + 1}); give it once"
+            )
+            continue
+        first_given[key] = (start + 1, typed)
         if key == "config":
             if value is None:
                 problems.append("command line: --config needs a file path")
             else:
                 config_path = Path(value)
         else:
-            overrides.append((key.replace("-", "_"), value))
+            overrides.append((key, value))
     return config_path, overrides, problems
 
 
@@ -288,7 +435,7 @@ def parse_config(cls: type, argv: list[str] | None = None, prog: str | None = No
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
-        print(format_help(cls, prog or cls.__module__))
+        _print_quietly(format_help(cls, prog or cls.__module__))
         raise SystemExit(0)
     config_path, overrides, problems = _split_cli(argv)
     paths = field_paths(cls)
@@ -304,7 +451,7 @@ def parse_config(cls: type, argv: list[str] | None = None, prog: str | None = No
                 problems.append(f"{where}: '{key}' is a section: set its keys, e.g. {key}.<key>")
             return
         if key not in paths:
-            problems.append(f"{where}: unknown key '{key}'{_closest(key, valid)}")
+            problems.append(f"{where}: unknown key '{cut(key)}'{_closest(key, valid)}")
             return
         tp, _ = paths[key]
         if raw is None and from_cli:
@@ -320,17 +467,18 @@ def parse_config(cls: type, argv: list[str] | None = None, prog: str | None = No
             values[key] = _coerce(value, tp, from_cli)
         except TypeError as exc:
             problems.append(
-                f"{where}: field '{key}' expects {_type_name(tp)}, got {raw!r} ({exc})"
+                f"{where}: field '{key}' expects {_type_name(tp)}, got {shown(raw)} ({cut(str(exc))})"
             )
 
     if config_path is not None:
         try:
-            data = _load_yaml(config_path)
+            data, lines, repeated = _load_yaml(config_path)
         except ConfigError as exc:
             raise ConfigError(problems + exc.problems) from None
-        lines = _yaml_line_numbers(config_path)
+        problems += repeated
         for key, raw in _flatten(data, dict_fields).items():
-            accept(key, raw, f"{config_path}:{lines.get(key, 1)}", from_cli=False)
+            line = lines.get(key, [1])[-1]  # a repeated key holds its last value, as YAML reads it
+            accept(key, raw, f"{config_path}:{line}", from_cli=False)
     for key, raw in overrides:
         accept(key, raw, "command line", from_cli=True)
     if problems:
@@ -374,6 +522,19 @@ def config_to_yaml(cfg: Any) -> str:
 def print_config(cfg: Any, title: str) -> None:
     """Print the resolved config at job start, so logs say exactly what ran."""
     print(f"[{title}] resolved config:\n" + "\n".join("  " + line for line in config_to_yaml(cfg).splitlines()))
+
+
+def _print_quietly(text: str) -> None:
+    """Print to stdout; a reader that stopped early (``--help | head``) ends it quietly.
+
+    Without this, the interpreter's last flush into the closed pipe prints a BrokenPipeError.
+    """
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the flush at exit has nowhere to fail (Python's own advice).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def format_help(cls: type, prog: str) -> str:

@@ -257,3 +257,99 @@ def test_job_bad_flag_exits_with_one_line_not_a_traceback():
     assert result.returncode == 2
     assert "unknown key 'fromat' (closest valid key: 'format')" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- hostile and broken input
+
+
+def alias_bomb(levels: int) -> str:
+    """A "billion laughs": each line an anchor whose list uses the previous alias nine times."""
+    lines = ['l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for level in range(1, levels):
+        lines.append(f"l{level}: &l{level} [" + ",".join([f"*l{level - 1}"] * 9) + "]")
+    return "\n".join(lines) + f"\nname: *l{levels - 1}\n"
+
+
+def test_alias_bomb_is_refused_naming_file_and_line(tmp_path):
+    # Six levels expand to ~600k values (a 4 MB error message before); nine to 10^9 (312 MB).
+    for levels in (6, 9):
+        path = write(tmp_path, alias_bomb(levels), f"bomb{levels}.yaml")
+        with pytest.raises(ConfigError) as info:
+            parse_config(Cfg, ["--config", str(path)])
+        message = str(info.value)
+        assert len(message) < 500, message[:1000]
+        assert f"{path}:6: refused: its aliases expand to" in message and "at most 100000" in message
+
+
+def test_alias_that_contains_itself_is_refused(tmp_path):
+    path = write(tmp_path, "count: 1\nsizes: &s [1, *s]\n")
+    assert f"{path}:2: refused: an alias refers to a value that contains it" in problems_of(["--config", str(path)])
+
+
+def test_small_aliases_and_merge_keys_still_work(tmp_path):
+    path = write(tmp_path, "weights: &w {a: 2.0}\ndata:\n  <<: {batch_size: 3}\n  batch_size: 5\n  optim: *w\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'data.optim.a'"):  # the alias expands: a real key check
+        parse_config(Cfg, ["--config", str(path)])
+    path = write(tmp_path, "sizes: &s [4, 5]\nlimit: 2\ndata:\n  <<: {batch_size: 3, optim: {steps: 4}}\n  batch_size: 5\n",
+                 "merge.yaml")
+    cfg = parse_config(Cfg, ["--config", str(path)])  # an explicit key overrides a merged one: no repeat
+    assert cfg.sizes == [4, 5] and cfg.data.batch_size == 5 and cfg.data.optim.steps == 4
+
+
+@pytest.mark.parametrize("where", ["yaml", "cli"])
+def test_long_value_in_an_error_is_cut_with_its_length(tmp_path, where):
+    value = "9" * 50 + "x" * 5000
+    if where == "yaml":
+        argv = ["--config", str(write(tmp_path, f"count: {value}\n"))]
+    else:
+        argv = ["--count", value]
+    message = problems_of(argv)
+    assert "field 'count' expects int, got '" + "9" * 50 in message
+    assert f"… ({len(value) + 2} chars)" in message  # the repr's length: the value and its quotes
+    assert len(message) < 600, len(message)
+
+
+def test_long_unknown_key_is_cut(tmp_path):
+    message = problems_of(["--" + "k" * 10_000, "1"])
+    assert "unknown key 'kkk" in message and "(10000 chars)" in message and len(message) < 600
+
+
+def test_non_utf8_file_names_file_line_and_offset(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("count: 1\nname: caf\u00e9\n".encode("latin-1"))
+    message = problems_of(["--config", str(path)])
+    assert f"{path}:2: not UTF-8 text (byte 0xe9 at offset 18); save the file as UTF-8" in message
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes("\ufeffname: café\n".encode())
+    assert parse_config(Cfg, ["--config", str(path)]).name == "café"
+
+
+def test_repeated_yaml_key_names_both_lines(tmp_path):
+    path = write(tmp_path, "count: 1\nname: a\ncount: 2\n")
+    assert f"{path}:3: key 'count' repeats line 1; set each key once" in problems_of(["--config", str(path)])
+    nested = write(tmp_path, "data:\n  batch_size: 4\n  optim: {lr: 0.1, lr: 0.2}\n", "nested.yaml")
+    assert f"{nested}:3: key 'data.optim.lr' repeats line 3" in problems_of(["--config", str(nested)])
+    both = write(tmp_path, "data:\n  batch_size: 4\ndata.batch_size: 8\n", "both.yaml")
+    assert f"{both}:3: key 'data.batch_size' repeats line 2" in problems_of(["--config", str(both)])
+
+
+def test_repeated_cli_flag_names_both_places():
+    message = problems_of(["--count", "1", "--rate", "0.1", "--count=2"])
+    assert "command line: --count is given twice ('--count 1' at argument 1, '--count=2' at argument 5); give it once" in message
+    assert "--data.batch_size is given twice" in problems_of(["--data.batch_size", "1", "--data.batch-size", "2"])
+    assert "--config is given twice" in problems_of(["--config", "a.yaml", "--config", "b.yaml"])
+
+
+def test_help_into_a_closed_pipe_exits_quietly():
+    # `python -m jobs.X --help | head -1`: the reader is gone before the help is written.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobs.prepare_dataset", "--help"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 0, stderr
+    assert "BrokenPipeError" not in stderr and "Traceback" not in stderr, stderr
