@@ -31,14 +31,6 @@ from jobs._tracking import TrackingConfig
 from jobs._train import DebugConfig, RayTrainConfig
 
 MONITOR = "valid_f1"
-ABLATION_SWITCHES = {
-    "full": {},
-    "no_back_translation": {"use_back_translation": False},
-    "no_mde": {"use_mde": False},
-    "no_fine": {"use_fine": False},
-    "no_coarse": {"use_coarse": False},
-    "text_only": {"text_only": True},
-}
 
 
 @dataclass
@@ -128,14 +120,14 @@ def run_name(cfg: Config) -> str:
 
 
 def model_config(cfg: Config, labels: list[str]):
-    from tmr_core.extractor import TMRConfig
+    from tmr_core.extractor import ABLATIONS, TMRConfig
 
     m = cfg.model
     return TMRConfig(
         task=cfg.task, labels=tuple(labels), text_encoder=m.text_encoder, image_encoder=m.image_encoder,
         max_length=m.max_length, max_phrase_len=m.max_phrase_len, max_phrases=m.max_phrases,
         num_regions=m.num_regions, whole_image_region=m.whole_image_region, num_patches=m.num_patches, num_heads=m.num_heads, dropout=m.dropout,
-        fixed_alpha=tuple(m.fixed_alpha), **ABLATION_SWITCHES[cfg.ablation],
+        fixed_alpha=tuple(m.fixed_alpha), **ABLATIONS[cfg.ablation],
     )
 
 

@@ -242,7 +242,13 @@ def test_images_regions_and_back_translations(tokenizer, processor, tmp_path):
     assert collate([dict(rows[0], regions=degenerate)])["region_mask"].tolist() == [[True, False, False]]
 
     with pytest.raises(ValueError, match=r"row 1 \(id b\): divergence"):
-        collate([rows[0], dict(rows[1], id="b", divergence=None)])
+        collate([rows[1], dict(rows[0], id="b", divergence=None)])
+    # No usable image and no MDE score (score_divergence keeps such rows): α = (0, 0, 1).
+    assert collate([dict(rows[1], divergence=None)])["divergence"].tolist() == [[0.0, 0.0, 1.0]]
+    # A stage that could not read the image says so in image_error: the row reads as imageless.
+    flagged = collate([dict(rows[0], image_error="image_uri 'x': truncated", divergence=None)])
+    assert flagged["image_mask"].tolist() == [False] and not flagged["region_mask"].any()
+    assert flagged["divergence"].tolist() == [[0.0, 0.0, 1.0]]
     no_mde = TMRCollator(tokenizer, processor, TMRConfig(use_mde=False, use_back_translation=False))
     plain = no_mde([dict(rows[1], divergence=None)])
     assert "divergence" not in plain and "bt_pixel_values" not in plain

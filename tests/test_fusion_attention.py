@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from tmr_core.attention import CrossModalAttention, MultiGrainedAttention
+from tmr_core.attention import CrossModalAttention, CrossModalEvidence, MultiGrainedAttention
 from tmr_core.encoders import ImageEncoder, TextEncoder, VisualFeatures
 from tmr_core.fusion import divergence_fusion
 from tmr_core.heads import NERHead, REHead, bio_constraints, is_valid_bio, left_align, repair_bio
@@ -184,7 +184,7 @@ def test_left_align_packs_kept_positions_in_order():
 def test_crf_decoding_always_yields_valid_bio_even_after_training_moves_transitions():
     torch.manual_seed(0)
     random.seed(0)
-    head = NERHead(hidden=8, labels=NER_TAGS, num_heads=2, dropout=0.0, use_back_translation=False)
+    head = NERHead(hidden=8, labels=NER_TAGS, num_heads=2, dropout=0.0)
     forbidden_start, forbidden = bio_constraints(NER_TAGS)
     assert int(forbidden_start.sum()) == 4 and int(forbidden.sum()) == 4 * (1 + 6)  # to I-X from O, B-Y, I-Y
     # Push the forbidden transitions up, as a careless optimizer step could.
@@ -209,7 +209,7 @@ def test_crf_decoding_always_yields_valid_bio_even_after_training_moves_transiti
 
 def test_crf_loss_ignores_masked_positions_and_keeps_labels_aligned():
     torch.manual_seed(0)
-    head = NERHead(hidden=8, labels=NER_TAGS, num_heads=2, dropout=0.0, use_back_translation=False)
+    head = NERHead(hidden=8, labels=NER_TAGS, num_heads=2, dropout=0.0)
     emissions = torch.randn(1, 4, len(NER_TAGS))
     b_per, i_per = NER_TAGS.index("B-PER"), NER_TAGS.index("I-PER")
     labels = torch.tensor([[b_per, -100, i_per, 0]])
@@ -220,12 +220,23 @@ def test_crf_loss_ignores_masked_positions_and_keeps_labels_aligned():
     assert torch.isfinite(head.loss(emissions, torch.full((1, 4), -100), torch.zeros(1, 4, dtype=torch.bool)))
 
 
-def test_re_head_reads_h_whatever_the_divergence_scale():
-    # h = mean(α_s·G^f + α_c·G^c): an unsure MDE gives α around 0.1-0.3, which must not shrink
-    # the image path's vote against T_i, T_j and p (the NER head's Eq. 7 block normalises too).
+def test_re_head_reads_the_size_of_h_that_alpha_sets():
+    # Eq. 4 + 10: h = mean(α_s·G^f + α_c·G^c (+ G'*)); a large α_w must shrink the image's vote.
+    # (A LayerNorm on h cancelled any common scale of α: 0.1·h gave the same logits as h.)
     torch.manual_seed(0)
     head = REHead(hidden=8, num_relations=3, dropout=0.0).eval()
     head_state, tail, phrases, pair = torch.randn(4, 2, 8).unbind(0)
     logits = head(head_state, tail, phrases, pair)
-    assert torch.allclose(head(head_state, tail, phrases, 0.15 * pair), logits, atol=1e-3)
-    assert not torch.allclose(head(head_state, tail, phrases, pair.flip(0)), logits, atol=1e-2)
+    assert not torch.allclose(head(head_state, tail, phrases, 0.1 * pair), logits, atol=1e-3)
+    assert torch.allclose(head(head_state, tail, phrases, 0 * pair), head(head_state, tail, phrases, 0 * pair.flip(0)))
+
+
+def test_evidence_is_zero_without_keys_and_keeps_no_text_state():
+    torch.manual_seed(0)
+    evidence = CrossModalEvidence(query_dim=8, key_dim=6, num_heads=2, dropout=0.0)
+    queries, keys = torch.randn(2, 5, 8), torch.randn(2, 4, 6)
+    mask = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    out = evidence(queries, keys, mask)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[1], torch.zeros(5, 8))  # no image: no evidence at all
+    assert out[0].abs().sum() > 0

@@ -2,25 +2,30 @@
 
 Eq. 1 as printed, ``G = Σ softmax(W_d V Tᵀ/√d) T``, mixes text vectors with image-derived
 weights and sums them away, while the CRF of Eq. 7–8 needs one vector per word. We read it the
-way the HVPNeT lineage (which TMR builds on) does: **text queries attend over image keys/values
-and the result is added to the text states**,
+way the HVPNeT lineage (which TMR builds on) does: **text queries attend over image keys/values**,
+so each word gets its own image-derived vector and W_d becomes the learned query/key/value
+projections of the multi-head attention:
 
-    G = LayerNorm(T + Dropout(MultiHead(Q = T, K = V, V = V)))          (our reading of Eq. 1)
+    G = LayerNorm(Dropout(MultiHead(Q = T, K = V, V = V)))              (our reading of Eq. 1)
 
-so each word gets its own image-aware vector and W_d becomes the learned query/key/value
-projections of the multi-head attention.
+G is the *cross-modal evidence* a word draws from the image, normalised so each level has the
+same scale whatever the image; it does not contain the text state itself. The extractor adds
+T^w beside it after Eq. 4 (:mod:`tmr_core.extractor`), so that α_w — the weight of Eq. 4's zero
+block — shrinks the image's part and never the text's (with T inside G, α_w → 1 would erase the
+sentence, and a LayerNorm after α would cancel α's scale, which is what Eq. 4 is for).
 
 - Fine level, G^f: words T^w attend over the 7×7 patch vectors V^s → one vector per word.
 - Coarse level, G^c: phrases T^p attend over the region vectors V^r (Eq. 1 on the pair
-  (T^p, V^r)), giving region-aware phrase states R; then **each word attends over R** and the
-  result is added to the word's state, G^c = LayerNorm(T^w + MultiHead(T^w, R, R)) → one vector per
-  word. (A word outside every phrase still sees the phrases' regions, weighted by similarity.)
+  (T^p, V^r)), giving each phrase its region evidence R; then **each word attends over the
+  phrases** (keys T^p, values R), gathering the region evidence of the phrases it resembles →
+  one vector per word. (A word outside every phrase still sees the phrases' regions, weighted by
+  similarity.)
 - Eq. 2: G = G^f + G^c (:attr:`GrainedRepresentation.combined`); the extractor weights the two
   levels with the divergence scores instead (Eq. 4, :mod:`tmr_core.fusion`).
 
 The same module (same weights) is applied to the real pair (t, v) and to the back-translated
 pair (t, v') of Eq. 3, giving G and G'. A sample without an image, regions or phrases has all of
-those keys masked; its attention output is zero, so it keeps its text state.
+those keys masked; its evidence is exactly zero.
 """
 
 from __future__ import annotations
@@ -71,6 +76,54 @@ class CrossModalAttention(nn.Module):
         return self.norm(queries + self.dropout(attended))
 
 
+class CrossModalEvidence(nn.Module):
+    """What queries read from another modality: ``LayerNorm(Dropout(MultiHead(Q, K, V)))`` (Eq. 1).
+
+    Unlike :class:`CrossModalAttention` the queries are not added back: the output is the
+    evidence alone, so a caller can weight it (Eq. 4) without also weighting the text.
+
+    Args:
+        query_dim: size of the query (text) vectors; also the output size.
+        key_dim: size of the key vectors (e.g. the image backbone's channels).
+        num_heads: attention heads; must divide ``query_dim``.
+        dropout: dropout on attention weights and on the attended vectors.
+        value_dim: size of the value vectors; defaults to ``key_dim``.
+    """
+
+    def __init__(self, query_dim: int, key_dim: int, num_heads: int, dropout: float, value_dim: int | None = None):
+        super().__init__()
+        if query_dim % num_heads:
+            raise ValueError(f"num_heads: {num_heads} does not divide the text hidden size {query_dim}")
+        self.attention = nn.MultiheadAttention(
+            query_dim, num_heads, dropout=dropout, kdim=key_dim, vdim=value_dim or key_dim, batch_first=True
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(query_dim)
+
+    def forward(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        key_mask: torch.Tensor,
+        values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Args:
+            queries: (batch, n, query_dim).
+            keys: (batch, m, key_dim).
+            key_mask: (batch, m) bool, True for real keys.
+            values: (batch, m, value_dim); the keys when None.
+
+        Returns:
+            (batch, n, query_dim); exactly zero for rows with no real key.
+        """
+        has_key = key_mask.any(dim=-1)  # (B,)
+        safe_mask = key_mask.clone()
+        safe_mask[:, 0] |= ~has_key  # a softmax over no keys is NaN; such rows are zeroed below
+        values = keys if values is None else values
+        attended, _ = self.attention(queries, keys, values, key_padding_mask=~safe_mask, need_weights=False)
+        return self.norm(self.dropout(attended)) * has_key[:, None, None].to(attended.dtype)
+
+
 @dataclass
 class GrainedRepresentation:
     """The two levels of Eq. 2, one vector per word: (batch, words, dim) each, None when ablated."""
@@ -109,11 +162,9 @@ class MultiGrainedAttention(nn.Module):
         super().__init__()
         if not (use_fine or use_coarse):
             raise ValueError("use_fine/use_coarse: at least one granularity is needed for the image path")
-        self.fine = CrossModalAttention(text_dim, image_dim, num_heads, dropout) if use_fine else None
-        self.phrase_region = (
-            CrossModalAttention(text_dim, image_dim, num_heads, dropout) if use_coarse else None
-        )
-        self.word_phrase = CrossModalAttention(text_dim, text_dim, num_heads, dropout) if use_coarse else None
+        self.fine = CrossModalEvidence(text_dim, image_dim, num_heads, dropout) if use_fine else None
+        self.phrase_region = CrossModalEvidence(text_dim, image_dim, num_heads, dropout) if use_coarse else None
+        self.word_phrase = CrossModalEvidence(text_dim, text_dim, num_heads, dropout) if use_coarse else None
 
     def forward(
         self,
@@ -135,6 +186,9 @@ class MultiGrainedAttention(nn.Module):
         if self.fine is not None:
             fine = self.fine(words, visual.patches, visual.patch_mask)  # (B, W, D)
         if self.phrase_region is not None:
-            region_aware = self.phrase_region(phrases, visual.regions, visual.region_mask)  # (B, P, D)
-            coarse = self.word_phrase(words, region_aware, phrase_mask)  # (B, W, D)
+            region_evidence = self.phrase_region(phrases, visual.regions, visual.region_mask)  # R (B, P, D)
+            # Words pick phrases by their text (keys T^p) and take those phrases' region evidence;
+            # a phrase with no region contributes zero, a sample with none gets G^c = 0.
+            grounded = phrase_mask & visual.region_mask.any(dim=-1, keepdim=True)
+            coarse = self.word_phrase(words, phrases, grounded, values=region_evidence)  # (B, W, D)
         return GrainedRepresentation(fine, coarse)

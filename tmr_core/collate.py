@@ -28,7 +28,10 @@ R = num_regions, S = the processor's image size):
     pixel_values (B, 3, S, S), image_mask (B,), region_pixel_values (B, R, 3, S, S), region_mask (B, R)
         (the region keys only with use_coarse)
     bt_* the same four for the back-translation (use_back_translation)
-    divergence (B, 3) (use_mde)
+    divergence (B, 3) (use_mde), bt_divergence (B, 3) (back_translation_alpha="back_translation")
+
+A row whose ``image_error`` (or ``back_translation_error``) is set is read as having no image,
+and a row without a usable image and without MDE scores gets α = (0, 0, 1).
 
 Labels are added when every row has them (``tags`` / ``relation``), so the same collator serves
 training and inference.
@@ -47,6 +50,10 @@ from tmr_core.heads import repair_bio
 from tmr_core.images import crop_regions, load_image
 
 IGNORE_INDEX = -100
+# A stage that could not use a row's image says why in this column (the row itself is kept).
+ERROR_COLUMNS = {"image_uri": "image_error", "back_translation_uri": "back_translation_error"}
+# α for a row with no usable image: nothing in it can strengthen or complement the text.
+NO_IMAGE_ALPHA = (0.0, 0.0, 1.0)
 
 
 @dataclass
@@ -57,6 +64,7 @@ class EncodedText:
     word_starts: list[int]  # first-piece position per original token, -1 when masked
     phrase_spans: list[tuple[int, int]]
     entity_positions: tuple[int, int] | None
+    truncated_from: int | None = None  # first token cut by max_length (None: every token fits)
 
 
 def _listed(value: Any) -> list:
@@ -155,6 +163,7 @@ class TMRCollator:
         starts = [-1] * len(tokens)
         ends = [-1] * len(tokens)
         markers = [0, 0, 0, 0]
+        truncated_from = None
 
         def put(piece: int) -> bool:
             if len(ids) >= budget:
@@ -170,6 +179,8 @@ class TMRCollator:
                 break
             for offset, piece in enumerate(pieces[index]):
                 if not put(piece):
+                    if offset == 0 and truncated_from is None:
+                        truncated_from = index
                     break
                 if offset == 0:
                     starts[index] = len(ids) - 1
@@ -189,7 +200,7 @@ class TMRCollator:
             if kept:
                 spans.append((starts[kept[0]], ends[kept[-1]]))
         entities = (markers[0], markers[2]) if config.task == "re" else None
-        return EncodedText(ids, starts, spans, entities)
+        return EncodedText(ids, starts, spans, entities, truncated_from)
 
     def ner_labels(self, row: Mapping, starts: list[int], where: str) -> list[int]:
         """Tag ids per original token, ``-100`` where masked, orphan ``I-`` repaired over kept tokens."""
@@ -214,8 +225,11 @@ class TMRCollator:
     def _process(self, images: list) -> torch.Tensor:
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
-    def _load(self, uri: Any, where: str, cache: dict):
-        if uri is None or (isinstance(uri, float) and uri != uri) or uri == "":
+    def _load(self, uri: Any, where: str, cache: dict, error: Any = None):
+        """The image at ``uri``; None when there is none or a stage recorded it as unusable
+        (``error``: the row's ``image_error`` / ``back_translation_error``), which the model
+        reads as a zero image, as TMR does."""
+        if uri is None or (isinstance(uri, float) and uri != uri) or uri == "" or error:
             return None
         uri = str(uri)
         if uri not in cache:
@@ -246,7 +260,7 @@ class TMRCollator:
         cache: dict = {}
         pictures, crops = [], []
         for row, label in zip(rows, where, strict=True):
-            image = self._load(row.get(uri_key), f"{label}: {uri_key}", cache)
+            image = self._load(row.get(uri_key), f"{label}: {uri_key}", cache, row.get(ERROR_COLUMNS[uri_key]))
             pictures.append(image)
             crops.append(self._region_crops(image, _listed(row.get(regions_key)), limit))
         flat = [p for p in pictures if p is not None] + [c for row_crops in crops for c in row_crops]
@@ -326,7 +340,11 @@ class TMRCollator:
                 back = self.images(rows, "back_translation_uri", "back_translation_regions", where)
                 batch.update({f"bt_{key}": value for key, value in back.items()})
             if config.use_mde:
-                batch["divergence"] = self.divergence(rows, where)
+                batch["divergence"] = self.divergence(rows, where, "divergence", batch["image_mask"])
+                if config.use_back_translation and config.back_translation_alpha == "back_translation":
+                    batch["bt_divergence"] = self.divergence(
+                        rows, where, "back_translation_divergence", batch["bt_image_mask"]
+                    )
         return batch
 
     def relation_id(self, row: Mapping, where: str) -> int:
@@ -336,14 +354,19 @@ class TMRCollator:
         return self.label_ids[relation]
 
     @staticmethod
-    def divergence(rows: Sequence[Mapping], where: list[str]) -> torch.Tensor:
-        """(batch, 3) MDE scores; every row needs them when ``use_mde`` is on."""
+    def divergence(
+        rows: Sequence[Mapping], where: list[str], column: str, image_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(batch, 3) MDE scores from ``column``; a row without a usable image may have none
+        (score_divergence keeps it with a null score) and gets :data:`NO_IMAGE_ALPHA`."""
         values = []
-        for row, label in zip(rows, where, strict=True):
-            scores = _listed(row.get("divergence"))
+        for row, label, has_image in zip(rows, where, image_mask.tolist(), strict=True):
+            scores = _listed(row.get(column))
+            if not scores and not has_image:
+                scores = list(NO_IMAGE_ALPHA)
             if len(scores) != 3:
                 raise ValueError(
-                    f"{label}: divergence is {scores!r}; use_mde=True needs 3 scores from score_divergence "
+                    f"{label}: {column} is {scores!r}; use_mde=True needs 3 scores from score_divergence "
                     "(or set use_mde=false)"
                 )
             values.append([float(v) for v in scores])

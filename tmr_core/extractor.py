@@ -7,15 +7,20 @@ One forward pass, paper §3.2–3.5:
 2. G^f, G^c on (t, v) and G'^f, G'^c on (t, v') with the same attention weights (Eq. 1–3,
    :mod:`tmr_core.attention`).
 3. G* = α_s·G^f + α_c·G^c and G'* likewise (Eq. 4, :mod:`tmr_core.fusion`), α from the MDE's
-   ``divergence`` column.
-4. NER: Multihead(G*, G'*) + CRF (Eq. 7–9); RE: T_i ⊕ T_j ⊕ p ⊕ h, softmax (Eq. 10–11)
-   (:mod:`tmr_core.heads`).
+   ``divergence`` column (``back_translation_alpha``: G'* takes v's α, as Eq. 4 prints it, or
+   the MDE's score of (t, v'), as TMR's code does). G^f and G^c are the image's evidence per
+   word, without the text state, so α_w (the zero block's weight) shrinks the image's part only.
+4. NER: Multihead(T^w + G*, T^w + G'*) + CRF (Eq. 7–9); RE: T_i ⊕ T_j ⊕ p ⊕ h with
+   h = mean(G* + G'*), softmax (Eq. 10–11) (:mod:`tmr_core.heads`).
 
-Ablations (paper Table 2) are config switches that remove a path, not zero it:
-``use_back_translation=False`` never encodes v' (NER: Ḡ = G*; RE: h = mean G*);
-``use_mde=False`` uses ``fixed_alpha`` for every sample; ``use_fine``/``use_coarse=False`` drop
-a level (its attention blocks are not built, and the image encoder skips patches or crops);
-``text_only=True`` builds no image encoder and no attention (G* = T^w: BERT-CRF / BERT-RE).
+Ablations (paper Table 2) are config switches that remove one path and keep the rest of the
+architecture, so a row differs from ``full`` only in what it names:
+``use_back_translation=False`` never encodes v' (NER: Eq. 7 attends T^w + G* over itself;
+RE: h = mean G*); ``use_mde=False`` uses ``fixed_alpha`` for every sample (no parameter changes);
+``use_fine``/``use_coarse=False`` drop a level (its attention blocks are not built, and the
+image encoder skips patches or crops); ``text_only=True`` builds no image encoder and no
+cross-modal attention (G* = G'* = 0: Eq. 7 attends T^w over itself, h = 0).
+:func:`parameter_counts` shows what each removes (``tests/test_ablations.py``).
 
 A checkpoint folder is self-contained: ``config.json`` (this config, backbone configs included),
 ``model.safetensors``, and the tokenizer and image-processor files.
@@ -46,6 +51,16 @@ from tmr_core.fusion import divergence_fusion
 from tmr_core.heads import NERHead, REHead, split_bio
 from tmr_core.modeling import PretrainedModule
 from tmr_core.schema import NER_TAGS
+
+# Paper Table 2's ablations as TMRConfig switches; each removes only what its name says.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "no_back_translation": {"use_back_translation": False},
+    "no_mde": {"use_mde": False},
+    "no_fine": {"use_fine": False},
+    "no_coarse": {"use_coarse": False},
+    "text_only": {"text_only": True},
+}
 
 TASK_DEFAULTS = {
     "ner": {"max_length": 80, "max_phrase_len": 4},
@@ -85,6 +100,10 @@ class TMRConfig:
     use_coarse: bool = True  # G^c from (T^p, V^r)
     text_only: bool = False  # no image path at all
     fixed_alpha: tuple[float, float, float] = (0.5, 0.5, 0.0)  # (strengthen, complement, weaken) without MDE
+    # α of G'* (Eq. 4): "image" reuses the MDE's score of (t, v) for both views, as Eq. 4 prints
+    # it; "back_translation" uses its score of (t, v') (column back_translation_divergence), as
+    # TMR's code does.
+    back_translation_alpha: str = "image"
     entity_markers: tuple[str, ...] = (
         "[unused0]",
         "[unused1]",
@@ -125,6 +144,10 @@ class TMRConfig:
         if len(self.fixed_alpha) != 3 or abs(sum(self.fixed_alpha) - 1) > 1e-4 or min(self.fixed_alpha) < 0:
             problems.append(
                 f"fixed_alpha: {list(self.fixed_alpha)}; expected 3 non-negative scores summing to 1"
+            )
+        if self.back_translation_alpha not in ("image", "back_translation"):
+            problems.append(
+                f"back_translation_alpha: {self.back_translation_alpha!r}; expected 'image' or 'back_translation'"
             )
         if len(self.entity_markers) != 4:
             problems.append(
@@ -196,9 +219,7 @@ class TMRExtractor(PretrainedModule):
                 use_coarse=config.use_coarse,
             )
         if config.task == "ner":
-            self.head = NERHead(
-                hidden, config.labels, config.num_heads, config.dropout, config.uses_back_translation
-            )
+            self.head = NERHead(hidden, config.labels, config.num_heads, config.dropout)
         else:
             self.head = REHead(hidden, len(config.labels), config.dropout)
         self.tokenizer = tokenizer
@@ -280,20 +301,26 @@ class TMRExtractor(PretrainedModule):
 
     # ----- forward ------------------------------------------------------------------------
 
-    def divergence_weights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """α (batch, 3): the batch's ``divergence`` with ``use_mde``, else ``fixed_alpha`` per sample.
+    def divergence_weights(self, batch: dict[str, torch.Tensor], key: str = "divergence") -> torch.Tensor:
+        """α (batch, 3): the batch's ``key`` column with ``use_mde``, else ``fixed_alpha`` per sample.
 
         Raises:
-            ValueError: ``use_mde`` is on and the batch has no ``divergence``.
+            ValueError: ``use_mde`` is on and the batch has no such column.
         """
         batch_size, device = batch["input_ids"].shape[0], batch["input_ids"].device
         if not self.config.use_mde:
             return torch.tensor(self.config.fixed_alpha, device=device).expand(batch_size, 3)
-        if "divergence" not in batch:
+        if key not in batch:
             raise ValueError(
-                "batch: no 'divergence' column but use_mde=True; run score_divergence first or set use_mde=false"
+                f"batch: no {key!r} column but use_mde=True; run score_divergence first or set use_mde=false"
             )
-        return batch["divergence"].float()
+        return batch[key].float()
+
+    def back_translation_weights(self, batch: dict[str, torch.Tensor], alpha: torch.Tensor) -> torch.Tensor:
+        """α of G'*: v's (``back_translation_alpha="image"``) or the MDE's score of (t, v')."""
+        if self.config.back_translation_alpha == "image" or not self.config.use_mde:
+            return alpha
+        return self.divergence_weights(batch, "bt_divergence")
 
     def grounded(
         self,
@@ -337,24 +364,27 @@ class TMRExtractor(PretrainedModule):
                 states, batch["phrase_spans"], batch["phrase_mask"]
             )  # T^p
 
-        g_back = None
-        if config.text_only:
-            g_star = words
-        else:
+        g_star = g_back = None  # the image's evidence per word (Eq. 4), None when absent
+        if config.uses_images:
             alpha = self.divergence_weights(batch)
             g_star = self.grounded(words, phrases, batch, alpha)
             if config.use_back_translation:
-                g_back = self.grounded(words, phrases, batch, alpha, prefix="bt_")
+                g_back = self.grounded(words, phrases, batch, self.back_translation_weights(batch, alpha), prefix="bt_")
 
         labels = batch.get("labels")
         if config.task == "ner":
-            logits = self.head(g_star, g_back, word_mask)
+            queries = words if g_star is None else words + g_star  # T^w + G*
+            keys = None if g_back is None else words + g_back  # T^w + G'*; None: self-attention
+            logits = self.head(queries, keys, word_mask)
             loss = self.head.loss(logits, labels, word_mask) if labels is not None else None
             return TMROutput(loss, logits, word_mask)
 
-        pair = g_star if g_back is None else g_star + g_back  # h = G* + G'*
-        weights = word_mask[..., None].to(pair.dtype)
-        pair = (pair * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # mean over words (B, H)
+        if g_star is None:  # text only: no image evidence, h = 0
+            pair = torch.zeros_like(words[:, 0])
+        else:
+            evidence = g_star if g_back is None else g_star + g_back  # h = G* + G'*
+            weights = word_mask[..., None].to(evidence.dtype)
+            pair = (evidence * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # mean over words (B, H)
         phrase_sum = phrases.sum(1)  # p: phrase_features is zero on padding (B, H)
         markers = batch["entity_positions"]  # (B, 2) positions of the head/tail start markers
         rows = torch.arange(states.shape[0], device=states.device)
@@ -386,21 +416,13 @@ class TMRExtractor(PretrainedModule):
             for row in probabilities
         ]
 
-    def gold_labels(self, batch: dict[str, torch.Tensor]) -> list:
-        """The batch's ``labels`` in label space, shaped like :meth:`predict`'s labels.
 
-        NER: tags per original token as the model was trained on them (orphan ``I-`` repaired to
-        ``B-``, which keeps every conlleval chunk; masked tokens ``O``). RE: relation names.
-        """
-        labels = self.config.labels
-        if self.config.task == "ner":
-            rows = batch["labels"].tolist()
-            lengths = batch["num_tokens"].tolist()
-            return [
-                [labels[i] if i >= 0 else "O" for i in row[:length]]
-                for row, length in zip(rows, lengths, strict=True)
-            ]
-        return [labels[i] for i in batch["labels"].tolist()]
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Parameters per component: the two encoders, each cross-modal attention block, the head."""
+    parts = {"text_encoder": model.text_encoder, "image_encoder": model.image_encoder, "head": model.head}
+    if model.attention is not None:
+        parts |= {f"attention.{name}": block for name, block in model.attention.named_children()}
+    return {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items() if part is not None}
 
 
 def _download_folder(uri: str, local: str, options: storage.StorageOptions | None) -> None:

@@ -1,11 +1,14 @@
 """Task heads (paper §3.5): the NER head (Eq. 7–9) and the RE head (Eq. 10–11).
 
-NER: Ḡ = Multihead(G*, G'*) (Eq. 7) with G* as queries and G'* as keys/values, added back to G*
-(the cross-attention block of :mod:`tmr_core.attention`); a linear layer gives per-word emission
-scores and a CRF (pytorch-crf) scores whole BIO sequences (Eq. 8); the loss is the CRF negative
-log-likelihood (Eq. 9, averaged over the batch). Without a back-translation the multi-head block
-is skipped and Ḡ = G*. Invalid BIO moves (start → I-X, O → I-X, B-X/I-X → I-Y) get a transition
-score of -1e4, re-imposed before every use, so Viterbi decoding always yields valid BIO.
+NER: Ḡ = Multihead(G*, G'*) (Eq. 7). The extractor hands the head each view with its text state
+beside the image's part, Q = T^w + G* and K = V = T^w + G'* (:mod:`tmr_core.extractor`); the
+block attends Q over K/V and adds the result back to Q (the cross-attention block of
+:mod:`tmr_core.attention`). Without a back-translation the same block attends Q over itself
+(self-attention), so the no-back-translation ablation removes v' and nothing else. A linear
+layer gives per-word emission scores and a CRF (pytorch-crf) scores whole BIO sequences (Eq. 8);
+the loss is the CRF negative log-likelihood (Eq. 9, averaged over the batch). Invalid BIO moves
+(start → I-X, O → I-X, B-X/I-X → I-Y) get a transition score of -1e4, re-imposed before every
+use, so Viterbi decoding always yields valid BIO.
 
 The CRF runs over the words that reach the model: tokens without a word piece (U+FE0F …) and
 tokens cut by truncation are masked in T^w; the head packs the remaining words to the left for
@@ -16,9 +19,9 @@ same conlleval chunk, so the whole sequence stays valid BIO).
 RE: Ğ_ij = T_i ⊕ T_j ⊕ p ⊕ h (Eq. 10), softmax over relations, cross-entropy (Eq. 11). T_i, T_j are
 the encoder states at the entity start markers (``[unused0]`` before the head, ``[unused2]``
 before the tail), as TMR-RE's BERT entity encoder (OpenNRE) does; p is the sum of the phrase
-vectors T^p; h is the mean over words of G* + G'* (of G* alone without a back-translation),
-layer-normalised so that the α scale of Eq. 4 does not shrink the image path to noise (NER's
-Eq. 7 block ends in a LayerNorm for the same reason).
+vectors T^p; h is the mean over words of G* + G'* (of G* alone without a back-translation, zero
+in the text-only ablation). h is not normalised: Eq. 4's α sets its size, so a pair the MDE
+judges to weaken the text (α_w → 1) shrinks the image's vote, as the paper intends.
 """
 
 from __future__ import annotations
@@ -115,20 +118,15 @@ class NERHead(nn.Module):
         labels: BIO tags, e.g. :data:`tmr_core.schema.NER_TAGS`; must include ``O``.
         num_heads: heads of the Eq. 7 attention.
         dropout: dropout probability.
-        use_back_translation: build the Eq. 7 attention (False: Ḡ = G*).
     """
 
-    def __init__(
-        self, hidden: int, labels: Sequence[str], num_heads: int, dropout: float, use_back_translation: bool
-    ):
+    def __init__(self, hidden: int, labels: Sequence[str], num_heads: int, dropout: float):
         super().__init__()
         if "O" not in labels:
             raise ValueError(f"labels: a BIO tag set needs 'O', got {list(labels)}")
         self.labels = tuple(labels)
         self.outside = self.labels.index("O")
-        self.fusion = (
-            CrossModalAttention(hidden, hidden, num_heads, dropout) if use_back_translation else None
-        )
+        self.fusion = CrossModalAttention(hidden, hidden, num_heads, dropout)
         self.dropout = nn.Dropout(dropout)
         self.emission = nn.Linear(hidden, len(self.labels))
         self.crf = CRF(len(self.labels), batch_first=True)
@@ -146,12 +144,10 @@ class NERHead(nn.Module):
     def forward(
         self, g_star: torch.Tensor, g_back: torch.Tensor | None, word_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Emission scores (batch, words, tags) from G* (and G'*), both (batch, words, hidden)."""
-        features = g_star
-        if self.fusion is not None:
-            if g_back is None:
-                raise ValueError("g_back: this head was built with use_back_translation=True and needs G'*")
-            features = self.fusion(g_star, g_back, word_mask)  # Eq. 7: queries G*, keys/values G'*
+        """Emission scores (batch, words, tags) from G* and G'* (text states included), both
+        (batch, words, hidden); ``g_back=None`` (no back-translation) attends G* over itself."""
+        keys = g_star if g_back is None else g_back
+        features = self.fusion(g_star, keys, word_mask)  # Eq. 7: queries G*, keys/values G'*
         return self.emission(self.dropout(features))
 
     def loss(self, emissions: torch.Tensor, labels: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
@@ -198,10 +194,6 @@ class REHead(nn.Module):
 
     def __init__(self, hidden: int, num_relations: int, dropout: float):
         super().__init__()
-        # G* = α_s·G^f + α_c·G^c (Eq. 4) has the scale of α; NER's Eq. 7 block ends in a LayerNorm
-        # that lets the head read it whatever that scale, and h gets the same. The fine/coarse
-        # mix α sets is kept; only the overall size (under 0.3 from an unsure MDE) is undone.
-        self.pair_norm = nn.LayerNorm(hidden)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(4 * hidden, num_relations)
 
@@ -209,7 +201,7 @@ class REHead(nn.Module):
         self, head: torch.Tensor, tail: torch.Tensor, phrases: torch.Tensor, pair: torch.Tensor
     ) -> torch.Tensor:
         """Relation logits (batch, relations) from four (batch, hidden) vectors: T_i, T_j, p, h."""
-        features = torch.cat([head, tail, phrases, self.pair_norm(pair)], dim=-1)  # (B, 4H), Eq. 10
+        features = torch.cat([head, tail, phrases, pair], dim=-1)  # (B, 4H), Eq. 10
         return self.classifier(self.dropout(features))
 
     @staticmethod

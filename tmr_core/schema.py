@@ -13,7 +13,12 @@ or drops earlier ones, so training and serving read the same table whatever stag
 | back_translation_uri           | generate_back_translations  | string (null when generation failed)   |
 | back_translation_error         | generate_back_translations  | string (null when it worked)           |
 | regions, back_translation_regions | ground_phrases           | list<struct<box,score,phrase>>         |
-| divergence                     | score_divergence            | list<float32>[3] (s, c, w), sums to 1  |
+| image_error                    | ground_phrases              | string (null: the image was usable)    |
+| divergence                     | score_divergence            | list<float32>[3] (s, c, w), sums to 1; null without a usable image |
+| back_translation_divergence    | score_divergence (optional) | the same for (t, v')                   |
+
+No stage drops a valid or test row: a row whose image is missing or unreadable keeps empty
+regions and says why in ``image_error``, and the extractor reads it as a zero image.
 
 Spans are token offsets, ``end`` exclusive. Boxes are ``[x1, y1, x2, y2]`` in pixels of the
 image they were detected on.
@@ -55,8 +60,12 @@ STAGE_FIELDS = {
     "ground_phrases": [
         pa.field("regions", pa.list_(REGION)),
         pa.field("back_translation_regions", pa.list_(REGION)),
+        pa.field("image_error", pa.string()),
     ],
-    "score_divergence": [pa.field("divergence", pa.list_(pa.float32(), 3))],
+    "score_divergence": [
+        pa.field("divergence", pa.list_(pa.float32(), 3)),
+        pa.field("back_translation_divergence", pa.list_(pa.float32(), 3)),
+    ],
 }
 
 
