@@ -128,7 +128,9 @@ def build_collator(cfg: Config):
 
 def predict_categories(model, batch) -> tuple[list, list]:
     """``evaluate``'s predict_fn: gold and predicted category indices of a batch."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "source_ids")}
+    from tmr_core.mde import TRAINING_KEYS
+
+    inputs = {k: v for k, v in batch.items() if k not in TRAINING_KEYS}
     predicted = model(**inputs).logits.argmax(dim=-1)
     return batch["labels"].tolist(), predicted.tolist()
 

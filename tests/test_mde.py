@@ -212,6 +212,35 @@ def test_same_source_swaps_drop_pairs_of_one_picture():
     assert same_source_swaps(labels, sources, 2, images=images)[0].numel() == 2
 
 
+def test_swaps_onto_an_image_showing_a_named_object_are_not_weaken():
+    # The corpus knows its objects: a caption naming "red circle" moved onto another image that
+    # also shows a red circle is no weaken pair (on the synthetic corpus about half were).
+    labels, sources = torch.tensor([0, 0, 0, 0]), torch.tensor([0, 0, 0, 0])
+    named = torch.tensor([[1, 0, 0]] * 4, dtype=torch.bool)  # every caption names object 0
+    shown = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.bool)  # images 0, 2 show it
+    generator = torch.Generator().manual_seed(0)
+    all_swaps = same_source_swaps(labels, sources, 2, generator=generator)
+    text_rows, image_rows = same_source_swaps(labels, sources, 2, generator=torch.Generator().manual_seed(0),
+                                              named_objects=named, shown_objects=shown)
+    assert all_swaps[0].numel() == 4 and text_rows.numel() == 2  # each image is used once; two show object 0
+    for t, i in zip(text_rows.tolist(), image_rows.tolist(), strict=True):
+        assert not (named[t] & shown[i]).any(), (t, i)
+
+
+def test_synthetic_corpus_lists_its_objects_and_the_collator_reads_them(processor, tmp_path):
+    import pyarrow.parquet as pq
+
+    from tmr_core.synthetic import SyntheticConfig, make_synthetic_benchmark
+
+    make_synthetic_benchmark(tmp_path, SyntheticConfig(ner_sizes=(4, 2, 2), re_sizes=(4, 2, 2), mde_sizes=(40, 8, 8, 8)))
+    rows = pq.read_table(tmp_path / "mde" / "train.parquet").to_pylist()
+    for row in rows:
+        overlap = set(row["objects_named"]) & set(row["objects_shown"])
+        assert bool(overlap) == (row["label"] != "weaken"), row
+    batch = MDECollator(processor, max_length=12)(rows[:6])
+    assert batch["named_objects"].shape == batch["shown_objects"].shape and batch["named_objects"].shape[0] == 6
+
+
 def test_negative_sampling_needs_sources_and_labels_are_checked(processor, batch):
     model = tiny_mde(processor)
     with pytest.raises(ValueError, match="source_ids"):

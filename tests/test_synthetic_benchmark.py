@@ -184,7 +184,7 @@ def test_re_posterior_matches_the_generator_frequencies():
 def test_mde_corpus_has_the_paper_ratio_and_the_style_shortcut(tiny_benchmark):
     for split in syn.MDE_SPLITS:
         table = pq.read_table(tiny_benchmark / "mde" / f"{split}.parquet")
-        assert table.column_names == ["id", "caption", "image_uri", "label", "source"]
+        assert table.column_names == ["id", "caption", "image_uri", "label", "source", "objects_named", "objects_shown"]
         rows = table.to_pylist()
         labels = Counter(r["label"] for r in rows)
         assert labels["weaken"] == 2 * labels["strengthen"] == 2 * labels["complement"] > 0

@@ -14,7 +14,11 @@ Three training objectives, for the paper's Table 3 comparison:
   corpus every source supplies one category (MSCOCO strengthen, LAION complement), so with plain
   CE the style of a source is enough to tell strengthen from complement, and weaken pairs (images
   swapped across sources) carry a style mismatch. Same-source swaps are weaken pairs whose text
-  and image share one style, so style alone no longer separates weaken from the rest.
+  and image share one style, so style alone no longer separates weaken from the rest. A random
+  swap can land on an image that shows an object the caption names (on the synthetic corpus about
+  half do): where the corpus lists its objects (``objects_named`` / ``objects_shown``), a swap is
+  kept as *weaken* only when the new image shows none of them; without the lists it stays the
+  paper's random substitution (§3.4).
 - ``"supcon"``: supervised contrastive loss (Eq. 6) on z trains the encoder. The head is fitted
   on frozen z: the loss also holds a cross-entropy on ``head(z.detach())``, which trains the head
   alone (the encoder's gradient is the SupCon gradient only, and every parameter takes part, so
@@ -98,6 +102,8 @@ def same_source_swaps(
     weaken_label: int,
     generator: torch.Generator | None = None,
     images: torch.Tensor | None = None,
+    named_objects: torch.Tensor | None = None,
+    shown_objects: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pair captions with images of other rows from the same source, as new *weaken* samples.
 
@@ -112,6 +118,9 @@ def same_source_swaps(
         weaken_label: index of *weaken* in the label order.
         generator: CPU generator for the permutation (reproducible negatives).
         images: optional (B, ...) pixel tensor used to drop identical-image pairs.
+        named_objects, shown_objects: optional (B, K) bool, the objects each caption names and each
+            image shows; a pair whose new image shows an object its caption names is dropped (it
+            is no *weaken* pair).
 
     Returns:
         ``(text_rows, image_rows)``: two (K,) long tensors on ``labels.device``; sample k takes the
@@ -143,6 +152,10 @@ def same_source_swaps(
         flat = images.detach().cpu().flatten(1)
         differs = (flat[text_index] != flat[image_index]).any(dim=1)
         text_index, image_index = text_index[differs], image_index[differs]
+    if named_objects is not None and shown_objects is not None:
+        named, shown = named_objects.detach().cpu().bool(), shown_objects.detach().cpu().bool()
+        unrelated = ~(named[text_index] & shown[image_index]).any(dim=1)
+        text_index, image_index = text_index[unrelated], image_index[unrelated]
     return text_index.to(labels.device), image_index.to(labels.device)
 
 
@@ -255,6 +268,8 @@ class MultimodalDivergenceEstimator(PretrainedModule):
         source_ids: torch.Tensor | None = None,
         objective: str | None = None,
         generator: torch.Generator | None = None,
+        named_objects: torch.Tensor | None = None,
+        shown_objects: torch.Tensor | None = None,
     ) -> MDEOutput:
         """Score text–image pairs and, given labels, compute the training loss (Eq. 6 for supcon).
 
@@ -265,6 +280,8 @@ class MultimodalDivergenceEstimator(PretrainedModule):
             source_ids: (B,) source dataset of each row; required by ``ce_negative_sampling``.
             objective: ce | ce_negative_sampling | supcon; None uses ``config.objective``.
             generator: CPU generator for the negative-sampling permutation.
+            named_objects, shown_objects: (B, K) bool object lists for ``ce_negative_sampling``
+                (see :func:`same_source_swaps`); optional.
 
         Returns:
             :class:`MDEOutput` for the B given rows.
@@ -288,7 +305,8 @@ class MultimodalDivergenceEstimator(PretrainedModule):
                     "(the collator adds it from a 'source' column)"
                 )
             text_rows, image_rows = same_source_swaps(
-                labels, source_ids, self.weaken_label, generator=generator, images=pixel_values
+                labels, source_ids, self.weaken_label, generator=generator, images=pixel_values,
+                named_objects=named_objects, shown_objects=shown_objects,
             )
             num_negatives = int(text_rows.numel())
             if num_negatives:
@@ -367,7 +385,8 @@ class MultimodalDivergenceEstimator(PretrainedModule):
                 labels = batch.pop("labels", None)
                 if labels is None:
                     raise ValueError(f"batches[{index}]: no 'labels'; fitting the head needs labelled rows")
-                batch.pop("source_ids", None)
+                for key in TRAINING_KEYS:
+                    batch.pop(key, None)
                 cached.append((self.encode(**batch), labels))
         if not cached:
             raise ValueError("batches: empty; fitting the head needs at least one labelled batch")
@@ -388,6 +407,10 @@ class MultimodalDivergenceEstimator(PretrainedModule):
         return {"first_loss": epoch_losses[0], "loss": epoch_losses[-1], "steps": steps}
 
 
+# Batch keys that only the training loss reads (not inputs of :meth:`MultimodalDivergenceEstimator.encode`).
+TRAINING_KEYS = ("labels", "source_ids", "named_objects", "shown_objects")
+
+
 class MDECollator:
     """Turn MDE corpus rows into a batch for :class:`MultimodalDivergenceEstimator` (``model(**batch)``).
 
@@ -406,7 +429,9 @@ class MDECollator:
 
     The batch holds ``input_ids``, ``attention_mask``, ``token_type_ids``, ``pixel_values``,
     ``pixel_mask``; ``labels`` when every row has a label; ``source_ids`` when every row has a
-    source (ids number the sorted source names of the batch: only equality matters).
+    source (ids number the sorted source names of the batch: only equality matters);
+    ``named_objects`` / ``shown_objects`` ((B, K) bool over the batch's object names) when every
+    row has ``objects_named`` and ``objects_shown``.
     """
 
     def __init__(
@@ -481,4 +506,22 @@ class MDECollator:
             batch["source_ids"] = torch.tensor(
                 [names.index(str(row["source"])) for row in rows], dtype=torch.long
             )
+        if self._all_or_none(rows, "objects_named") and self._all_or_none(rows, "objects_shown"):
+            batch["named_objects"], batch["shown_objects"] = _object_masks(rows)
         return batch
+
+
+def _object_masks(rows: Sequence[Mapping]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-hot (B, K) masks of the objects each caption names and each image shows."""
+    def listed(value: Any) -> list[str]:
+        return [str(v) for v in (value.tolist() if hasattr(value, "tolist") else value)]
+
+    named = [listed(row["objects_named"]) for row in rows]
+    shown = [listed(row["objects_shown"]) for row in rows]
+    vocabulary = {name: i for i, name in enumerate(sorted({n for row in named + shown for n in row}))}
+    masks = torch.zeros(2, len(rows), max(1, len(vocabulary)), dtype=torch.bool)
+    for which, lists in enumerate((named, shown)):
+        for row, objects in enumerate(lists):
+            for name in objects:
+                masks[which, row, vocabulary[name]] = True
+    return masks[0], masks[1]

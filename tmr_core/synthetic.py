@@ -338,6 +338,7 @@ class MDERow:
     image_name: str  # file under mde_images/
     label: str
     source: str
+    named: tuple[str, ...] = ()  # object kinds the caption names
 
 
 @dataclass
@@ -664,7 +665,8 @@ def generate_mde_split(cfg: SyntheticConfig, split: str, n_rows: int) -> tuple[l
             image_name = f"mde_{split}_{len(pairs):06d}.png"
             scenes[image_name] = _mde_scene(rng, shown, cfg.image_size)
             pairs.append((label, mentioned, source, image_name))
-    rows = [(label, _caption(rng, source, mentioned), image, source) for label, mentioned, source, image in pairs]
+    rows = [(label, _caption(rng, source, mentioned), image, source, mentioned)
+            for label, mentioned, source, image in pairs]
     for _label, mentioned, source, _image in pairs:
         # weaken: this caption with another pair's image that shows none of the objects it names
         for _attempt in range(200):
@@ -675,9 +677,10 @@ def generate_mde_split(cfg: SyntheticConfig, split: str, n_rows: int) -> tuple[l
             unrelated = [k for k in all_kinds if k not in mentioned]
             donor_image = f"mde_{split}_{len(scenes):06d}.png"
             scenes[donor_image] = _mde_scene(rng, rng.sample(unrelated, rng.randint(1, 2)), cfg.image_size)
-        rows.append(("weaken", _caption(rng, source, mentioned), donor_image, source))
+        rows.append(("weaken", _caption(rng, source, mentioned), donor_image, source, mentioned))
     rng.shuffle(rows)
-    return [MDERow(f"mde_{split}_{i:06d}", caption, image, label, source) for i, (label, caption, image, source) in enumerate(rows)], scenes
+    return [MDERow(f"mde_{split}_{i:06d}", caption, image, label, source, tuple(named))
+            for i, (label, caption, image, source, named) in enumerate(rows)], scenes
 
 
 def generate_benchmark(cfg: SyntheticConfig) -> Benchmark:
@@ -851,6 +854,8 @@ def write_benchmark(bench: Benchmark, out_dir: str | Path) -> dict:
             "image_uri": [str(out / "mde_images" / r.image_name) for r in bench.mde[split]],
             "label": [r.label for r in bench.mde[split]],
             "source": [r.source for r in bench.mde[split]],
+            "objects_named": [sorted(r.named) for r in bench.mde[split]],
+            "objects_shown": [sorted(g.kind for g in bench.mde_scenes[r.image_name].glyphs) for r in bench.mde[split]],
         }, schema=mde_schema())
         pq.write_table(table, out / "mde" / f"{split}.parquet", compression="zstd")
     stats = benchmark_stats(rows, bench.mde, bench.config)
@@ -859,7 +864,12 @@ def write_benchmark(bench: Benchmark, out_dir: str | Path) -> dict:
 
 
 def mde_schema():
-    """The MDE corpus table: one caption-image pair per row (paper §3.4)."""
+    """The MDE corpus table: one caption-image pair per row (paper §3.4).
+
+    ``objects_named`` / ``objects_shown`` (the kinds the caption names and the image shows) are
+    optional in a corpus: with them, ``ce_negative_sampling`` labels an image swap *weaken* only
+    when the new image shows none of the named objects; real caption corpora have no such lists.
+    """
     import pyarrow as pa
 
     return pa.schema([
@@ -868,6 +878,8 @@ def mde_schema():
         pa.field("image_uri", pa.string(), nullable=False),
         pa.field("label", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),
+        pa.field("objects_named", pa.list_(pa.string())),
+        pa.field("objects_shown", pa.list_(pa.string())),
     ])
 
 
