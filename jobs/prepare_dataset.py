@@ -39,6 +39,9 @@ class Config:
     on_missing_image: Literal["error", "skip", "keep"] = opt(
         "error", "A missing or unreadable image: error, skip the sample, or keep it with a null image_uri."
     )
+    allow_cross_split_duplicates: bool = opt(
+        False, "Write a sample id found in two splits (a train/test leak) instead of stopping; reported either way."
+    )
     storage: StorageConfig = opt(StorageConfig, "Where s3:// URIs are served.")
 
 
@@ -87,6 +90,35 @@ def format_summary(stats_list: list, task: str) -> str:
     return "\n".join(lines)
 
 
+def check_cross_split_duplicates(tables: list[tuple[str, list[dict]]], stats_list: list, allow: bool) -> str:
+    """Refuse (or, when ``allow``, describe) sample ids that two splits share.
+
+    Returns the warning lines for the summary; empty when the splits are disjoint.
+
+    Raises:
+        DataFormatError: naming both split files, the count and a few ids, unless ``allow``.
+    """
+    from tmr_core.errors import DataFormatError
+    from tmr_core.readers import cross_split_overlaps
+
+    overlaps = cross_split_overlaps({split: [row["id"] for row in rows] for split, rows in tables})
+    if not overlaps:
+        return ""
+    sources = {stats.split: stats.source for stats in stats_list}
+    lines = [
+        f"{len(o.ids)} sample id(s) in both '{o.first}' ({sources[o.first]}) and '{o.second}' ({sources[o.second]}), "
+        f"e.g. {', '.join(repr(i) for i in o.ids[:5])}"
+        for o in overlaps
+    ]
+    if not allow:
+        first = overlaps[0]
+        raise DataFormatError(
+            sources[first.second], None, "; ".join(lines) + ". A sample in two splits leaks evaluation data into "
+            "training: remove it from one file, or pass --allow_cross_split_duplicates true to keep it"
+        )
+    return "\n".join(f"  warning: {line} (kept: --allow_cross_split_duplicates)" for line in lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(Config, argv, prog="jobs.prepare_dataset")
     check_config(cfg)
@@ -105,12 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         tables.append((split, rows))
         all_stats.append(stats)
+    overlap_warning = check_cross_split_duplicates(tables, all_stats, cfg.allow_cross_split_duplicates)
     for split, rows in tables:
         write_split(rows, task, storage.join(cfg.output, f"{split}.parquet"), options)
     config_uri = save_config(cfg, cfg.output, options=options)
 
     print(f"[prepare_dataset] {cfg.format} ({task}) -> {cfg.output}")
     print(format_summary(all_stats, task))
+    if overlap_warning:
+        print(overlap_warning)
     print(f"[prepare_dataset] wrote {sum(s.rows_written for s in all_stats)} rows in {len(tables)} table(s); config: {config_uri}")
     return 0
 

@@ -241,3 +241,122 @@ def test_writes_to_s3(tmp_path, t17_images, s3_endpoint, s3_bucket):
         assert table.column("id").to_pylist() == ids[split]
     with fs.open_input_stream(f"{s3_bucket}/tmr/twitter2017/config.yaml") as handle:
         assert f"endpoint_url: {s3_endpoint}" in handle.read().decode()
+
+
+# --------------------------------------------------------------------------- hostile and broken data
+
+
+def write_truncated_jpeg(path: Path) -> None:
+    """A JPEG cut in half: PIL's verify() accepts it, decoding it fails ("image file is truncated")."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, "JPEG")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.fixture
+def t17_test_with_truncated(tmp_path):
+    image_dir = tmp_path / "images"
+    sentences = read_twitter_ner(DATA / "twitter2017" / "test.txt")
+    for s in sentences:
+        write_image(image_dir / f"{s.image_id}.jpg")
+    truncated = sentences[7]
+    write_truncated_jpeg(image_dir / f"{truncated.image_id}.jpg")
+    with Image.open(image_dir / f"{truncated.image_id}.jpg") as image:
+        image.verify()  # the case at hand: a header check alone lets it through
+    return image_dir, truncated
+
+
+def test_truncated_jpeg_meets_the_policy_here(tmp_path, t17_test_with_truncated, capsys):
+    image_dir, truncated = t17_test_with_truncated
+    with pytest.raises(DataFormatError) as info:
+        run_policy(image_dir, tmp_path / "out", "error")
+    assert str(info.value).startswith(f"{DATA / 'twitter2017' / 'test.txt'}:{truncated.line}: ")
+    assert "is not a readable image (image file is truncated" in str(info.value)
+    assert "0 sample(s) of split 'test' have a missing image and 1 a corrupt one" in str(info.value)
+    assert run_policy(image_dir, tmp_path / "kept", "keep") == 0
+    rows = read_split(tmp_path / "kept", "test").to_pylist()
+    assert [r["id"] for r in rows if r["image_uri"] is None] == [truncated.image_id]
+    assert "test: 200 rows read, 200 written; images missing 0, corrupt 1" in capsys.readouterr().out
+
+
+def small_ner_dataset(root: Path, image_dir: Path, blocks_per_split: int = 3) -> dict[str, list[str]]:
+    """train/valid/test.txt from the first real Twitter-2017 blocks of each split, with images."""
+    root.mkdir(parents=True, exist_ok=True)
+    blocks = {}
+    for split, name in NER_FILES["twitter2017"].items():
+        blocks[split] = (DATA / "twitter2017" / name).read_text(encoding="utf-8").split("\n\n")[:blocks_per_split]
+        (root / name).write_text("\n\n".join(blocks[split]) + "\n\n", encoding="utf-8")
+        for s in read_twitter_ner(root / name):
+            write_image(image_dir / f"{s.image_id}.jpg")
+    return blocks
+
+
+def run_small(root: Path, image_dir: Path, output: Path, *extra: str) -> int:
+    return main(["--format", "twitter2017", "--data_dir", str(root), "--image_dir", str(image_dir),
+                 "--output", str(output), *extra])
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_split_file_is_an_error_naming_it(tmp_path, content):
+    root, images = tmp_path / "t17", tmp_path / "images"
+    small_ner_dataset(root, images)
+    (root / "valid.txt").write_text(content)
+    with pytest.raises(DataFormatError) as info:
+        run_small(root, images, tmp_path / "out")
+    assert str(info.value).startswith(f"{root / 'valid.txt'}: holds no samples; expected the valid split's IMGID blocks")
+    assert not (tmp_path / "out" / "train.parquet").exists()
+
+
+@pytest.mark.parametrize("image_id", ["../outside", "sub/../../outside", "/tmp/outside"])
+def test_ner_image_id_outside_image_dir_is_refused_with_path_line(tmp_path, image_id):
+    root, images = tmp_path / "t17", tmp_path / "images"
+    small_ner_dataset(root, images)
+    write_image(images.parent / "outside.jpg")  # it exists: only the name's escape is wrong
+    text = (root / "test.txt").read_text(encoding="utf-8")
+    second = text.split("\n\n")[1].split("\n")[0]  # "IMGID:<id>" of the second block
+    (root / "test.txt").write_text(text.replace(second, f"IMGID:{image_id}"), encoding="utf-8")
+    line = text.split("\n").index(second) + 1
+    with pytest.raises(DataFormatError) as info:
+        run_small(root, images, tmp_path / "out", "--on_missing_image", "keep")
+    assert str(info.value).startswith(
+        f"{root / 'test.txt'}:{line}: image '{image_id}' resolves outside --image_dir {images}; expected a file name inside it"
+    )
+
+
+def test_mnre_image_name_outside_image_dir_is_refused_with_path_line(tmp_path):
+    root, images = tmp_path / "mnre", tmp_path / "img_org"
+    root.mkdir()
+    (root / "ours_rel2id.json").write_bytes((DATA / "mnre" / "ours_rel2id.json").read_bytes())
+    lines = (DATA / "mnre" / "ours_test.txt").read_text(encoding="utf-8").splitlines(keepends=True)[:3]
+    name = read_mnre(DATA / "mnre" / "ours_test.txt")[2].image_id
+    lines[2] = lines[2].replace(repr(name), repr("../../" + name))
+    (root / "ours_test.txt").write_text("".join(lines), encoding="utf-8")
+    for inst in read_mnre(root / "ours_test.txt"):
+        write_image(images / "test" / inst.image_id)
+    with pytest.raises(DataFormatError) as info:
+        main(["--format", "mnre", "--data_dir", str(root), "--image_dir", str(images), "--splits", "test",
+              "--output", str(tmp_path / "out")])
+    assert str(info.value).startswith(f"{root / 'ours_test.txt'}:3: image '../../{name}' resolves outside --image_dir")
+
+
+def test_same_sample_in_two_splits_is_an_error_unless_allowed(tmp_path, capsys):
+    root, images = tmp_path / "t17", tmp_path / "images"
+    blocks = small_ner_dataset(root, images)
+    leaked = blocks["test"][:2]
+    (root / "train.txt").write_text("\n\n".join(blocks["train"] + leaked) + "\n\n", encoding="utf-8")
+    ids = sorted(block.split("\n")[0].removeprefix("IMGID:") for block in leaked)
+    with pytest.raises(DataFormatError) as info:
+        run_small(root, images, tmp_path / "out")
+    message = str(info.value)
+    assert message.startswith(f"{root / 'test.txt'}: 2 sample id(s) in both 'train' ({root / 'train.txt'}) and "
+                              f"'test' ({root / 'test.txt'}), e.g. '{ids[0]}', '{ids[1]}'")
+    assert "--allow_cross_split_duplicates true" in message
+    assert not (tmp_path / "out").exists()
+
+    assert run_small(root, images, tmp_path / "out", "--allow_cross_split_duplicates", "true") == 0
+    assert "warning: 2 sample id(s) in both 'train'" in capsys.readouterr().out
+    assert set(ids) <= set(read_split(tmp_path / "out", "train").column("id").to_pylist())

@@ -10,7 +10,12 @@ from seqeval.metrics.sequence_labeling import get_entities
 
 from tmr_core.errors import DataFormatError
 from tmr_core.readers import (
+    ImageCheck,
+    SplitOverlap,
+    check_image,
     chunk_entities,
+    cross_split_overlaps,
+    image_name_escapes,
     re_sample_ids,
     read_mnre,
     read_rel2id,
@@ -266,3 +271,40 @@ def test_non_utf8_file_names_the_line(tmp_path):
     path.write_bytes(NER_OK.encode() + b"IMGID:2\ncaf\xe9\tO\n\n")
     with pytest.raises(DataFormatError, match=rf"^{path}:6: not UTF-8"):
         read_twitter_ner(path)
+
+
+# --------------------------------------------------------------------------- images and splits
+
+
+@pytest.mark.parametrize(
+    "name, escapes",
+    [
+        ("16_05_01_6.jpg", False), ("sub/x.jpg", False), ("a/../b.jpg", False), ("...jpg", False), ("a:b.jpg", False),
+        ("../x.jpg", True), ("..", True), ("a/../../x.jpg", True), ("/etc/passwd", True), ("..\\x.jpg", True),
+        ("C:\\x.jpg", True), ("\\\\host\\share\\x.jpg", True),
+    ],
+)
+def test_image_name_escapes(name, escapes):
+    assert image_name_escapes(name) is escapes
+
+
+def test_check_image_decodes_what_verify_accepts(tmp_path):
+    from PIL import Image
+
+    from tests.test_prepare_dataset import write_truncated_jpeg
+
+    whole, truncated = tmp_path / "whole.png", tmp_path / "cut.jpg"
+    Image.new("RGB", (4, 4)).save(whole)
+    write_truncated_jpeg(truncated)
+    assert check_image([str(tmp_path / "absent.jpg"), str(whole)]) == ImageCheck(uri=str(whole))
+    check = check_image([str(truncated)])
+    assert check.uri is None and check.problem == "corrupt"
+    assert check.detail.startswith(f"{truncated} is not a readable image (image file is truncated")
+
+
+def test_cross_split_overlaps_pair_every_split():
+    overlaps = cross_split_overlaps({"train": ["a", "b", "c"], "valid": ["c", "d"], "test": ["b", "c", "e"]})
+    assert overlaps == [
+        SplitOverlap("train", "valid", ["c"]), SplitOverlap("train", "test", ["b", "c"]), SplitOverlap("valid", "test", ["c"]),
+    ]
+    assert cross_split_overlaps({"train": ["a"], "test": ["b"]}) == []

@@ -34,6 +34,22 @@ def load_image(uri: str, options: storage.StorageOptions | None = None) -> Image
         raise ValueError(f"image_uri {uri!r}: not a readable image ({error})") from error
 
 
+def check_decodes(data: bytes, uri: str) -> None:
+    """Raise ``ValueError`` unless ``data`` is an image PIL fully decodes, as :func:`load_image` will.
+
+    ``Image.verify()`` checks the header (and PNG checksums) without decoding the pixels, so a
+    truncated JPEG passes it and fails only when a later stage loads it, after hours of work
+    and outside the ingestion's missing-image policy. Decoding it here costs one image read.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()  # checksums that decoding alone does not look at
+        with Image.open(io.BytesIO(data)) as image:  # verify() leaves the image unusable: reopen
+            image.load()
+    except Exception as error:  # PIL raises many types for a broken file; all mean "unreadable"
+        raise ValueError(f"{uri} is not a readable image ({error})") from error
+
+
 def clamp_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int] | None:
     """Clamp ``[x1, y1, x2, y2]`` (pixels) to the image; ``None`` when no area is left."""
     if len(box) != 4:

@@ -16,8 +16,9 @@ The exact rules and full-file counts are in the project's notes on the TMR data 
 from __future__ import annotations
 
 import ast
-import io
 import json
+import posixpath
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -384,19 +385,29 @@ class ImageCheck:
 
 
 def check_image(candidates: list[str], options: storage.StorageOptions | None = None) -> ImageCheck:
-    """The first candidate URI that exists; it must open and pass ``PIL.Image.verify()``."""
-    from PIL import Image
+    """The first candidate URI that exists; it must decode as the later stages will load it
+    (:func:`tmr_core.images.check_decodes`), so a broken image meets the policy here."""
+    from tmr_core.images import check_decodes  # PIL, only when images are checked
 
     for uri in candidates:
         if not storage.exists(uri, options):
             continue
         try:
-            with Image.open(io.BytesIO(storage.read_bytes(uri, options))) as image:
-                image.verify()
-        except Exception as exc:  # PIL raises many types for a broken file; all mean "unreadable"
-            return ImageCheck(uri=None, problem="corrupt", detail=f"{uri} is not a readable image ({exc})")
+            check_decodes(storage.read_bytes(uri, options), uri)
+        except ValueError as exc:
+            return ImageCheck(uri=None, problem="corrupt", detail=str(exc))
         return ImageCheck(uri=uri)
     return ImageCheck(uri=None, problem="missing", detail=f"no image at {' or '.join(candidates)}")
+
+
+def image_name_escapes(name: str) -> bool:
+    """Whether a file name from a data line would resolve outside the image folder once joined
+    to it: an absolute path, or ``..`` above its start (either separator). Symlinks inside the
+    folder are the folder owner's choice and are followed."""
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:[\\/]", name):
+        return True
+    normal = posixpath.normpath(name.replace("\\", "/"))
+    return normal == ".." or normal.startswith("../")
 
 
 def image_candidates(source: SplitSource, image_id: str) -> list[str]:
@@ -491,6 +502,19 @@ def rows_for_split(
             for sample_id, inst in zip(re_sample_ids(instances, source.text_path), instances, strict=True)
         ]
 
+    if not samples:
+        raise DataFormatError(
+            source.text_path, None, f"holds no samples; expected the {split} split's "
+            f"{'IMGID blocks' if source.task == 'ner' else 'dict lines'} (an empty file is a failed copy or "
+            "download; leave the split out of --splits to skip it)"
+        )
+    for _, image_id, line, _, _ in samples:
+        if image_name_escapes(image_id + source.image_suffix):
+            raise DataFormatError(
+                source.text_path, line, f"image {_shorten(image_id)} resolves outside --image_dir "
+                f"{source.image_dir}; expected a file name inside it"
+            )
+
     checks: dict[str, ImageCheck] = {}  # MNRE has up to 21 lines per image: look once
     failures: list[tuple[int, ImageCheck]] = []
     rows: list[dict] = []
@@ -517,3 +541,31 @@ def rows_for_split(
         )
     stats.rows_written = len(rows)
     return rows, stats
+
+
+# --------------------------------------------------------------------------- across splits
+
+
+@dataclass
+class SplitOverlap:
+    """Sample ids that two splits share; ``ids`` sorted."""
+
+    first: str
+    second: str
+    ids: list[str]
+
+
+def cross_split_overlaps(ids_by_split: dict[str, list[str]]) -> list[SplitOverlap]:
+    """Every pair of splits that shares sample ids, in split order.
+
+    A sample in both training and evaluation data leaks the test answers into training and
+    inflates every reported score, so the job treats any overlap as an error by default.
+    """
+    splits = list(ids_by_split)
+    overlaps = []
+    for i, first in enumerate(splits):
+        for second in splits[i + 1:]:
+            shared = set(ids_by_split[first]) & set(ids_by_split[second])
+            if shared:
+                overlaps.append(SplitOverlap(first, second, sorted(shared)))
+    return overlaps
