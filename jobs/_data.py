@@ -3,8 +3,14 @@
 A dataset is a folder (local or ``s3://``) with one table per split: ``<uri>/<split>.parquet`` (one
 file, as ``prepare_dataset`` writes it) or ``<uri>/<split>/`` (Parquet parts, as Ray Data writes
 them). A stage reads each split present, adds its columns, and writes ``<output>/<split>/``, then
-``config.yaml`` and, last, ``_SUCCESS.json`` with per-split row counts and a fingerprint of its
-config and inputs; a stage whose marker matches is up to date and can be skipped.
+``config.yaml`` and, last, ``_SUCCESS.json`` with per-split row counts, its part files and a
+fingerprint of its config and inputs; a stage whose marker matches is up to date and can be skipped.
+
+A marker never describes files that are not there: before the first byte of an output changes,
+``_INCOMPLETE.json`` is written and ``_SUCCESS.json`` retired, so a run killed or failed halfway
+leaves a folder that no later run takes for a finished one. Readers that trust a marker (the
+up-to-date check, a stage's or a training job's input identity) first check it against the files
+on disk (a listing and the Parquet footers).
 
 Stage UDFs may add private columns next to their real ones: ``_stat_<name>`` (numbers summed, or
 strings counted per value, into the summary) and ``_drop`` (true: the row is left out, e.g.
@@ -16,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +31,11 @@ import pyarrow as pa
 
 from jobs._config import config_to_dict, opt
 from tmr_core import storage
+from tmr_core.errors import TMRError
 from tmr_core.schema import STAGE_FIELDS
 
 SUCCESS_MARKER = "_SUCCESS.json"
+INCOMPLETE_MARKER = "_INCOMPLETE.json"
 STAT_PREFIX = "_stat_"
 DROP_COLUMN = "_drop"
 # Forwarded to Ray workers, which may have started before the driver's env was set.
@@ -38,6 +47,11 @@ _FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_EC2_METADATA_DISABLED",
 )
+
+
+class StageOutputError(TMRError):
+    """A stage folder that cannot be trusted: an unfinished run, or a ``_SUCCESS.json`` that does
+    not describe the tables on disk. The message names the folder, what differs and what to rerun."""
 
 
 @dataclass
@@ -124,12 +138,24 @@ def split_uri(dataset_uri: str, split: str, options: storage.StorageOptions | No
     return None
 
 
-def present_splits(dataset_uri: str, splits: list[str], options: storage.StorageOptions | None = None) -> list[str]:
+def present_splits(dataset_uri: str, splits: list[str], options: storage.StorageOptions | None = None,
+                   output: str | None = None) -> list[str]:
     """The requested splits that exist under ``dataset_uri``.
 
+    Args:
+        output: the stage's output, checked first (:func:`tmr_core.storage.check_writable`), so a
+            read-only folder or an unreachable bucket fails before any input is read or computed.
+
     Raises:
-        FileNotFoundError: when none does (the message names the folder and what was looked for).
+        StageOutputError: ``output`` is the input folder.
+        StorageError: ``output`` cannot be written.
+        FileNotFoundError: when no split exists (the message names the folder and what was looked for).
     """
+    if output is not None:
+        if storage.resolve(output, options)[1] == storage.resolve(dataset_uri, options)[1]:
+            raise StageOutputError(f"--output {output} is the --input folder: a stage writes a new folder "
+                                   "(writing its splits would delete the input); choose another --output")
+        storage.check_writable(output, options)
     found = [s for s in splits if split_uri(dataset_uri, s, options) is not None]
     if not found:
         raise FileNotFoundError(
@@ -323,29 +349,59 @@ def _make_split_sink(output_uri: str, splits: list[str], options: storage.Storag
 def write_splits(ds: Any, output_uri: str, splits: list[str], options: storage.StorageOptions | None = None,
                  min_rows_per_file: int = 4096) -> tuple[dict[str, int], dict[str, Any]]:
     """Run a stage's dataset once, streaming: each split's rows go to ``<output>/<split>/`` (an
-    older copy is removed first) and the private ``_stat_*``/``_drop`` columns are aggregated
-    on the way, without a second pass over the data.
+    older copy is removed first, see :func:`begin_output`) and the private ``_stat_*``/``_drop``
+    columns are aggregated on the way, without a second pass over the data. The folder stays
+    marked unfinished until the stage calls :func:`write_success_marker`.
 
     Returns:
         (rows written per split, stats).
+
+    Raises:
+        StorageError: a part file could not be written (one line, not a worker's traceback).
     """
-    for split in splits:
-        _remove_tree(storage.join(output_uri, split), options)
-        storage.makedirs(storage.join(output_uri, split), options)
+    begin_output(output_uri, splits, options)
     sink = _make_split_sink(output_uri, splits, options, min_rows_per_file)
-    ds.write_datasink(sink, ray_remote_args=worker_env(output_uri) or None)
+    try:
+        ds.write_datasink(sink, ray_remote_args=worker_env(output_uri) or None)
+    except Exception as exc:
+        cause = _storage_error_in(exc)
+        if cause is not None:
+            raise storage.StorageError(str(cause).splitlines()[0]) from None
+        raise
     rows, stats = _merge_reports(sink.reports)
     for split in splits:
         rows.setdefault(split, 0)
     return rows, stats
 
 
-def _remove_tree(uri: str, options: storage.StorageOptions | None) -> None:
-    import pyarrow.fs as pafs
+def begin_output(output_uri: str, splits: list[str], options: storage.StorageOptions | None = None) -> None:
+    """Mark ``output_uri`` unfinished, then retire its ``_SUCCESS.json``, then empty the split
+    tables, in that order: a run killed anywhere from here on leaves ``_INCOMPLETE.json`` and no
+    success marker, so neither a rerun (not up to date) nor the next stage (an error) takes the
+    partial folder for a finished one."""
+    progress = {"started_at": time.time(), "splits": list(splits)}
+    storage.write_text_atomic(storage.join(output_uri, INCOMPLETE_MARKER), json.dumps(progress), options)
+    storage.remove(storage.join(output_uri, SUCCESS_MARKER), options)
+    for split in splits:
+        storage.remove(storage.join(output_uri, f"{split}.parquet"), options)  # would shadow <split>/
+        storage.remove(storage.join(output_uri, split), options)
+        storage.makedirs(storage.join(output_uri, split), options)
 
-    fs, path = storage.resolve(uri, options)
-    if fs.get_file_info(path).type == pafs.FileType.Directory:
-        fs.delete_dir(path)
+
+def _storage_error_in(exc: BaseException) -> BaseException | None:
+    """The :class:`~tmr_core.storage.StorageError` a Ray write task raised, found through the
+    wrappers Ray and Ray Data put around it (exception chain, ``RayTaskError.cause``)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if type(current) is storage.StorageError:  # not Ray's subclass, whose text is a traceback
+            return current
+        pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    return None
 
 
 # --------------------------------------------------------------------------- markers
@@ -368,8 +424,13 @@ def fingerprint(job: str, cfg: Any, input_uri: str, splits: list[str],
 
 def input_identity(input_uri: str, splits: list[str], options: storage.StorageOptions | None = None) -> Any:
     """What identifies a dataset's content: its ``_SUCCESS.json`` fingerprint and row counts when
-    it has one, else the size and mtime of each split's files."""
-    marker = read_success_marker(input_uri, options)
+    it has one, else the size and mtime of each split's files.
+
+    Raises:
+        StageOutputError: the folder is an unfinished stage run, or its marker does not describe
+            the files of ``splits`` on disk (:func:`check_marker`): a marker is trusted only then.
+    """
+    marker = check_marker(input_uri, splits, options)
     if marker is not None:
         return {"fingerprint": marker.get("fingerprint"), "rows": marker.get("rows")}
     return {split: file_infos(split_uri(input_uri, split, options), options) for split in splits}
@@ -394,10 +455,25 @@ def file_infos(uri: str | None, options: storage.StorageOptions | None = None) -
 
 def write_success_marker(output_uri: str, rows: dict[str, int], fingerprint_: str,
                          summary: dict | None = None, options: storage.StorageOptions | None = None) -> str:
-    """Write ``_SUCCESS.json`` last: its presence means every split and the config are complete."""
+    """Write ``_SUCCESS.json`` last: its presence means every split and the config are complete.
+
+    It records each split's part files and their row counts as found on disk, so readers can
+    check it later; then ``_INCOMPLETE.json`` goes.
+
+    Raises:
+        StageOutputError: the files on disk do not hold the rows the stage counted (e.g. a
+            duplicated part): no marker is written.
+    """
+    files = {split: parquet_files(output_uri, split, options) for split in rows}
+    on_disk = {split: sum(parts.values()) for split, parts in files.items()}
+    if on_disk != dict(rows):
+        raise StageOutputError(f"{output_uri}: the stage counted rows {dict(rows)} but its files hold {on_disk}; "
+                               "no _SUCCESS.json written, rerun the stage")
     uri = storage.join(output_uri, SUCCESS_MARKER)
-    payload = {"fingerprint": fingerprint_, "rows": rows, "summary": summary or {}, "finished_at": time.time()}
+    payload = {"fingerprint": fingerprint_, "rows": rows, "files": files, "summary": summary or {},
+               "finished_at": time.time()}
     storage.write_text_atomic(uri, json.dumps(payload, indent=2, sort_keys=True, default=str), options)
+    storage.remove(storage.join(output_uri, INCOMPLETE_MARKER), options)
     return uri
 
 
@@ -412,6 +488,88 @@ def read_success_marker(output_uri: str, options: storage.StorageOptions | None 
 
 
 def is_up_to_date(output_uri: str, fingerprint_: str, options: storage.StorageOptions | None = None) -> bool:
-    """True when ``output_uri`` holds a finished run with this exact config and input."""
+    """True when ``output_uri`` holds a finished run with this exact config and input, and its
+    marker still describes the files on disk (else the stage reruns, saying why)."""
     marker = read_success_marker(output_uri, options)
-    return marker is not None and marker.get("fingerprint") == fingerprint_
+    if marker is None or marker.get("fingerprint") != fingerprint_:
+        return False
+    differences = marker_differences(output_uri, marker, list(marker.get("rows") or {}), options)
+    if differences:
+        print(f"[{output_uri}] {SUCCESS_MARKER} does not match the files on disk ({'; '.join(differences)}); "
+              "running the stage again")
+        return False
+    return True
+
+
+def parquet_files(dataset_uri: str, split: str, options: storage.StorageOptions | None = None) -> dict[str, int]:
+    """A split's Parquet files (path relative to ``dataset_uri``) and their row counts, from a
+    listing and the files' footers (no data read); {} when the split is absent."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    uri = split_uri(dataset_uri, split, options)
+    if uri is None:
+        return {}
+    fs, root = storage.resolve(dataset_uri, options)
+    _, path = storage.resolve(uri, options)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    else:
+        infos = [info]
+    counts = {}
+    for item in infos:
+        if item.type == pafs.FileType.File and item.path.endswith(".parquet"):
+            with fs.open_input_file(item.path) as handle:
+                counts[posixpath.relpath(item.path, root)] = pq.ParquetFile(handle).metadata.num_rows
+    return dict(sorted(counts.items()))
+
+
+def marker_differences(dataset_uri: str, marker: dict, splits: list[str],
+                       options: storage.StorageOptions | None = None) -> list[str]:
+    """How the files of ``splits`` on disk differ from what ``marker`` says (row counts, and the
+    part files when the marker lists them); [] when they agree."""
+    differences = []
+    listed_rows, listed_files = marker.get("rows") or {}, marker.get("files") or {}
+    for split in splits:
+        parts = parquet_files(dataset_uri, split, options)
+        if split not in listed_rows:
+            if parts:
+                differences.append(f"split '{split}' is on disk but not in the marker (left by an older run?)")
+            continue
+        if sum(parts.values()) != listed_rows[split]:
+            differences.append(f"split '{split}': marker says {listed_rows[split]} rows, files hold {sum(parts.values())}")
+        if split in listed_files:
+            missing = sorted(set(listed_files[split]) - set(parts))
+            extra = sorted(set(parts) - set(listed_files[split]))
+            if missing:
+                differences.append(f"split '{split}': {len(missing)} listed file(s) missing, e.g. {missing[0]}")
+            if extra:
+                differences.append(f"split '{split}': {len(extra)} file(s) not in the marker, e.g. {extra[0]}")
+    return differences
+
+
+def check_marker(dataset_uri: str, splits: list[str], options: storage.StorageOptions | None = None) -> dict | None:
+    """The folder's ``_SUCCESS.json`` once checked against the files of ``splits`` on disk; None
+    for a folder without markers (e.g. ``prepare_dataset``'s tables or the user's own).
+
+    Raises:
+        StageOutputError: the folder holds an unfinished run (``_INCOMPLETE.json``, no success
+            marker) or a marker that does not describe its files; the message says what differs
+            and to rerun the stage that writes the folder.
+    """
+    marker = read_success_marker(dataset_uri, options)
+    if marker is None:
+        if storage.exists(storage.join(dataset_uri, INCOMPLETE_MARKER), options):
+            raise StageOutputError(
+                f"{dataset_uri}: a stage run writing this folder did not finish (killed or failed; "
+                f"{INCOMPLETE_MARKER} is there, {SUCCESS_MARKER} is not); rerun the stage that writes it"
+            )
+        return None
+    differences = marker_differences(dataset_uri, marker, splits, options)
+    if differences:
+        raise StageOutputError(
+            f"{dataset_uri}/{SUCCESS_MARKER} does not describe the files on disk: {'; '.join(differences)}; "
+            "rerun the stage that writes this folder (--force true)"
+        )
+    return marker

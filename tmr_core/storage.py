@@ -10,11 +10,26 @@ from __future__ import annotations
 
 import os
 import posixpath
+import tempfile
 import uuid
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+from tmr_core.errors import TMRError
+
+# pyarrow's S3 errors name the failing AWS operation and error; these parts tell a network
+# problem and a credentials problem apart from a genuinely missing bucket or key.
+_UNREACHABLE = ("NETWORK_CONNECTION", "curlCode", "Could not connect", "Couldn't resolve host", "Timeout")
+_DENIED = ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden",
+           "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "HTTP response code: 403")
+_NO_BUCKET = ("NO_SUCH_BUCKET", "NoSuchBucket")
+
+
+class StorageError(TMRError, OSError):
+    """A location that cannot be read or written; the message is one line naming the URI, the
+    cause and what to do (jobs print it instead of a traceback)."""
 
 
 @dataclass
@@ -59,7 +74,92 @@ def join(uri: str, *parts: str) -> str:
 
 def exists(uri: str, options: StorageOptions | None = None) -> bool:
     fs, path = resolve(uri, options)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as exc:
+        raise storage_error(uri, exc, options, "look up") from None
+
+
+def endpoint_name(options: StorageOptions | None = None) -> str:
+    """The S3 endpoint requests go to, as a user would recognise it in an error message."""
+    options = options or StorageOptions()
+    endpoint = options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    return endpoint or f"AWS S3 ({options.region or os.environ.get('AWS_DEFAULT_REGION', 'us-east-1')})"
+
+
+def storage_error(uri: str, exc: BaseException, options: StorageOptions | None = None,
+                  action: str = "write") -> StorageError:
+    """One line for a failed read/write of ``uri``: an unreachable endpoint, refused credentials
+    and a missing bucket each get their own message (an unreachable endpoint is not a missing
+    bucket), with what to check."""
+    if isinstance(exc, StorageError):
+        return exc
+    text = " ".join(str(exc).split())
+    if not is_remote(uri):
+        reason = getattr(exc, "strerror", None) or text
+        return StorageError(f"{uri}: cannot {action} ({reason}); choose a folder this process can {action}")
+    where = endpoint_name(options)
+    if any(part in text for part in _UNREACHABLE):
+        return StorageError(f"{uri}: cannot reach the S3 endpoint {where} ({text}); check --storage.endpoint_url "
+                            "(or AWS_ENDPOINT_URL) and that the store is running and reachable")
+    if any(part in text for part in _DENIED):
+        return StorageError(f"{uri}: access denied at {where} ({text}); check AWS_ACCESS_KEY_ID / "
+                            "AWS_SECRET_ACCESS_KEY and the bucket's permissions")
+    if any(part in text for part in _NO_BUCKET):
+        return StorageError(f"{uri}: bucket '{_bucket(uri)}' does not exist at {where}; create it or fix the URI")
+    return StorageError(f"{uri}: cannot {action} at {where} ({text})")
+
+
+def _bucket(uri: str) -> str:
+    return urlparse(str(uri)).netloc
+
+
+def check_writable(uri: str, options: StorageOptions | None = None) -> None:
+    """Fail fast, before a job reads its input, when ``uri`` cannot take its outputs: a local
+    folder (or the nearest existing folder above it) that is not writable, or an S3 bucket that is
+    unreachable, refuses the credentials or does not exist. A probe file is written and removed.
+
+    Raises:
+        StorageError: one line naming ``uri``, the cause and what to check.
+    """
+    if is_remote(uri):
+        _check_bucket_writable(uri, options)
+    else:
+        _check_folder_writable(uri)
+
+
+def _check_folder_writable(uri: str) -> None:
+    _, path = resolve(uri)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise StorageError(f"{uri}: cannot write here, {existing} is a file, not a folder; choose another output")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot write to {existing} ({exc.strerror or exc}); "
+                           "choose a folder this process can write") from None
+
+
+def _check_bucket_writable(uri: str, options: StorageOptions | None) -> None:
+    fs, path = resolve(uri, options)
+    bucket = _bucket(uri)
+    try:
+        found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
+    except OSError as exc:
+        raise storage_error(uri, exc, options, "reach") from None
+    if not found:
+        raise StorageError(f"{uri}: bucket '{bucket}' does not exist at {endpoint_name(options)}; "
+                           "create it or fix the URI")
+    probe = f"{path}/.tmr-write-check-{uuid.uuid4().hex}"
+    try:
+        with fs.open_output_stream(probe) as handle:
+            handle.write(b"")
+        fs.delete_file(probe)
+    except OSError as exc:
+        raise storage_error(uri, exc, options, "write") from None
 
 
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
@@ -75,19 +175,22 @@ def write_bytes_atomic(uri: str, data: bytes, options: StorageOptions | None = N
     atomic (an object appears whole or not at all).
     """
     fs, path = resolve(uri, options)
-    fs.create_dir(posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path), recursive=True)
-    if is_remote(uri):
-        with fs.open_output_stream(path) as handle:
-            handle.write(data)
-        return
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        fs.create_dir(posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path), recursive=True)
+        if is_remote(uri):
+            with fs.open_output_stream(path) as handle:
+                handle.write(data)
+            return
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    except OSError as exc:
+        raise storage_error(uri, exc, options, "write") from None
 
 
 def write_text_atomic(uri: str, text: str, options: StorageOptions | None = None) -> None:
@@ -96,4 +199,20 @@ def write_text_atomic(uri: str, text: str, options: StorageOptions | None = None
 
 def makedirs(uri: str, options: StorageOptions | None = None) -> None:
     fs, path = resolve(uri, options)
-    fs.create_dir(path, recursive=True)
+    try:
+        fs.create_dir(path, recursive=True)
+    except OSError as exc:
+        raise storage_error(uri, exc, options, "create") from None
+
+
+def remove(uri: str, options: StorageOptions | None = None) -> None:
+    """Delete a file or a folder tree; nothing to do when it is absent."""
+    fs, path = resolve(uri, options)
+    try:
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif kind == pafs.FileType.File:
+            fs.delete_file(path)
+    except OSError as exc:
+        raise storage_error(uri, exc, options, "delete") from None
