@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(Config, argv, prog=f"jobs.{JOB}")
     print_config(cfg, JOB)
     options = cfg.storage.options()
-    splits = present_splits(cfg.input, cfg.splits, options)
+    splits = present_splits(cfg.input, cfg.splits, options, output=cfg.output)
     stage_fingerprint = fingerprint(JOB, cfg, cfg.input, splits, options)
     if not cfg.force and is_up_to_date(cfg.output, stage_fingerprint, options):
         print(f"[{JOB}] {cfg.output} is up to date (same config and input); nothing to do. --force true reruns it.")

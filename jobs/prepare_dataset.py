@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     task = cfg.task = readers.task_of(cfg.format, cfg.task)  # saved resolved, so a rerun needs no guess
     print_config(cfg, "prepare_dataset")
+    storage.check_writable(cfg.output, cfg.storage.options())  # before any input is read
 
     options = cfg.storage.options()
     all_stats = []

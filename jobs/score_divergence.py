@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(Config, argv, prog=f"jobs.{JOB}")
     print_config(cfg, JOB)
     options = cfg.storage.options()
-    splits = present_splits(cfg.input, cfg.splits, options)
+    splits = present_splits(cfg.input, cfg.splits, options, output=cfg.output)
     # a retrained checkpoint at the same path must not look up to date
     model_files = [] if cfg.checkpoint.startswith(_MLFLOW_SCHEMES) else file_infos(cfg.checkpoint, options)
     stage_fingerprint = fingerprint(JOB, cfg, cfg.input, splits, options, extra={"checkpoint": model_files})
