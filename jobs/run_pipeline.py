@@ -7,12 +7,18 @@ MDE pretraining → divergence → NER and RE fine-tuning (full and text-only) �
 Each stage is an ordinary job (``jobs.<name>.main(argv)``) run in this process, so they share one
 Ray session. A stage is skipped when its marker in ``<workdir>/.pipeline/`` holds the same
 fingerprint (job, arguments, config file contents and the fingerprints of the stages it reads)
-and its output still exists: rerunning a finished pipeline does nothing costly, and after a
-crash the next run resumes from the first unfinished stage.
+and its output still holds the rows per split the marker recorded: rerunning a finished pipeline
+does nothing costly, and after a crash the next run resumes from the first unfinished stage (a
+stage's marker is removed before it runs). ``--force`` reruns a stage through its own ``--force``.
+
+After each table stage one line gives its rows per split; a stage that changes the valid or test
+row count stops the pipeline (only training rows may be dropped, e.g. ``on_missing_image: skip``),
+so every model is evaluated on the same samples.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -22,8 +28,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from jobs._config import opt, parse_config, print_config, run_main, save_config
+from tmr_core.errors import TMRError
 
 TASKS = ("ner", "re")
+SPLITS = ("train", "valid", "test")
+EVALUATION_SPLITS = ("valid", "test")  # a stage may drop training rows, never these
+
+
+class RowCountError(TMRError):
+    """A stage changed the number of valid or test rows its input had."""
 
 
 @dataclass
@@ -204,20 +217,44 @@ def _marker_path(workdir: str, stage: Stage) -> str:
 
 
 def is_up_to_date(workdir: str, stage: Stage, fingerprint: str) -> bool:
-    path = _marker_path(workdir, stage)
-    if not (os.path.isfile(path) and os.path.exists(stage.output)):
+    """Same fingerprint, and the output still holds what the stage wrote (its rows per split, its
+    own ``_SUCCESS.json`` matching its files): a marker never vouches for files that are gone."""
+    marker = read_marker(workdir, stage)
+    if marker.get("fingerprint") != fingerprint or not os.path.exists(stage.output):
         return False
-    with open(path) as handle:
-        return json.load(handle).get("fingerprint") == fingerprint
+    if stage.summary != "table":
+        return True
+    from jobs._data import StageOutputError
+
+    try:
+        rows = stage_rows(stage)
+    except StageOutputError as exc:
+        print(f"=== [{stage.id}] output changed since it ran ({exc}); running it again", flush=True)
+        return False
+    if rows != marker.get("rows"):
+        print(f"=== [{stage.id}] output holds rows {rows}, its marker says {marker.get('rows')}; running it again",
+              flush=True)
+        return False
+    return True
 
 
-def write_marker(workdir: str, stage: Stage, fingerprint: str, seconds: float) -> None:
+def write_marker(workdir: str, stage: Stage, fingerprint: str, seconds: float,
+                 rows: dict[str, int] | None = None) -> None:
     path = _marker_path(workdir, stage)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as handle:
-        json.dump({"fingerprint": fingerprint, "seconds": round(seconds, 2), "argv": stage.argv}, handle, indent=2)
+        json.dump({"fingerprint": fingerprint, "seconds": round(seconds, 2), "rows": rows, "argv": stage.argv},
+                  handle, indent=2)
     os.replace(tmp, path)
+
+
+def retire_marker(workdir: str, stage: Stage) -> None:
+    """Remove a stage's marker before the stage touches its output, so a crash or kill halfway
+    never leaves a marker describing files that are no longer there."""
+    path = _marker_path(workdir, stage)
+    if os.path.isfile(path):
+        os.remove(path)
 
 
 def read_marker(workdir: str, stage: Stage) -> dict:
@@ -228,20 +265,51 @@ def read_marker(workdir: str, stage: Stage) -> dict:
         return json.load(handle)
 
 
+# --------------------------------------------------------------------------- rows per split
+
+
+def stage_rows(stage: Stage) -> dict[str, int]:
+    """Rows per split of a table stage's output: its ``_SUCCESS.json`` counts once checked against
+    the files, else (``prepare_dataset`` writes no marker) the Parquet footers.
+
+    Raises:
+        StageOutputError: an unfinished output, or a marker that does not match the files.
+    """
+    from jobs._data import check_marker, parquet_files
+
+    marker = check_marker(stage.output, list(SPLITS))
+    if marker is not None:
+        return {split: n for split, n in marker.get("rows", {}).items()}
+    counts = {split: parquet_files(stage.output, split) for split in SPLITS}
+    return {split: sum(files.values()) for split, files in counts.items() if files}
+
+
+def format_rows(rows: dict[str, int]) -> str:
+    """``train 400 | valid 120 | test 120``."""
+    ordered = [s for s in SPLITS if s in rows] + sorted(set(rows) - set(SPLITS))
+    return " | ".join(f"{split} {rows[split]}" for split in ordered)
+
+
+def check_rows_kept(stage: Stage, rows: dict[str, int], rows_by_stage: dict[str, dict[str, int]]) -> None:
+    """Raise when ``stage`` has other valid/test row counts than the table stage it reads.
+
+    Raises:
+        RowCountError: naming the stage, the split and both counts.
+    """
+    for upstream in stage.needs:
+        before = rows_by_stage.get(upstream)
+        if before is None:
+            continue
+        for split in EVALUATION_SPLITS:
+            if split in before and rows.get(split, 0) != before[split]:
+                raise RowCountError(
+                    f"stage {stage.id}: split '{split}' has {rows.get(split, 0)} rows but its input "
+                    f"({upstream}) has {before[split]}; a stage may drop only training rows, so every model is "
+                    f"evaluated on the same samples: fix what drops them (e.g. on_missing_image) and rerun {stage.id}"
+                )
+
+
 # --------------------------------------------------------------------------- summary
-
-
-def count_rows(output: str) -> int | None:
-    """Rows of every Parquet file under a stage's output folder (from the footers, no data read)."""
-    import pyarrow.parquet as pq
-
-    total, found = 0, False
-    for root, _, files in os.walk(output):
-        for name in files:
-            if name.endswith(".parquet"):
-                total += pq.ParquetFile(os.path.join(root, name)).metadata.num_rows
-                found = True
-    return total if found else None
 
 
 def read_metrics(output: str) -> dict:
@@ -262,7 +330,7 @@ def _headline(stage: Stage, metrics: dict) -> str:
 
 
 def summary_table(cfg: Config, stages: list[Stage], ran: dict[str, float | None]) -> str:
-    """Markdown table: stage, status, rows, time, headline metrics."""
+    """Markdown table: stage, status, rows per split, time, headline metrics."""
     lines = ["| stage | status | rows | seconds | result |", "|---|---|---|---|---|"]
     for stage in stages:
         if stage.id not in ran:
@@ -271,7 +339,7 @@ def summary_table(cfg: Config, stages: list[Stage], ran: dict[str, float | None]
         status = "ran" if seconds is not None else "up to date"
         if seconds is None:
             seconds = read_marker(cfg.workdir, stage).get("seconds")
-        rows = count_rows(stage.output) if stage.summary == "table" else None
+        rows = format_rows(stage_rows(stage)) if stage.summary == "table" else None
         result = _headline(stage, read_metrics(stage.output)) if stage.summary == "metrics" else ""
         lines.append(f"| {stage.id} | {status} | {rows if rows is not None else ''} | "
                      f"{seconds if seconds is not None else ''} | {result} |")
@@ -298,10 +366,23 @@ def f1_table(cfg: Config, stages: list[Stage]) -> str:
 # --------------------------------------------------------------------------- run
 
 
-def run_stage(stage: Stage) -> None:
+def stage_argv(stage: Stage, forced: bool) -> list[str]:
+    """The stage's arguments; a forced stage also gets ``--force true`` when its job has that
+    option, so the job reruns instead of finding its own output up to date."""
+    if forced and _has_force_option(stage.job):
+        return [*stage.argv, "--force", "true"]
+    return list(stage.argv)
+
+
+def _has_force_option(job: str) -> bool:
+    module = importlib.import_module(f"jobs.{job}")
+    return "force" in {f.name for f in dataclasses.fields(module.Config)}
+
+
+def run_stage(stage: Stage, argv: list[str]) -> None:
     module = importlib.import_module(f"jobs.{stage.job}")
-    print(f"\n=== [{stage.id}] python -m jobs.{stage.job} {' '.join(stage.argv)}", flush=True)
-    code = module.main(list(stage.argv))
+    print(f"\n=== [{stage.id}] python -m jobs.{stage.job} {' '.join(argv)}", flush=True)
+    code = module.main(list(argv))
     if code:
         raise RuntimeError(f"stage {stage.id} (jobs.{stage.job}) exited with code {code}")
 
@@ -323,6 +404,7 @@ def execute(cfg: Config) -> tuple[list[Stage], dict[str, float | None], float]:
     save_config(cfg, cfg.workdir, name="pipeline.config.yaml")
 
     fingerprints: dict[str, str] = {}
+    rows_by_stage: dict[str, dict[str, int]] = {}
     ran: dict[str, float | None] = {}
     started = time.perf_counter()
     for stage in stages:
@@ -333,14 +415,20 @@ def execute(cfg: Config) -> tuple[list[Stage], dict[str, float | None], float]:
             print(f"=== [{stage.id}] up to date, skipped", flush=True)
             ran[stage.id] = None
         else:
+            retire_marker(cfg.workdir, stage)
             t0 = time.perf_counter()
             try:
-                run_stage(stage)
+                run_stage(stage, stage_argv(stage, forced))
             except BaseException:
                 print(f"\n[run_pipeline] stage {stage.id} failed; rerun the same command to resume from it.", flush=True)
                 raise
             ran[stage.id] = round(time.perf_counter() - t0, 1)
-            write_marker(cfg.workdir, stage, fingerprint, ran[stage.id])
+        if stage.summary == "table":
+            rows_by_stage[stage.id] = stage_rows(stage)
+            print(f"=== [{stage.id}] rows {format_rows(rows_by_stage[stage.id])}", flush=True)
+            check_rows_kept(stage, rows_by_stage[stage.id], rows_by_stage)
+        if ran[stage.id] is not None:
+            write_marker(cfg.workdir, stage, fingerprint, ran[stage.id], rows_by_stage.get(stage.id))
         if stage.id == cfg.stop_after:
             break
     return stages, ran, time.perf_counter() - started

@@ -1,7 +1,10 @@
-"""jobs.run_pipeline: stage order, skipping up-to-date stages, resuming after a crash."""
+"""jobs.run_pipeline: stage order, skipping up-to-date stages, resuming after a crash, forced reruns,
+rows per split kept from stage to stage."""
 
 import dataclasses
+import json
 import os
+import re
 
 import pytest
 
@@ -84,7 +87,8 @@ def test_rerun_skips_and_crash_resumes(tmp_path, monkeypatch, capsys):
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_pipeline.main(_argv(tmp_path, "--force", "[prepare_dataset.ner]"))
     assert "rerun the same command to resume" in capsys.readouterr().out
-    os.remove(tmp_path / ".pipeline" / "prepare_dataset.ner.json")  # the crashed stage's marker is stale
+    # the crashed stage's marker went before it ran: nothing vouches for a half-rewritten output
+    assert not (tmp_path / ".pipeline" / "prepare_dataset.ner.json").exists()
 
     monkeypatch.undo()
     assert run_pipeline.main(_argv(tmp_path)) == 0
@@ -92,3 +96,89 @@ def test_rerun_skips_and_crash_resumes(tmp_path, monkeypatch, capsys):
     assert "[make_synthetic_benchmark] up to date" in out
     assert "[prepare_dataset.ner] python -m jobs.prepare_dataset" in out
     assert table.stat().st_mtime_ns != first_mtime
+
+
+def test_each_table_stage_prints_its_rows_per_split(tmp_path, capsys):
+    assert run_pipeline.main(_argv(tmp_path)) == 0
+    out = capsys.readouterr().out
+    line = re.search(r"=== \[prepare_dataset\.ner\] rows train (\d+) \| valid (\d+) \| test (\d+)", out)
+    assert line, out
+    import pyarrow.parquet as pq
+
+    dataset = tmp_path / "stages" / "ner" / "dataset"
+    on_disk = [pq.read_metadata(dataset / f"{split}.parquet").num_rows for split in ("train", "valid", "test")]
+    assert [int(n) for n in line.groups()] == on_disk
+    marker = json.loads((tmp_path / ".pipeline" / "prepare_dataset.ner.json").read_text())
+    assert marker["rows"] == dict(zip(("train", "valid", "test"), on_disk))
+    # the summary table shows the same counts
+    assert "| prepare_dataset.ner | ran | train {} | valid {} | test {} |".format(*on_disk) in out
+
+
+def test_a_stage_whose_output_lost_files_reruns_instead_of_skipping(tmp_path, capsys):
+    assert run_pipeline.main(_argv(tmp_path)) == 0
+    capsys.readouterr()
+    os.remove(tmp_path / "stages" / "ner" / "dataset" / "valid.parquet")  # the pipeline marker still says done
+    assert run_pipeline.main(_argv(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "[prepare_dataset.ner] up to date" not in out and "[prepare_dataset.ner] output holds rows" in out
+    assert (tmp_path / "stages" / "ner" / "dataset" / "valid.parquet").is_file()
+
+
+def _fake_extract_phrases(drop_split: str):
+    """A stand-in extract_phrases main (no Ray): copies its input, minus the first row of
+    ``drop_split``, writing a stage folder with a real _SUCCESS.json."""
+    import pyarrow.parquet as pq
+
+    from jobs._data import begin_output, parquet_files, write_success_marker
+
+    def main(argv):
+        inp, out = argv[argv.index("--input") + 1], argv[argv.index("--output") + 1]
+        splits = ["train", "valid", "test"]
+        begin_output(out, splits)
+        for split in splits:
+            table = pq.read_table(os.path.join(inp, f"{split}.parquet"))
+            if split == drop_split:
+                table = table.slice(1)
+            pq.write_table(table, os.path.join(out, split, "part-0.parquet"))
+        rows = {split: sum(parquet_files(out, split).values()) for split in splits}
+        write_success_marker(out, rows, "fake")
+        return 0
+
+    return main
+
+
+def test_a_stage_that_changes_valid_or_test_counts_stops_the_pipeline(tmp_path, monkeypatch, capsys):
+    import jobs.extract_phrases
+
+    argv = [*_argv(tmp_path)[:-1], "extract_phrases.ner"]
+    monkeypatch.setattr(jobs.extract_phrases, "main", _fake_extract_phrases("train"))
+    assert run_pipeline.main(argv) == 0  # training rows may be dropped
+    assert re.search(r"=== \[extract_phrases\.ner\] rows train \d+ \| valid \d+ \| test \d+", capsys.readouterr().out)
+
+    monkeypatch.setattr(jobs.extract_phrases, "main", _fake_extract_phrases("test"))
+    with pytest.raises(run_pipeline.RowCountError) as err:
+        run_pipeline.main([*argv, "--force", "[extract_phrases.ner]"])
+    import pyarrow.parquet as pq
+
+    n_test = pq.read_metadata(tmp_path / "stages" / "ner" / "dataset" / "test.parquet").num_rows
+    message = str(err.value)
+    assert "extract_phrases.ner" in message and "'test'" in message and "prepare_dataset.ner" in message
+    assert f"has {n_test - 1} rows" in message and f"has {n_test};" in message
+    # no marker vouches for the stage: the next run runs it again
+    assert not (tmp_path / ".pipeline" / "extract_phrases.ner.json").exists()
+
+
+def test_force_reruns_the_stage_itself(ray_local, tmp_path, capsys):
+    argv = [*_argv(tmp_path)[:-1], "extract_phrases.ner"]
+    assert run_pipeline.main(argv) == 0
+    marker = tmp_path / "stages" / "ner" / "phrases" / "_SUCCESS.json"
+    first = json.loads(marker.read_text())["finished_at"]
+    capsys.readouterr()
+
+    assert run_pipeline.main([*argv, "--force", "[extract_phrases.ner]"]) == 0
+    out = capsys.readouterr().out
+    assert "[make_synthetic_benchmark] up to date" in out and "[prepare_dataset.ner] up to date" in out
+    assert "extract_phrases " in out and "--force true" in out
+    assert "nothing to do" not in out  # the job did not find its own output up to date
+    assert json.loads(marker.read_text())["finished_at"] > first
+    assert "| extract_phrases.ner | ran |" in out
