@@ -245,3 +245,23 @@ def test_s3_output_checks_tell_unreachable_from_missing_bucket(s3_endpoint, s3_b
     message = str(err.value)
     assert "cannot reach the S3 endpoint http://127.0.0.1:1" in message and "does not exist" not in message
     assert "\n" not in message
+
+
+def test_a_part_file_that_cannot_be_written_is_one_storage_error(ray_local, tmp_path, monkeypatch):
+    import ray
+
+    out = tmp_path / "out"
+    begin = _data.begin_output
+
+    def begin_then_block_valid(output_uri, splits, options=None):
+        begin(output_uri, splits, options)
+        (out / "valid").rmdir()
+        (out / "valid").write_text("a file where the split folder should be")
+
+    monkeypatch.setattr(_data, "begin_output", begin_then_block_valid)
+    ds = ray.data.from_arrow([_rows("valid", 3)])
+    with pytest.raises(storage.StorageError) as err:
+        _data.write_splits(ds, str(out), ["valid"], min_rows_per_file=1)
+    message = str(err.value)
+    assert message.startswith(str(out / "valid")) and "cannot write" in message and "\n" not in message
+    assert not (out / SUCCESS_MARKER).exists()
