@@ -109,7 +109,7 @@ def test_each_table_stage_prints_its_rows_per_split(tmp_path, capsys):
     on_disk = [pq.read_metadata(dataset / f"{split}.parquet").num_rows for split in ("train", "valid", "test")]
     assert [int(n) for n in line.groups()] == on_disk
     marker = json.loads((tmp_path / ".pipeline" / "prepare_dataset.ner.json").read_text())
-    assert marker["rows"] == dict(zip(("train", "valid", "test"), on_disk))
+    assert marker["rows"] == dict(zip(("train", "valid", "test"), on_disk, strict=True))
     # the summary table shows the same counts
     assert "| prepare_dataset.ner | ran | train {} | valid {} | test {} |".format(*on_disk) in out
 
