@@ -7,7 +7,8 @@ Reads each split table, prompts the pipeline with ``' '.join(tokens)`` and the b
 ``generation.seed_per_sample``, a seed derived from the sample id), and adds
 ``back_translation_uri`` / ``back_translation_error``. Images are content-addressed under
 ``cache_uri`` (see :mod:`tmr_core.back_translation`), so a rerun, a resumed job and the server
-reuse what exists.
+reuse what exists. A cached file that does not decode (truncated, half-copied) is not reused: it
+is regenerated over and counted in the summary as ``regenerated_corrupt``.
 
 Two passes: Ray tasks first look every row up in the cache (no model); only when some image is
 missing does a pool of actors (one pipeline each) generate them. The pool grows and shrinks with
@@ -112,12 +113,14 @@ def _with_results(batch: Any, results: list, node_id: str | None = None) -> Any:
         "_stat_generated": [int(r is not None and r.uri is not None and not r.cached) for r in results],
         "_stat_cached": [int(r is not None and r.cached) for r in results],
         "_stat_failed": [int(r is not None and r.error is not None) for r in results],
+        "_stat_regenerated_corrupt": [int(r is not None and r.regenerated_corrupt) for r in results],
         **counts,
     })
 
 
 def look_up_cached(batch: Any, generation: GenerationConfig, cache_uri: str, storage: StorageConfig) -> Any:
-    """Ray Data task: fill in the rows whose image is already cached (or whose prompt is bad)."""
+    """Ray Data task: fill in the rows whose image is already cached and decodes (or whose prompt
+    is bad); a cached file that does not decode leaves its row to the generators."""
     from tmr_core.back_translation import BackTranslator
 
     translator = BackTranslator(_settings(generation), cache_uri, storage.options())
@@ -175,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         **worker_env(cfg.input, cfg.cache_uri),
     ).materialize()
     to_generate = _count_to_generate(looked_up)
-    print(f"[{JOB}] {to_generate} of {looked_up.count()} rows need an image (the others are cached or have no usable prompt)")
+    print(f"[{JOB}] {to_generate} of {looked_up.count()} rows need an image (the others are cached or have no "
+          "usable prompt; a cached image that does not decode counts as needed)")
     ds = looked_up
     if to_generate:
         ds = looked_up.repartition(target_num_rows_per_block=cfg.compute.batch_size).map_batches(
@@ -190,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     write_success_marker(cfg.output, rows, stage_fingerprint, summary, options)
     print(
         f"[{JOB}] rows {rows} | generated {stats.get('generated', 0)} | cached {stats.get('cached', 0)} | "
-        f"failed {stats.get('failed', 0)} | {summary['images_per_s']:.2f} images/s over {seconds:.1f}s | "
+        f"failed {stats.get('failed', 0)} | regenerated corrupt {stats.get('regenerated_corrupt', 0)} | "
+        f"{summary['images_per_s']:.2f} images/s over {seconds:.1f}s | "
         f"rows per node {stats.get('rows_per_node', {})}"
     )
     return 0

@@ -12,8 +12,9 @@ job (``jobs.generate_back_translations``) and the server share one code path and
   not explain, which an extractor can memorise (an untrained tiny pipeline's images differ almost
   only by their seed);
 - :func:`cache_key` hashes (model, revision, scheduler, steps, guidance, size, seed, prompt); the
-  image lives at ``<cache_uri>/<key[:2]>/<key>.png`` and an existing file is reused, never
-  regenerated;
+  image lives at ``<cache_uri>/<key[:2]>/<key>.png`` and an existing file that decodes
+  (:func:`cached_image_decodes`) is reused, never regenerated; one that does not (a truncated
+  upload, a disk full mid-copy) is a miss and is regenerated over, atomically;
 - :class:`BackTranslator` loads a diffusers pipeline by name or path and turns a batch of
   (prompt, seed) into per-sample :class:`BackTranslation` results; a sample that fails (bad prompt,
   out of memory) gets an ``error`` and no image, the rest of the batch still comes out.
@@ -80,11 +81,13 @@ class GenerationSettings:
 
 @dataclass
 class BackTranslation:
-    """One sample's outcome: the image's URI, or an error; ``cached`` when the file existed."""
+    """One sample's outcome: the image's URI, or an error; ``cached`` when a decodable file
+    existed; ``regenerated_corrupt`` when the cached file did not decode and was replaced."""
 
     uri: str | None
     error: str | None
     cached: bool
+    regenerated_corrupt: bool = False
 
 
 def prompt_from_tokens(tokens: Sequence[str]) -> str:
@@ -121,6 +124,31 @@ def cache_key(settings: GenerationSettings, seed: int, prompt: str) -> str:
 def cache_uri_for(cache_uri: str, key: str) -> str:
     """``<cache_uri>/<key[:2]>/<key>.png``: a two-character fan-out keeps folders small."""
     return storage.join(cache_uri, key[:2], f"{key}.png")
+
+
+def image_decodes(data: bytes) -> bool:
+    """Whether encoded image bytes decode completely (a truncated PNG opens but fails to load)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception:  # noqa: BLE001 - PIL raises many types for bad bytes
+        return False
+    return True
+
+
+def cached_image_decodes(uri: str, options: storage.StorageOptions | None = None) -> bool:
+    """Whether the cached file at ``uri`` can be read and decodes: only such a file is a cache hit.
+
+    Reading and decoding the whole file costs a few milliseconds for a 512 px PNG, little next to
+    the model steps that would otherwise fail on it (and far less than a generation).
+    """
+    try:
+        data = storage.read_bytes(uri, options)
+    except (OSError, ValueError):  # vanished since it was listed, or not a file
+        return False
+    return image_decodes(data)
 
 
 def load_pipeline(settings: GenerationSettings) -> Any:
@@ -214,16 +242,26 @@ class BackTranslator:
         Raises:
             ValueError: ``prompts`` and ``seeds`` differ in length.
         """
+        return self._look_up_with_corrupt(prompts, seeds)[0]
+
+    def _look_up_with_corrupt(self, prompts: Sequence[str], seeds: Sequence[int]
+                              ) -> tuple[list[BackTranslation | None], list[bool]]:
+        """:meth:`look_up`'s results, and per sample whether a cached file existed but did not decode."""
         if len(prompts) != len(seeds):
             raise ValueError(f"prompts and seeds differ in length: {len(prompts)} vs {len(seeds)}")
         results: list[BackTranslation | None] = []
+        corrupt: list[bool] = []
         for prompt, seed in zip(prompts, seeds, strict=True):
             if not isinstance(prompt, str) or not prompt.strip():
                 results.append(BackTranslation(None, f"bad prompt: expected a non-empty sentence, got {prompt!r}", False))
+                corrupt.append(False)
                 continue
             uri = self.uri_for(prompt, seed)
-            results.append(BackTranslation(uri, None, True) if storage.exists(uri, self.storage_options) else None)
-        return results
+            present = storage.exists(uri, self.storage_options)
+            hit = present and cached_image_decodes(uri, self.storage_options)
+            results.append(BackTranslation(uri, None, True) if hit else None)
+            corrupt.append(present and not hit)
+        return results, corrupt
 
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[BackTranslation]:
         """Back-translate a batch: reuse cached images, generate the rest, write them atomically.
@@ -235,7 +273,7 @@ class BackTranslator:
         Returns:
             B results in input order; a failed sample has ``uri=None`` and an ``error``.
         """
-        results = self.look_up(prompts, seeds)
+        results, corrupt = self._look_up_with_corrupt(prompts, seeds)
         todo = [i for i, result in enumerate(results) if result is None]
         outcomes = self._generate_isolating_failures([prompts[i] for i in todo], [seeds[i] for i in todo])
         for i, outcome in zip(todo, outcomes, strict=True):
@@ -243,8 +281,9 @@ class BackTranslator:
                 results[i] = BackTranslation(None, outcome, False)
                 continue
             uri = self.uri_for(prompts[i], seeds[i])
+            # temp file + rename: a reader sees the corrupt file or the new one, never half of it
             storage.write_bytes_atomic(uri, encode_png(outcome), self.storage_options)
-            results[i] = BackTranslation(uri, None, False)
+            results[i] = BackTranslation(uri, None, False, regenerated_corrupt=corrupt[i])
         return results  # type: ignore[return-value]
 
     def _generate_isolating_failures(self, prompts: list[str], seeds: list[int]) -> list[Any]:
