@@ -8,8 +8,9 @@
 :mod:`serve.deployments`); resources, replicas and autoscaling of each deployment are set in the
 config file's ``deployments:`` section, by deployment name.
 
-``python -m serve.app --config configs/serve.tiny.yaml`` deploys a config on a local cluster on
-127.0.0.1, sends one request and prints the response (what ``make demo`` ends with).
+``python -m serve.app --config configs/serve.tiny.yaml`` deploys a config on a local cluster, HTTP
+on the host and port of the config's ``http_options`` (127.0.0.1:8000 when it names none), sends
+one request and prints the response (what ``make demo`` ends with).
 """
 
 
@@ -88,8 +89,15 @@ class AppArgs(BaseModel):
     )
     max_image_bytes: int = Field(10_000_000, ge=1, description="Largest accepted image file.")
     max_image_side: int = Field(4096, ge=1, description="Largest accepted image width or height, in pixels.")
+    max_image_aspect: float = Field(
+        10.0, ge=1, description="Largest accepted ratio of an image's long side to its short side (ViLT fails near 20)."
+    )
+    max_text_chars: int = Field(
+        4000, ge=1, description="Longest accepted text, in characters (besides the model's word-piece limit)."
+    )
     auth_token_env: str | None = Field(
-        "TMR_SERVE_TOKEN", description="Env var holding the bearer token; unset or empty: no token needed."
+        "TMR_SERVE_TOKEN",
+        description="Env var holding the bearer token; unset or empty: no token needed (the server logs a warning).",
     )
     storage_endpoint_url: str | None = Field(None, description="S3-compatible endpoint for s3:// URIs.")
     storage_region: str | None = Field(None, description="S3 region.")
@@ -122,6 +130,8 @@ def _ingress_settings(args: AppArgs) -> IngressSettings:
         image_uri_prefixes=args.image_uri_prefixes,
         max_image_bytes=args.max_image_bytes,
         max_image_side=args.max_image_side,
+        max_image_aspect=args.max_image_aspect,
+        max_text_chars=args.max_text_chars,
         # base64 grows 4/3; leave room for the text and the JSON around it
         max_request_bytes=args.max_image_bytes * 4 // 3 + 1_000_000,
         auth_token_env=args.auth_token_env,
@@ -194,9 +204,21 @@ def load_serve_config(path: str | Path, app_overrides: dict[str, Any] | None = N
     return config
 
 
-def deploy_config(config: dict, host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 180.0) -> str:
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+
+
+def http_address(config: dict, port: int | None = None) -> tuple[str, int]:
+    """The host and port a config's ``http_options`` name (``port`` overrides its port);
+    127.0.0.1:8000, loopback only, where it names none."""
+    http = config.get("http_options") or {}
+    return str(http.get("host") or DEFAULT_HOST), int(port if port is not None else http.get("port") or DEFAULT_PORT)
+
+
+def deploy_config(config: dict, host: str | None = None, port: int | None = None, timeout_s: float = 180.0) -> str:
     """Deploy a Serve config dict on the connected Ray cluster the way ``serve run config.yaml``
     does, wait until every application runs, and return the HTTP base URL.
+
+    HTTP listens on ``host``/``port``, by default those of the config's ``http_options``.
 
     Uses Serve's own deploy path (``ServeDeploySchema`` + the controller client), so the config
     is checked exactly as ``serve run``/``serve deploy``/a RayService check it.
@@ -206,6 +228,8 @@ def deploy_config(config: dict, host: str = "127.0.0.1", port: int = 8000, timeo
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(config)
+    config_host, port = http_address(config, port)
+    host = host or config_host
     client = serve_start(http_options={"host": host, "port": port})
     client.deploy_apps(schema)
     deadline = time.monotonic() + timeout_s
@@ -237,7 +261,7 @@ def demo_request(base_url: str, image_path: str | None, text: str, token: str | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Deploy a config on a local Ray cluster (loopback only), send one request, print the answer."""
+    """Deploy a config on a local Ray cluster (HTTP where its http_options say), send one request, print the answer."""
     import ray
     from ray import serve
 
@@ -245,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/serve.tiny.yaml", help="Serve config file.")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="Override app args, e.g. --set ner_model=outputs/ner/best mode=full (values are YAML).")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1.")
+    parser.add_argument("--port", type=int, default=None,
+                        help="HTTP port (default: the config's http_options.port, else 8000).")
     parser.add_argument("--text", default="Kevin Durant joins the Golden State Warriors in Oakland")
     parser.add_argument("--image", default=None, help="Image file to send with the text.")
     parser.add_argument("--keep-running", action="store_true", help="Leave the app up (Ctrl-C stops it).")
@@ -262,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     config = load_serve_config(options.config, overrides)
     ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        url = deploy_config(config, port=options.port)
+        host, port = http_address(config, options.port)
+        url = deploy_config(config, host=host, port=port)
         print(f"TMR app running at {url} (docs: {url}/docs, demo page: {url}/)")
         import os
 

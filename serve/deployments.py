@@ -5,8 +5,11 @@ import time). Model-holding deployments group concurrent requests with ``@serve.
 size and wait come from the app args (``set_max_batch_size`` / ``set_batch_wait_timeout_s``).
 Each batched step is ``<step>`` (one request, what handles call) → ``_<step>_batch`` (Serve's
 batching) → ``<step>_many`` (plain code on a list, what the in-process baseline calls).
-A request's own problems (too long for the model) are found before it joins a batch and come
-back as :class:`serve.schemas.InputError`, so one bad request never fails its batch mates.
+One bad request never fails its batch mates, in two ways: a request's own problems (too long
+for the model, an image the models cannot take) are found before it joins a batch (here and in
+the ingress) and come back as :class:`serve.schemas.InputError`; and whatever still fails inside
+a batch is isolated by :func:`answer_each` (the batch again item by item), so every good item gets
+its answer and the bad one's exception is raised to its own caller only.
 
 Models load from an MLflow model URI (``models:/tmr-ner@champion``), a checkpoint folder or an
 ``s3://`` prefix, always through ``from_pretrained`` (config + safetensors, nothing unpickled).
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from ray import serve
@@ -84,6 +88,43 @@ def _storage_options(storage: dict | None):
     from tmr_core.storage import StorageOptions
 
     return StorageOptions(**(storage or {}))
+
+
+def answer_each(run_batch: Callable[[list], list], items: list) -> list:
+    """``run_batch(items)``; if it raises, each item again on its own, so one bad item cannot
+    fail its batch mates. Returns a result per item, or the exception where that item failed
+    (a batched step's ``<step>`` method raises it to the item's own caller: :func:`raise_if_failed`).
+    """
+    try:
+        return run_batch(items)
+    except Exception as error:  # noqa: BLE001 - any failure: find the item that caused it
+        if len(items) == 1:
+            return [error]
+        logger.warning("a batch of %d failed (%s: %s); answering its items one by one",
+                       len(items), type(error).__name__, error)
+        _free_accelerator_memory()  # an out-of-memory batch may fit one item at a time
+    return [_answer_one(run_batch, item) for item in items]
+
+
+def _answer_one(run_batch: Callable[[list], list], item: Any) -> Any:
+    try:
+        return run_batch([item])[0]
+    except Exception as error:  # noqa: BLE001 - this item's own failure, for its caller
+        return error
+
+
+def raise_if_failed(result: Any) -> Any:
+    """A batched item's result, or its exception raised (to this item's caller only)."""
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _configure_batching(method: Any, batching: dict) -> None:
@@ -189,13 +230,17 @@ class Grounder:
 
     async def ground(self, image: bytes | str, phrases: list[str]) -> list[dict]:
         """``[{"box", "score", "phrase"}]`` for one image (bytes, or a cache URI)."""
-        return await self._ground_batch((image, phrases))
+        return raise_if_failed(await self._ground_batch((image, phrases)))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _ground_batch(self, items: list[tuple]) -> list[list[dict]]:
+    async def _ground_batch(self, items: list[tuple]) -> list[list[dict] | Exception]:
         return self.ground_many(items)
 
-    def ground_many(self, items: list[tuple]) -> list[list[dict]]:
+    def ground_many(self, items: list[tuple]) -> list[list[dict] | Exception]:
+        """Regions per (image, phrases) item; an item that fails gets its exception instead."""
+        return answer_each(self._ground_all, items)
+
+    def _ground_all(self, items: list[tuple]) -> list[list[dict]]:
         # The detector takes one image with its own phrase list: a batch saves queueing, not FLOPs.
         results = []
         for image, phrases in items:
@@ -241,13 +286,18 @@ class BackTranslator:
 
     async def generate(self, prompt: str, seed: int) -> dict:
         """``{"uri", "error", "cached"}``; a failed generation has an error and no uri."""
-        return await self._generate_batch((prompt, seed))
+        return raise_if_failed(await self._generate_batch((prompt, seed)))
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def _generate_batch(self, items: list[tuple[str, int]]) -> list[dict]:
+    async def _generate_batch(self, items: list[tuple[str, int]]) -> list[dict | Exception]:
         return self.generate_many(items)
 
-    def generate_many(self, items: list[tuple[str, int]]) -> list[dict]:
+    def generate_many(self, items: list[tuple[str, int]]) -> list[dict | Exception]:
+        """``{"uri", "error", "cached"}`` per (prompt, seed); the core already turns a failed
+        generation into an ``error``, this isolates the rest (e.g. a cache write that fails)."""
+        return answer_each(self._generate_all, items)
+
+    def _generate_all(self, items: list[tuple[str, int]]) -> list[dict]:
         results = self.core([p for p, _ in items], [s for _, s in items])
         return [{"uri": r.uri, "error": r.error, "cached": r.cached} for r in results]
 
@@ -287,13 +337,17 @@ class DivergenceEstimator:
 
     async def score(self, tokens: list[str], image: bytes) -> list[float]:
         """``[strengthen, complement, weaken]`` of one (text, image) pair."""
-        return await self._score_batch((tokens, image))
+        return raise_if_failed(await self._score_batch((tokens, image)))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _score_batch(self, items: list[tuple[list[str], bytes]]) -> list[list[float]]:
+    async def _score_batch(self, items: list[tuple[list[str], bytes]]) -> list[list[float] | Exception]:
         return self.score_many(items)
 
-    def score_many(self, items: list[tuple[list[str], bytes]]) -> list[list[float]]:
+    def score_many(self, items: list[tuple[list[str], bytes]]) -> list[list[float] | Exception]:
+        """Scores per (tokens, image) item; an item that fails gets its exception instead."""
+        return answer_each(self._score_all, items)
+
+    def _score_all(self, items: list[tuple[list[str], bytes]]) -> list[list[float]]:
         batch = self.collate([{"tokens": tokens, "image": image} for tokens, image in items])
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with self._torch.inference_mode():
@@ -359,13 +413,17 @@ class Extractor:
 
     async def predict(self, row: dict) -> dict:
         """NER: ``{"entities": [{type, start, end, score}]}``; RE: ``{"relation", "probabilities"}``."""
-        return await self._predict_batch(row)
+        return raise_if_failed(await self._predict_batch(row))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _predict_batch(self, rows: list[dict]) -> list[dict]:
+    async def _predict_batch(self, rows: list[dict]) -> list[dict | Exception]:
         return self.predict_many(rows)
 
-    def predict_many(self, rows: list[dict]) -> list[dict]:
+    def predict_many(self, rows: list[dict]) -> list[dict | Exception]:
+        """A prediction per row; a row that fails gets its exception instead."""
+        return answer_each(self._predict_all, rows)
+
+    def _predict_all(self, rows: list[dict]) -> list[dict]:
         batch = self.collate([self._row(row) for row in rows])
         batch = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
         with self._torch.inference_mode():
@@ -412,9 +470,10 @@ def _serving_collator(model: Any, storage_options: Any):
     from tmr_core.collate import TMRCollator
 
     class ServingCollator(TMRCollator):
-        def _load(self, uri: Any, where: str, cache: dict):
+        # *args: whatever else TMRCollator._load takes (where, cache, a stage's error column)
+        def _load(self, uri: Any, *args: Any, **kwargs: Any):
             if isinstance(uri, (bytes, bytearray)):
                 return open_image(uri)
-            return super()._load(uri, where, cache)
+            return super()._load(uri, *args, **kwargs)
 
     return ServingCollator(model.tokenizer, model.image_processor, model.config, storage_options=storage_options)

@@ -11,8 +11,9 @@ One request runs the composite model of the paper, step by step, each step on it
 
 :class:`Pipeline` holds that order and calls its steps either through Serve handles (the
 deployed app) or directly on in-process objects (the benchmark's baseline), so both run the
-same code. The HTTP policy (token, image limits, storage prefixes, error bodies) lives in
-:func:`build_api`. Every extraction response carries a ``Server-Timing`` header with the
+same code. The HTTP policy (token, body, text and image limits, storage prefixes, error bodies)
+lives in :func:`build_api` and :class:`RequestGuard`: every input problem is a 4xx naming the
+field, found before the request reaches a model batch. Every extraction response carries a ``Server-Timing`` header with the
 milliseconds of each step as the ingress saw them (``image``, ``features``, ``back_translation``,
 ``grounding``, ``extract``), so a slow request shows where its time went (browsers' dev tools
 and ``benchmarks.bench_serve`` read it).
@@ -41,6 +42,7 @@ from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from ray import serve
+from starlette.exceptions import HTTPException
 
 from serve.schemas import (
     BackTranslationInfo,
@@ -67,6 +69,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 PUBLIC_PATHS = ("/healthz", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/favicon.ico")
 PUBLIC_PREFIXES = ("/static/",)
 CACHE_ID = re.compile(r"^[0-9a-f]{64}$")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class IngressSettings(BaseModel):
@@ -76,7 +79,10 @@ class IngressSettings(BaseModel):
     image_uri_prefixes: list[str] = Field(default_factory=list)
     max_image_bytes: int = 10_000_000
     max_image_side: int = 4096
+    # Longer side over shorter side: ViLT's resize turns a ~20:1 image into a zero-pixel side.
+    max_image_aspect: float = 10.0
     max_request_bytes: int = 16_000_000
+    max_text_chars: int = 4000
     auth_token_env: str | None = "TMR_SERVE_TOKEN"
     cache_uri: str = ".cache/back_translations"
     generation: dict[str, Any] = Field(default_factory=dict)
@@ -127,7 +133,9 @@ async def call(target: Any, method: str, *args: Any) -> Any:
         return await getattr(target, method).remote(*args)
     many = getattr(target, f"{method}_many", None)
     if many is not None:
-        return many([args if len(args) > 1 else args[0]])[0]
+        from serve.deployments import raise_if_failed
+
+        return raise_if_failed(many([args if len(args) > 1 else args[0]])[0])
     return await getattr(target, method)(*args)
 
 
@@ -196,7 +204,7 @@ class Pipeline:
             if mode == "full":
                 back_translation = await call(self.back_translator, "generate", prompt, seed)
             else:
-                back_translation = self._cached_back_translation(prompt, seed)
+                back_translation = await asyncio.to_thread(self._cached_back_translation, prompt, seed)
         bt_uri = back_translation["uri"]
         phrase_texts = [p["text"] for p in phrases]
         with timer.step("grounding"):
@@ -226,13 +234,18 @@ class Pipeline:
         return row, extras
 
     def _cached_back_translation(self, prompt: str, seed: int) -> dict:
-        """Fast mode: the batch job's image for this prompt and seed if it exists; never generate."""
+        """Fast mode: the batch job's image for this prompt and seed if it exists and decodes;
+        never generate. A cached file that does not decode is a miss (the grounder and the
+        extractor would fail on it); full mode, or the batch job's next run, regenerates it."""
         from tmr_core import storage
-        from tmr_core.back_translation import cache_key, cache_uri_for
+        from tmr_core.back_translation import cache_key, cache_uri_for, cached_image_decodes
 
         uri = cache_uri_for(self.settings.cache_uri, cache_key(self._generation, seed, prompt))
         if storage.exists(uri, self.storage_options):
-            return {"uri": uri, "error": None, "cached": True}
+            if cached_image_decodes(uri, self.storage_options):
+                return {"uri": uri, "error": None, "cached": True}
+            logger.warning("cached back-translation %s does not decode; answering without it "
+                           "(a full-mode request or the batch job regenerates it)", uri)
         return {"uri": None, "error": None, "cached": False}
 
     def back_translation_uri(self, key: str) -> str:
@@ -262,20 +275,45 @@ def decode_base64_image(text: str, settings: IngressSettings) -> bytes:
 
 
 def read_image_uri(uri: str, settings: IngressSettings) -> bytes:
-    """Read ``image_uri`` if it lies under a configured storage prefix; never fetch other URLs."""
+    """Read ``image_uri`` if it lies under a configured storage prefix; never fetch other URLs.
+
+    Whatever the storage layer says about the path (a folder, a name too long, no permission)
+    is the request's problem, named ``image_uri``, never a 500.
+    """
+    import pyarrow.fs as pafs
+
     from tmr_core import storage
 
+    if CONTROL_CHARACTERS.search(uri):
+        raise InputError("image_uri", "contains a control character (e.g. NUL); send a plain path or s3:// URI",
+                         422, "invalid_uri")
     if not _under_allowed_prefix(uri, settings.image_uri_prefixes):
         allowed = settings.image_uri_prefixes or "none configured"
-        raise InputError("image_uri", f"{uri!r} is not under an allowed storage prefix ({allowed})", 403, "forbidden")
+        raise InputError("image_uri", f"{_short(uri)!r} is not under an allowed storage prefix ({allowed})", 403,
+                         "forbidden")
     options = settings.storage_options()
-    if not storage.exists(uri, options):
-        raise InputError("image_uri", f"{uri!r} does not exist", 404, "not_found")
-    fs, path = storage.resolve(uri, options)
-    size = fs.get_file_info(path).size or 0
-    if size > settings.max_image_bytes:
-        raise InputError("image_uri", f"image is over the size limit of {settings.max_image_bytes} bytes", 413, "too_large")
-    return check_image(storage.read_bytes(uri, options), "image_uri", settings)
+    try:
+        fs, path = storage.resolve(uri, options)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise InputError("image_uri", f"{_short(uri)!r} does not exist", 404, "not_found")
+        if info.type != pafs.FileType.File:
+            raise InputError("image_uri", f"{_short(uri)!r} is a folder, not an image file", 422, "not_a_file")
+        if (info.size or 0) > settings.max_image_bytes:
+            raise InputError("image_uri", f"image is over the size limit of {settings.max_image_bytes} bytes", 413,
+                             "too_large")
+        data = storage.read_bytes(uri, options)
+    except (OSError, ValueError) as error:  # InputError is a ValueError: pass it on as it is
+        if isinstance(error, InputError):
+            raise
+        raise InputError("image_uri", f"{_short(uri)!r} cannot be read ({type(error).__name__}: "
+                         f"{_short(str(error))})", 422, "unreadable") from None
+    return check_image(data, "image_uri", settings)
+
+
+def _short(text: str, limit: int = 200) -> str:
+    """Enough of a client's string to recognise it in an error, not a 4 kB echo."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def _under_allowed_prefix(uri: str, prefixes: list[str]) -> bool:
@@ -308,12 +346,27 @@ def check_image(data: bytes, field: str, settings: IngressSettings) -> bytes:
                     field, f"image is {width}x{height} px, over the limit of {settings.max_image_side} px a side",
                     413, "too_large",
                 )
+            if max(width, height) > settings.max_image_aspect * max(min(width, height), 1):
+                raise InputError(
+                    field, f"image is {width}x{height} px: its long side is over {settings.max_image_aspect:g} times "
+                    "its short side, which the models cannot resize; crop or pad it", 422, "bad_aspect_ratio",
+                )
             image.load()
     except InputError:
         raise
     except Exception as error:  # noqa: BLE001 - PIL raises many types for bad bytes
         raise InputError(field, f"not a decodable image ({type(error).__name__}: {error})", 422, "invalid_image") from None
     return data
+
+
+def check_text(request: NERRequest | RERequest, settings: IngressSettings) -> None:
+    """Reject text over ``max_text_chars`` before any model sees it (the word-piece limit needs
+    the tokenizer, on the extractor's replica; this costs nothing)."""
+    field = "text" if request.text is not None else "tokens"
+    chars = len(request.text) if request.text is not None else len(" ".join(request.tokens or []))
+    if chars > settings.max_text_chars:
+        raise InputError(field, f"{field} is {chars} characters, over the limit of {settings.max_text_chars}; "
+                         "send one sentence or post", 422, "too_long")
 
 
 async def request_image(request: NERRequest | RERequest, settings: IngressSettings) -> bytes | None:
@@ -327,8 +380,48 @@ async def request_image(request: NERRequest | RERequest, settings: IngressSettin
 # ----------------------------------------------------------------------------- the HTTP API
 
 
-def error_response(status: int, details: list[dict]) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"detail": details})
+def error_response(status: int, details: list[dict], headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one error body: ``{"detail": [{"field", "loc", "msg", "type"}]}``. Strings are made
+    encodable first: a client's field name or value may hold a lone surrogate (``"\\ud800"`` in
+    JSON), which would otherwise fail the error response itself with a 500."""
+    return JSONResponse(status_code=status, content={"detail": _encodable(details)}, headers=headers)
+
+
+def _encodable(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, list | tuple):
+        return [_encodable(v) for v in value]
+    if isinstance(value, dict):
+        return {_encodable(k): _encodable(v) for k, v in value.items()}
+    return value
+
+
+class RequestTooLarge(HTTPException):
+    """Raised from the body stream as soon as it passes the limit; an ``HTTPException``, so
+    FastAPI's body parsing passes it on instead of calling it a parse error (400)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, [{"field": "body", "loc": ["body"], "type": "too_large",
+                                "msg": f"request body is over {limit} bytes; send a smaller image"}])
+
+
+# What a status means for the client when the framework (not a route) refuses a request.
+_FRAMEWORK_ERRORS = {
+    400: ("body", "invalid_body", "send a UTF-8 JSON object"),
+    404: ("path", "not_found", "see /docs for the routes"),
+    405: ("method", "method_not_allowed", "see /docs for each route's method"),
+}
+
+
+def http_error_details(error: HTTPException) -> list[dict]:
+    """An ``HTTPException`` (ours, or the framework's: unparsable body, unknown route, wrong
+    method) as the documented error items."""
+    if isinstance(error.detail, list):
+        return error.detail
+    field, kind, advice = _FRAMEWORK_ERRORS.get(error.status_code, ("body", "http_error", "see /docs"))
+    return [{"field": field, "loc": [field] if field != "body" else ["body"], "type": kind,
+             "msg": f"{error.detail}; {advice}"}]
 
 
 def validation_details(error: RequestValidationError) -> tuple[int, list[dict]]:
@@ -348,7 +441,11 @@ def validation_details(error: RequestValidationError) -> tuple[int, list[dict]]:
 class RequestGuard:
     """The bearer-token check, the body-size limit and the last-resort 500, as plain ASGI
     middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware("http")``) added 1-2 ms to
-    every request on a 2-core node (measured on a no-op Serve app); this adds next to nothing."""
+    every request on a 2-core node (measured on a no-op Serve app); this adds next to nothing.
+
+    The size limit holds for bodies without a ``Content-Length`` too (chunked uploads): the bytes
+    are counted as they arrive and the request is answered 413 as soon as they pass the limit,
+    before the rest is read or parsed."""
 
     def __init__(self, app: Any, token: str | None, max_request_bytes: int):
         self.app, self.token, self.max_request_bytes = app, token, max_request_bytes
@@ -360,17 +457,29 @@ class RequestGuard:
         if rejection is not None:
             return await rejection(scope, receive, send)
         started = False
+        received = 0
 
         async def tracking_send(message: dict) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
             await send(message)
 
+        async def counting_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_request_bytes:
+                    raise RequestTooLarge(self.max_request_bytes)
+            return message
+
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, counting_receive, tracking_send)
         except Exception as error:  # a bug or a failed replica answers 500; it never takes the ingress down
             if isinstance(error, InputError):  # raised inside a deployment, surfaced through its handle
                 response = error_response(error.status, [error.detail()])
+            elif isinstance(error, HTTPException):  # e.g. RequestTooLarge outside a route's body parsing
+                response = error_response(error.status_code, http_error_details(error))
             else:
                 logger.exception("request to %s failed", scope.get("path"))
                 response = error_response(500, [{"field": "body", "loc": [], "type": "internal_error",
@@ -419,6 +528,10 @@ def build_api(pipeline: Pipeline, settings: IngressSettings, token: str | None) 
     async def on_input_error(request: Request, error: InputError):
         return error_response(error.status, [error.detail()])
 
+    @api.exception_handler(HTTPException)
+    async def on_http_error(request: Request, error: HTTPException):
+        return error_response(error.status_code, http_error_details(error), getattr(error, "headers", None))
+
     @api.get("/healthz", response_model=Health, tags=["ops"])
     async def healthz() -> Health:
         """Liveness: the ingress answers (never needs the token)."""
@@ -432,6 +545,7 @@ def build_api(pipeline: Pipeline, settings: IngressSettings, token: str | None) 
         return ModelsResponse(default_mode=settings.default_mode, models=[ModelInfo(**i) for i in infos])
 
     async def timed_extraction(body: NERRequest | RERequest, response: Response, extract):
+        check_text(body, settings)
         timer = StepTimer()
         with timer.step("image"):
             image = await request_image(body, settings)
@@ -474,6 +588,26 @@ def build_api(pipeline: Pipeline, settings: IngressSettings, token: str | None) 
     return api
 
 
+def api_token(env: str | None) -> str | None:
+    """The bearer token from the environment variable ``env``; ``None`` (an open API, with a
+    warning in the log) when no variable is configured or it is unset or empty. An empty value is
+    how an operator opens the API on purpose (e.g. a local demo); the server starts either way.
+    Surrounding whitespace is dropped: a token mounted from a file often ends with a newline."""
+    if not env:
+        logger.warning("auth_token_env is null: the TMR API is open to anyone who can reach this server")
+        return None
+    token = os.environ.get(env)
+    if token is None:
+        logger.warning("%s is not set: the TMR API is open to anyone who can reach this server; "
+                       "set it to require 'Authorization: Bearer <token>'", env)
+        return None
+    if not token.strip():
+        logger.warning("%s is set but empty: the TMR API is open to anyone who can reach this server "
+                       "(as asked); give it a value to require a bearer token", env)
+        return None
+    return token.strip()
+
+
 def _security(bearer: HTTPBearer):
     # Declares the bearer scheme in the OpenAPI schema; the guard middleware does the check.
     from fastapi import Security
@@ -497,8 +631,7 @@ class TMRIngress:
         self.pipeline = Pipeline(phrases, grounder, back_translator, mde, ner, re, self.settings)
         # Read per replica from its environment (a Kubernetes secret, a runtime_env var), never
         # passed through the app config where the dashboard would show it.
-        env = self.settings.auth_token_env
-        self.token = os.environ.get(env) if env else None
+        self.token = api_token(self.settings.auth_token_env)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self.pipeline, self.settings, self.token)

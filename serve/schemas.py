@@ -4,7 +4,7 @@ Requests are checked in two places, both answering with the same JSON body
 ``{"detail": [{"field": "image", "loc": ["body", "image"], "msg": "...", "type": "..."}]}``:
 
 - here, by pydantic, for what a body alone can tell (missing or empty text, both or neither of
-  ``text``/``tokens``, spans outside the text, a bad ``mode``);
+  ``text``/``tokens``, text that is not valid Unicode, spans outside the text, a bad ``mode``);
 - in the ingress, for what needs the server's settings or the bytes (image size and decoding,
   ``image_uri`` prefixes, the model's maximum length), raising :class:`InputError`.
 
@@ -68,7 +68,8 @@ class _TextImageRequest(BaseModel):
         None, description="The image, base64 (a `data:image/...;base64,` prefix is accepted). Or give `image_uri`."
     )
     image_uri: str | None = Field(
-        None, description="Path or s3:// URI of the image, under one of the server's allowed storage prefixes."
+        None, max_length=1024,
+        description="Path or s3:// URI of the image, under one of the server's allowed storage prefixes.",
     )
     mode: Mode | None = Field(
         None,
@@ -80,6 +81,13 @@ class _TextImageRequest(BaseModel):
         description="Dataset sample id: with seed_per_sample, seeds the back-translation as the batch job "
         "does, so its cached image is found. Default: the text itself. Ignored otherwise.",
     )
+
+    @field_validator("text", "image", "image_uri", "sample_id")
+    @classmethod
+    def _valid_unicode(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            _check_unicode(value, info.field_name)
+        return value
 
     @field_validator("text")
     @classmethod
@@ -96,6 +104,7 @@ class _TextImageRequest(BaseModel):
         if not tokens:
             raise ValueError("tokens is empty; send at least one token")
         for i, token in enumerate(tokens):
+            _check_unicode(token, f"token {i}")
             if not token or token != token.strip() or any(c.isspace() for c in token):
                 raise ValueError(f"token {i} ({token!r}) must be non-empty and contain no whitespace")
         return tokens
@@ -211,6 +220,18 @@ class ErrorItem(BaseModel):
 
 class ErrorBody(BaseModel):
     detail: list[ErrorItem]
+
+
+def _check_unicode(value: str, name: str) -> None:
+    """JSON may carry a lone UTF-16 surrogate (``"\\ud800"``) that no model, tokenizer or response
+    can encode: refuse it here, naming the field, instead of failing later with a 500."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{name} holds an unpaired surrogate ({value[error.start]!r} at character {error.start}), which is "
+            "not valid Unicode; send the text as UTF-8"
+        ) from None
 
 
 def _missing(field: str, message: str):

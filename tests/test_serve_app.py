@@ -267,6 +267,14 @@ def _noisy_png(side: int) -> bytes:
     return buffer.getvalue()
 
 
+def _thin_png() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (500, 2), (9, 9, 9)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 BAD_REQUESTS = {
     "missing text": ("/v1/ner", {"image": None}, 422, "text"),
     "empty text": ("/v1/ner", {"text": "   "}, 422, "text"),
@@ -281,6 +289,12 @@ BAD_REQUESTS = {
     "image_uri outside the prefixes": ("/v1/ner", {"text": "a", "image_uri": "/etc/passwd"}, 403, "image_uri"),
     "image_uri as a URL": ("/v1/ner", {"text": "a", "image_uri": "http://169.254.169.254/x"}, 403, "image_uri"),
     "image_uri not decodable": ("/v1/ner", {"text": "a", "image_uri": "BROKEN"}, 422, "image_uri"),
+    "image_uri a folder": ("/v1/ner", {"text": "a", "image_uri": "FOLDER"}, 422, "image_uri"),
+    "image_uri with a NUL": ("/v1/ner", {"text": "a", "image_uri": "NUL"}, 422, "image_uri"),
+    "image_uri with a 300-character name": ("/v1/ner", {"text": "a", "image_uri": "LONG"}, 422, "image_uri"),
+    "text with a lone surrogate": ("/v1/ner", {"text": "Paris \ud800 today"}, 422, "text"),
+    "text over max_text_chars": ("/v1/ner", {"text": "Paris " + "x" * 5000}, 422, "text"),
+    "image too thin for the models": ("/v1/ner", {"text": "a", "image": "THIN"}, 422, "image"),
     "head outside the text": ("/v1/re", {"text": "a b c", "head": {"start": 2, "end": 4},
                                          "tail": {"start": 0, "end": 1}}, 422, "head"),
     "tail end before start": ("/v1/re", {"text": "a b c", "head": {"start": 0, "end": 1},
@@ -297,8 +311,12 @@ def test_bad_input_is_a_4xx_naming_the_field(app, case):
         body["image"] = b64(_noisy_png(300))  # ~270 kB > the 200 kB limit
     if body.get("image") == "WIDE":
         body["image"] = b64(_big_png(600))  # 600 px > the 512 px limit
-    if body.get("image_uri") == "BROKEN":
-        body["image_uri"] = str(app["images"] / "broken.png")
+    if body.get("image") == "THIN":
+        body["image"] = b64(_thin_png())  # 500x2 px: decodes, but the MDE cannot resize it
+    uris = {"BROKEN": str(app["images"] / "broken.png"), "FOLDER": str(app["images"] / "a-folder"),
+            "NUL": str(app["images"] / "photo\x00.png"), "LONG": str(app["images"] / ("x" * 300 + ".png"))}
+    if body.get("image_uri") in uris:
+        body["image_uri"] = uris[body["image_uri"]]
     response = post(app, path, body)
     assert response.status_code == status, response.text
     (detail,) = response.json()["detail"]
@@ -321,3 +339,80 @@ def test_malformed_json_and_oversized_bodies_are_4xx_and_the_replicas_survive(ap
     ok = post(app, "/v1/ner", {"text": TEXT, "image": b64(png_bytes())})
     assert ok.status_code == 200, ok.text
     assert json.loads(ok.text)["tokens"] == TEXT.split()
+
+
+def test_a_chunked_body_over_the_limit_is_413(app):
+    def chunks():  # no Content-Length: 3 MB against the app's ~1.3 MB limit
+        for _ in range(30):
+            yield b"x" * 100_000
+
+    response = requests.post(app["url"] + "/v1/ner", data=chunks(), timeout=60,
+                             headers={**auth(), "Content-Type": "application/json"})
+    assert response.status_code == 413, response.text
+    (detail,) = response.json()["detail"]
+    assert detail["field"] == "body" and detail["type"] == "too_large"
+
+
+def test_one_bad_request_does_not_fail_its_batch_mates(app):
+    """15 good requests and one with a thin image, at once: the 15 are answered, the bad one is a
+    4xx naming its field (the ingress refuses it before it can join a batch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = {"text": TEXT, "image": b64(png_bytes())}
+    bodies = [good] * 7 + [{"text": TEXT, "image": b64(_thin_png())}] + [good] * 8
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda body: post(app, "/v1/ner", body), bodies))
+    statuses = [r.status_code for r in responses]
+    good_failed = sum(status != 200 for i, status in enumerate(statuses) if i != 7)
+    assert good_failed == 0 and statuses[7] == 422, f"{good_failed} of 15 good requests failed: {statuses}"
+    assert responses[7].json()["detail"][0]["field"] == "image"
+
+
+def test_a_failing_item_inside_a_batch_fails_only_its_own_call(app):
+    """Past the ingress (straight to the deployment's handle), the divergence step still answers
+    every good item of a batch that holds one it cannot score; the bad item's caller gets the error."""
+    from ray import serve
+
+    mde = serve.get_deployment_handle("DivergenceEstimator", app_name="tmr")
+    items = [png_bytes(colour=(i * 30, 0, 0)) for i in range(7)]
+    items.insert(3, _thin_png())
+
+    async def together():
+        return await asyncio.gather(*(mde.score.remote(TEXT.split(), image) for image in items),
+                                    return_exceptions=True)
+
+    results = asyncio.run(together())
+    failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+    assert failed == [3], f"{len(set(failed) - {3})} of 7 good items failed: {[repr(r)[:100] for r in results]}"
+    assert all(sum(r) == pytest.approx(1.0, abs=1e-5) for i, r in enumerate(results) if i != 3)
+
+
+def test_a_corrupt_cached_back_translation_is_a_miss_then_regenerated(app, tiny_models):
+    """A truncated file in the cache: fast mode answers without it (not a 500), full mode
+    regenerates it, and fast mode then uses the new one."""
+    from serve.app import GenerationArgs
+    from tmr_core.back_translation import GenerationSettings, cache_key, cache_uri_for
+
+    text = "Maria Sharapova wins the Brisbane final"
+    # the app's generation settings (tiny_app_args), hence the server's cache key for the text
+    generation = GenerationArgs(model=tiny_models["text_to_image"], scheduler="EulerDiscreteScheduler",
+                                steps=2, guidance_scale=1.0, height=32, width=32)
+    path = Path(cache_uri_for(str(app["cache"]), cache_key(GenerationSettings(**generation.model_dump()), 0, text)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes()[:50])  # a PNG header and half a chunk: opens, does not load
+    body = {"text": text, "image": b64(png_bytes())}
+
+    for _ in range(2):  # every request, not only the first
+        fast = post(app, "/v1/ner", {**body, "mode": "fast"})
+        assert fast.status_code == 200, fast.text
+        assert fast.json()["back_translation"]["used"] is False
+    full = post(app, "/v1/ner", {**body, "mode": "full"})
+    assert full.status_code == 200, full.text
+    assert full.json()["back_translation"]["used"] and not full.json()["back_translation"]["cached"]
+    assert full.json()["back_translation"]["id"] == path.stem
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+    again = post(app, "/v1/ner", {**body, "mode": "fast"}).json()["back_translation"]
+    assert again["used"] and again["cached"]
