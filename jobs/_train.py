@@ -606,7 +606,9 @@ def shard_batches(shard: Any, batch_size: int, collate: Any, max_steps: int | No
 
 
 def read_table(dataset_uri: str, split: str, storage_options: Any = None):
-    """A split's table (``<split>.parquet`` or ``<split>/``), read with pyarrow in this process."""
+    """A split's table (``<split>.parquet`` or ``<split>/``), read with pyarrow in this process,
+    in ``id`` order: a stage writes its part files in whatever order Ray Data finished them, and
+    the training order (a seeded shuffle of this order) must not depend on that."""
     import pyarrow.parquet as pq
 
     from jobs._data import split_uri
@@ -616,7 +618,8 @@ def read_table(dataset_uri: str, split: str, storage_options: Any = None):
     if uri is None:
         raise FileNotFoundError(f"{dataset_uri}: no table for split '{split}' (<split>.parquet or <split>/)")
     fs, path = storage.resolve(uri, storage_options)
-    return pq.read_table(path, filesystem=fs)
+    table = pq.read_table(path, filesystem=fs)
+    return table.sort_by("id") if "id" in table.column_names else table
 
 
 def read_rows(dataset_uri: str, split: str, storage_options: Any = None, limit: int | None = None) -> list[dict]:

@@ -8,8 +8,10 @@ Reads the finished runs of the ``tmr-ner``, ``tmr-re`` and ``tmr-mde`` experimen
 ``tmr.loss`` that the training jobs set) and writes, to ``--output`` and as artifacts of one
 MLflow run in the ``tmr-comparisons`` experiment:
 
-- ``ablations.{md,csv}``: test F1 (and ambiguous-subset F1) per task/dataset, full model vs each
-  ablation switch, mean ± std over seeds (paper Table 1's ablation rows);
+- ``ablations.{md,csv}``: per task/dataset and ablation switch, valid F1, test F1, ambiguous-subset
+  F1 and F1 per alignment category: mean ± sample standard deviation over seeds with a 95 %
+  t-interval, and each ablation's difference from ``full`` with its 95 % interval, paired by seed
+  (the two rows differ only in the removed part; paper Table 1's ablation rows);
 - ``low_resource.{md,csv,png}``: test F1 vs train fraction 5–50% (paper Fig. 4);
 - ``mde_table3.{md,csv}``: in-domain and out-of-domain F1 per MDE loss (paper Table 3).
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from statistics import mean, pstdev
+from statistics import mean, stdev
 
 from jobs._config import config_to_dict, opt, parse_config, print_config, run_main, save_config
 from jobs._tracking import TrackingConfig
@@ -40,7 +42,7 @@ class SweepConfig:
         "Base finetune_extractor config per task.",
     )
     ablations: list[str] = opt(list(ABLATIONS), "Ablation switches to run (full = none).")
-    seeds: list[int] = opt([0], "Seeds per ablation.")
+    seeds: list[int] = opt([0, 1, 2, 3, 4], "Seeds per ablation (≥ 5 for a 95 % interval worth citing).")
     train_fractions: list[float] = opt([0.05, 0.1, 0.2, 0.5], "Train fractions for the low-resource curve (full model).")
     mde_config: str | None = opt("configs/pretrain_mde.tiny.yaml", "Base pretrain_mde config; null: no MDE runs.")
     mde_losses: list[str] = opt(["ce", "ce_negative_sampling", "supcon"], "MDE objectives for Table 3.")
@@ -155,7 +157,36 @@ def latest_per_setting(runs: list[RunRecord]) -> list[RunRecord]:
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
-    return (mean(values), pstdev(values)) if values else (math.nan, math.nan)
+    """Mean and sample standard deviation (n − 1); the deviation is nan for a single value."""
+    if not values:
+        return math.nan, math.nan
+    return mean(values), (stdev(values) if len(values) > 1 else math.nan)
+
+
+def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean of ``values``; (nan, nan) for fewer than two values."""
+    if len(values) < 2:
+        return math.nan, math.nan
+    from scipy import stats
+
+    centre, spread = mean(values), stdev(values) / math.sqrt(len(values))
+    if spread == 0:
+        return centre, centre
+    low, high = stats.t.interval(confidence, len(values) - 1, loc=centre, scale=spread)
+    return float(low), float(high)
+
+
+def estimate(values: list[float]) -> dict[str, float]:
+    """``{mean, sd, lo, hi, n}`` of a metric over seeds."""
+    centre, sd = _stats(values)
+    low, high = t_interval(values)
+    return {"mean": centre, "sd": sd, "lo": low, "hi": high, "n": len(values)}
+
+
+def paired_difference(ablated: dict[str, float], full: dict[str, float]) -> dict[str, float]:
+    """The ablation minus ``full`` over the seeds both have (``{seed: value}``), with its t-interval."""
+    seeds = sorted(set(ablated) & set(full))
+    return estimate([ablated[seed] - full[seed] for seed in seeds])
 
 
 def _pct(value: float) -> str:
@@ -165,8 +196,21 @@ def _pct(value: float) -> str:
 # --------------------------------------------------------------------------- tables
 
 
+ALIGNMENT_METRICS = tuple(f"test_align_{c}_f1" for c in ("strengthen", "complement", "weaken"))
+
+
+def _by_seed(members: list[RunRecord], metric: str) -> dict[str, float]:
+    return {m.tags.get("tmr.seed", m.run_id): m.metrics[metric] for m in members if metric in m.metrics}
+
+
 def ablation_rows(runs: list[RunRecord], metric: str, ambiguous_metric: str) -> list[dict]:
-    """One row per (task, dataset, ablation) over full-data runs; Δ against the full model."""
+    """One row per (task, dataset, ablation) over full-data runs.
+
+    Each metric is ``{mean, sd, lo, hi, n}`` over seeds; ``delta_<metric>`` is the ablation minus
+    ``full`` paired by seed (only seeds both settings ran), with its 95 % t-interval.
+    """
+    metrics = {"valid_f1": "best_valid_f1", "f1": metric, "ambiguous_f1": ambiguous_metric,
+               **{m.replace("test_align_", "align_"): m for m in ALIGNMENT_METRICS}}
     groups: dict[tuple, list[RunRecord]] = {}
     for run in runs:
         if run.tags.get("tmr.task") == "mde" or "tmr.ablation" not in run.tags or run.fraction < 1.0:
@@ -175,15 +219,59 @@ def ablation_rows(runs: list[RunRecord], metric: str, ambiguous_metric: str) -> 
         groups.setdefault(key, []).append(run)
     rows = []
     for (task, dataset, ablation), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], _order(kv[0][2]))):
-        f1, f1_std = _stats([m.metrics[metric] for m in members if metric in m.metrics])
-        amb, amb_std = _stats([m.metrics[ambiguous_metric] for m in members if ambiguous_metric in m.metrics])
-        rows.append({"task": task, "dataset": dataset, "ablation": ablation, "runs": len(members),
-                     "f1": f1, "f1_std": f1_std, "ambiguous_f1": amb, "ambiguous_f1_std": amb_std})
-    for row in rows:
-        full = next((r for r in rows if (r["task"], r["dataset"], r["ablation"]) == (row["task"], row["dataset"], "full")), None)
-        row["delta_f1"] = row["f1"] - full["f1"] if full else math.nan
-        row["delta_ambiguous_f1"] = row["ambiguous_f1"] - full["ambiguous_f1"] if full else math.nan
+        row: dict = {"task": task, "dataset": dataset, "ablation": ablation, "runs": len(members),
+                     "seeds": ",".join(sorted(m.tags.get("tmr.seed", "?") for m in members))}
+        full = groups.get((task, dataset, "full"), [])
+        for name, source in metrics.items():
+            row[name] = estimate(list(_by_seed(members, source).values()))
+            if ablation != "full" and name in ("f1", "ambiguous_f1"):
+                row["delta_" + name] = paired_difference(_by_seed(members, source), _by_seed(full, source))
+        rows.append(row)
     return rows
+
+
+def flatten_estimates(rows: list[dict]) -> list[dict]:
+    """Rows with ``{mean, sd, lo, hi, n}`` cells spread into ``<key>``, ``<key>_sd`` … columns (CSV)."""
+    flat = []
+    for row in rows:
+        out: dict = {}
+        for key, value in row.items():
+            if isinstance(value, dict):
+                out |= {key: value["mean"], f"{key}_sd": value["sd"], f"{key}_ci_low": value["lo"],
+                        f"{key}_ci_high": value["hi"], f"{key}_n": value["n"]}
+            else:
+                out[key] = value
+        flat.append(out)
+    return flat
+
+
+def format_estimate(value: dict, signed: bool = False) -> str:
+    """``82.1 ± 2.3 [79.2, 85.0]`` (percent; mean ± sample sd [95 % t-interval])."""
+    if value is None or math.isnan(value["mean"]):
+        return "–"
+    sign = "+" if signed and value["mean"] > 0 else ""
+    text = f"{sign}{100 * value['mean']:.1f}"
+    if not math.isnan(value["sd"]):
+        text += f" ± {100 * value['sd']:.1f} [{100 * value['lo']:+.1f}, {100 * value['hi']:+.1f}]" if signed else \
+            f" ± {100 * value['sd']:.1f} [{100 * value['lo']:.1f}, {100 * value['hi']:.1f}]"
+    return text
+
+
+def ablation_table(rows: list[dict]) -> str:
+    """The ablation rows as Markdown: estimates as mean ± sd [95 % CI], differences signed."""
+    title = "### Ablations (mean ± sample sd [95 % t-interval] over seeds; Δ paired by seed against full)"
+    columns = [("task", "task"), ("ablation", "ablation"), ("runs", "seeds"), ("valid_f1", "valid F1 (best epoch)"),
+               ("f1", "test F1"), ("delta_f1", "Δ test F1"), ("ambiguous_f1", "ambiguous F1"),
+               ("delta_ambiguous_f1", "Δ ambiguous F1"), ("align_strengthen_f1", "strengthen F1"),
+               ("align_complement_f1", "complement F1"), ("align_weaken_f1", "weaken F1")]
+    lines = [title, "", "| " + " | ".join(h for _, h in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    if not rows:
+        lines.append("| " + " | ".join("–" for _ in columns) + " |")
+    for row in rows:
+        cells = [format_estimate(row.get(k), k.startswith("delta_")) if isinstance(row.get(k), dict) or k.startswith("delta_")
+                 else str(row.get(k)) for k, _ in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _order(ablation: str) -> int:
@@ -235,7 +323,8 @@ def write_csv(rows: list[dict], path: str) -> None:
     with open(path, "w", newline="") as handle:
         if not rows:
             return
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        fieldnames = list(dict.fromkeys(key for row in rows for key in row))  # full has no Δ columns
+        writer = csv.DictWriter(handle, fieldnames=fieldnames)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -323,9 +412,7 @@ def build_report(cfg: Config, runs: list[RunRecord]) -> dict[str, str]:
     curve = low_resource_rows(runs, cfg.metric)
     table3 = mde_rows(runs, cfg.mde_metrics)
     sections = [
-        markdown_table(ablations, [("task", "task"), ("dataset", "dataset"), ("ablation", "ablation"), ("runs", "runs"),
-                                   ("f1", "test F1"), ("delta_f1", "Δ F1"), ("ambiguous_f1", "ambiguous F1"),
-                                   ("delta_ambiguous_f1", "Δ ambiguous F1")], "Ablations (test set)"),
+        ablation_table(ablations),
         markdown_table(curve, [("task", "task"), ("dataset", "dataset"), ("ablation", "ablation"),
                                ("train_fraction", "train fraction"), ("runs", "runs"), ("f1", "test F1")],
                        "Low-resource (F1 vs train fraction)"),
@@ -333,7 +420,7 @@ def build_report(cfg: Config, runs: list[RunRecord]) -> dict[str, str]:
                        [(m, h) for m, h in zip(cfg.mde_metrics, ("in domain F1", "out of domain F1"), strict=False)],
                        "MDE generalisation (Table 3)"),
     ]
-    for name, rows in (("ablations", ablations), ("low_resource", curve), ("mde_table3", table3)):
+    for name, rows in (("ablations", flatten_estimates(ablations)), ("low_resource", curve), ("mde_table3", table3)):
         files[name + ".csv"] = os.path.join(cfg.output, name + ".csv")
         write_csv(rows, files[name + ".csv"])
     files["comparison.md"] = os.path.join(cfg.output, "comparison.md")
@@ -342,7 +429,8 @@ def build_report(cfg: Config, runs: list[RunRecord]) -> dict[str, str]:
     plots = {
         "low_resource.png": lambda p: plot_low_resource(curve, p),
         "ablations.png": lambda p: plot_bars(
-            [dict(r, label=f"{r['task']} {r['ablation']}") for r in ablations], "label", ["f1", "ambiguous_f1"], p,
+            [dict(r, label=f"{r['task']} {r['ablation']}") for r in flatten_estimates(ablations)], "label",
+            ["f1", "ambiguous_f1"], p,
             "Ablations: test F1 and ambiguous-subset F1"),
         "mde_table3.png": lambda p: plot_bars(table3, "loss", cfg.mde_metrics, p, "MDE: in vs out of domain F1"),
     }

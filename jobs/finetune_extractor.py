@@ -140,13 +140,11 @@ def as_model_inputs(batches):
         yield {"batch": batch}
 
 
-def predict_labels(model, inputs) -> tuple[list, list]:
-    """``evaluate``'s predict_fn: gold and predicted tags (NER) or relations (RE) of a batch."""
-    batch = inputs["batch"]
-    predictions = model.predict(batch)
-    if model.config.task == "re":
-        predictions = [relation for relation, _ in predictions]
-    return model.gold_labels(batch), predictions
+def gold_labels(task: str, rows: list[dict]) -> list:
+    """The reader's labels: every original token's tag (NER) or the relation (RE) of each row."""
+    if task == "ner":
+        return [[str(tag) for tag in row["tags"]] for row in rows]
+    return [str(row["relation"]) for row in rows]
 
 
 def score_fn(task: str, none_label: str = "None"):
@@ -156,25 +154,52 @@ def score_fn(task: str, none_label: str = "None"):
 
 
 def flat_scores(scores: dict, prefix: str) -> dict[str, float]:
-    """``{precision, recall, f1, per_type|per_label}`` as flat MLflow metric names."""
-    flat = {f"{prefix}_{k}": float(scores[k]) for k in ("precision", "recall", "f1")}
+    """``{precision, recall, f1, support, per_type|per_label}`` as flat MLflow metric names."""
+    flat = {f"{prefix}_{k}": float(scores[k]) for k in ("precision", "recall", "f1", "support")}
     for label, values in (scores.get("per_type") or scores.get("per_label") or {}).items():
         flat[f"{prefix}_{label}_f1"] = float(values["f1"])
     return flat
 
 
-def predict_rows(model, rows: list[dict], collate, batch_size: int, device) -> tuple[list, list]:
-    """Gold and predicted labels for every row, in row order."""
+def predict_rows(model, rows: list[dict], collate, batch_size: int, device) -> list:
+    """Predicted tags per original token (NER) or relation (RE) for every row, in row order.
+
+    Leaves the model in eval mode (``train_epoch`` switches it back).
+    """
     from jobs._train import shard_batches
     from tmr_core.training import move_to_device
 
     model.eval()
-    gold, pred = [], []
+    predictions: list = []
     for batch in shard_batches(rows, batch_size, collate):
-        batch_gold, batch_pred = predict_labels(model, {"batch": move_to_device(batch, device)})
-        gold.extend(batch_gold)
-        pred.extend(batch_pred)
-    return gold, pred
+        predicted = model.predict(move_to_device(batch, device))  # no_grad inside
+        predictions.extend(predicted if model.config.task == "ner" else [relation for relation, _ in predicted])
+    return predictions
+
+
+def past_max_length(task: str, rows: list[dict], collate) -> int:
+    """Gold entities (NER) or instances (RE) that lie at least partly past the word-piece limit."""
+    from tmr_core.metrics import chunks
+
+    count = 0
+    for index, row in enumerate(rows):
+        cut = collate.encode_text(row, f"row {index}").truncated_from
+        if cut is None:
+            continue
+        if task == "ner":
+            count += sum(end > cut for _, _, end in chunks([str(t) for t in row["tags"]]))
+        else:
+            count += max(int(row["head"]["end"]), int(row["tail"]["end"])) > cut
+    return count
+
+
+def score_rows(model, rows: list[dict], collate, batch_size: int, device, split: str) -> tuple[dict, list]:
+    """``(flat metrics of split, predictions)``: predictions on every row against its original gold."""
+    task = model.config.task
+    pred = predict_rows(model, rows, collate, batch_size, device)
+    scores = score_fn(task, model.config.none_label)(gold_labels(task, rows), pred)
+    metrics = flat_scores(scores, split) | {f"{split}_past_max_length": float(past_max_length(task, rows, collate))}
+    return metrics, pred
 
 
 def ambiguous_ner_scores(rows: list[dict], pred: list, truth: dict[str, dict]) -> dict:
@@ -231,7 +256,7 @@ def train_loop_per_worker(loop: dict) -> None:
 
     from jobs import _tracking, _train
     from tmr_core.extractor import TMRExtractor
-    from tmr_core.training import build_optimizer, build_scheduler, evaluate, set_seed, train_epoch
+    from tmr_core.training import build_optimizer, build_scheduler, set_seed, train_epoch
 
     cfg: Config = loop["cfg"]
     rank0 = _train.is_rank_zero()
@@ -250,7 +275,6 @@ def train_loop_per_worker(loop: dict) -> None:
     _train.announce_pid(cfg.debug)
     train_shard = _train.ShardRows(ray.train.get_dataset_shard("train"), cfg.ray.cache_shard_rows)
     valid_rows = loop["valid_rows"] if rank0 else []
-    scorer = score_fn(cfg.task)
     progress = _train.Progress("finetune_extractor", cfg.optim.epochs)
     for epoch in range(state.epoch, cfg.optim.epochs):
         progress.epoch_start()
@@ -261,9 +285,8 @@ def train_loop_per_worker(loop: dict) -> None:
                             on_step=lambda step, loss, e=epoch: rank0 and progress.step(e, step, state.global_step, loss))
         metrics = {"epoch": epoch + 1, "train_loss": stats["loss"], "lr": scheduler.get_last_lr()[0]}
         if rank0:
-            valid_batches = as_model_inputs(_train.shard_batches(valid_rows, cfg.optim.eval_batch_size, collate))
-            valid = evaluate(_train.unwrap(model), valid_batches, predict_labels, scorer, device)
-            metrics |= {"valid_precision": valid["precision"], "valid_recall": valid["recall"], MONITOR: valid["f1"]}
+            valid, _ = score_rows(_train.unwrap(model), valid_rows, collate, cfg.optim.eval_batch_size, device, "valid")
+            metrics |= {k: valid[k] for k in ("valid_precision", "valid_recall", MONITOR)}
         state.finish_epoch(metrics.get(MONITOR, 0.0), stats["steps"], metrics)
         metrics["global_step"] = state.global_step
         if rank0:
@@ -308,11 +331,16 @@ def finalize(cfg: Config, folder: str, tracking_uri: str | None, run_id: str | N
     with tempfile.TemporaryDirectory() as tmp:
         best_dir, state = _train.best_model_dir(folder, tmp, options)
         model = TMRExtractor.from_pretrained(best_dir, device=cfg.device)
-    rows = _train.read_rows(cfg.data.dataset, "test", options, cfg.debug.max_eval_rows)
-    gold, pred = predict_rows(model, rows, model.collator(options), cfg.optim.eval_batch_size, cfg.device)
+    collate = model.collator(options)
     metrics: dict = {"best_epoch": state.best_epoch, "best_" + MONITOR: state.best_metric,
                      "global_step": state.global_step, "train_time_s": train_time_s, "attempts": state.attempts}
-    metrics |= flat_scores(score_fn(cfg.task, model.config.none_label)(gold, pred), "test")
+    valid_rows = _train.read_rows(cfg.data.dataset, "valid", options, cfg.debug.max_eval_rows)
+    valid, _ = score_rows(model, valid_rows, collate, cfg.optim.eval_batch_size, cfg.device, "valid")
+    metrics |= {k: v for k, v in valid.items() if k in ("valid_support", "valid_past_max_length")}
+    rows = _train.read_rows(cfg.data.dataset, "test", options, cfg.debug.max_eval_rows)
+    test, pred = score_rows(model, rows, collate, cfg.optim.eval_batch_size, cfg.device, "test")
+    metrics |= test
+    gold = gold_labels(cfg.task, rows)
     truth = load_ground_truth(cfg.data.ground_truth, options)
     if truth:
         metrics |= ground_truth_scores(cfg.task, rows, gold, pred, truth, model.config.none_label)

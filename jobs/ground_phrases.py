@@ -6,7 +6,10 @@
 A zero-shot detector from transformers (``AutoModelForZeroShotObjectDetection`` + its processor:
 OWL-ViT, OWLv2 or Grounding DINO) is queried with the ``phrases`` column; the top ``top_k`` regions
 (3 in the paper) of the real image go to ``regions`` and those of the back-translation to
-``back_translation_regions``. A missing or unreadable image follows ``on_missing_image``.
+``back_translation_regions``. A missing or unreadable image follows ``on_missing_image``: every
+valid and test row is kept whatever the policy (empty regions, the reason in ``image_error``;
+the extractor reads it as a zero image), so a test set never shrinks; ``skip`` drops training
+rows only and says how many.
 """
 
 from __future__ import annotations
@@ -56,7 +59,9 @@ class Config:
     force: bool = opt(False, "Run even when the output's _SUCCESS.json matches this config and input.")
     top_k: int = opt(3, "Regions kept per image (paper: 3).")
     on_missing_image: Literal["error", "skip", "keep"] = opt(
-        "error", "A missing or unreadable image: error, skip the sample, or keep it with null regions."
+        "error",
+        "A missing or unreadable image: error; keep the row (empty regions, reason in image_error); "
+        "or skip it if it is a training row (valid/test rows are always kept).",
     )
     detector: DetectorConfig = opt(DetectorConfig, "The zero-shot detector.")
     compute: ComputeConfig = opt(ComputeConfig, "Actor pool, batch size and accelerators.")
@@ -81,46 +86,50 @@ class GroundPhrases:
             text_threshold=d.text_threshold, device=d.device, dtype=d.dtype,
         )
 
-    def _regions(self, sample_id: str, uri: str | None, phrases: list[str], column: str) -> tuple[list | None, bool]:
-        """(regions or None, whether the image was missing/unreadable)."""
+    def _regions(self, sample_id: str, uri: str | None, phrases: list[str], column: str) -> tuple[list, str | None]:
+        """(regions, why the image was unusable or None); no image at all is not an error."""
         from tmr_core.images import load_image
 
         if uri is None:
-            return None, column == "image_uri"
+            return [], None
         try:
             image = load_image(uri, self.options)
         except (FileNotFoundError, ValueError, OSError) as exc:
             if self.cfg.on_missing_image == "error":
                 raise FileNotFoundError(
                     f"sample {sample_id!r}: {column} {uri!r} is missing or unreadable ({exc}); "
-                    "set --on_missing_image skip|keep to go on without it"
+                    "set --on_missing_image keep|skip to go on without it"
                 ) from exc
-            return None, True
-        return [r.to_dict() for r in self.grounder(image, phrases)], False
+            return [], f"{column} {uri!r}: {exc}"
+        return [r.to_dict() for r in self.grounder(image, phrases)], None
 
     def __call__(self, batch: Any) -> Any:
         n = batch.num_rows
         ids = batch.column("id").to_pylist()
+        splits = batch.column("split").to_pylist()
         image_uris = batch.column("image_uri").to_pylist()
         bt_uris = (batch.column("back_translation_uri").to_pylist()
                    if "back_translation_uri" in batch.column_names else [None] * n)
         phrase_rows = batch.column("phrases").to_pylist() if "phrases" in batch.column_names else [[]] * n
-        regions, bt_regions, missing, bt_missing = [], [], [], []
+        regions, bt_regions, errors, bt_missing = [], [], [], []
         for sample_id, image_uri, bt_uri, phrases in zip(ids, image_uris, bt_uris, phrase_rows, strict=True):
             texts = [p["text"] for p in phrases or []]
-            real, real_missing = self._regions(sample_id, image_uri, texts, "image_uri")
-            back, back_missing = self._regions(sample_id, bt_uri, texts, "back_translation_uri")
+            real, error = self._regions(sample_id, image_uri, texts, "image_uri")
+            back, back_error = self._regions(sample_id, bt_uri, texts, "back_translation_uri")
             regions.append(real)
             bt_regions.append(back)
-            missing.append(int(real_missing))
-            bt_missing.append(int(back_missing or bt_uri is None))
+            errors.append(error if image_uri is not None else "no image")
+            bt_missing.append(int(back_error is not None or bt_uri is None))
+        unusable = [error is not None for error in errors]
         return add_columns(batch, JOB, {
             "regions": regions,
             "back_translation_regions": bt_regions,
-            "_stat_missing_images": missing,
+            "image_error": errors,
+            "_stat_missing_images": [int(u) for u in unusable],
             "_stat_missing_back_translations": bt_missing,
-            "_stat_regions": [len(r or []) for r in regions],
-            DROP_COLUMN: [bool(m) and self.cfg.on_missing_image == "skip" for m in missing],
+            "_stat_regions": [len(r) for r in regions],
+            DROP_COLUMN: [u and split == "train" and self.cfg.on_missing_image == "skip"
+                          for u, split in zip(unusable, splits, strict=True)],
         })
 
 
@@ -145,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     write_success_marker(cfg.output, rows, stage_fingerprint, summary, options)
     print(
         f"[{JOB}] rows {rows} | regions {stats.get('regions', 0)} | missing images "
-        f"{stats.get('missing_images', 0)} ({cfg.on_missing_image}; dropped {stats.get('dropped', 0)}) | "
+        f"{stats.get('missing_images', 0)} ({cfg.on_missing_image}; training rows dropped {stats.get('dropped', 0)}) | "
         f"missing back-translations {stats.get('missing_back_translations', 0)} | {summary['seconds']:.1f}s"
     )
     return 0

@@ -7,7 +7,16 @@ The MDE (a ViLT-style single-stream transformer, ``tmr_core.mde``) maps the sent
 image to α = (α_s, α_c, α_w): strengthen / complement / weaken, summing to 1, which Eq. 4 uses to
 weight the fine- and coarse-grained streams. ``--checkpoint`` is a folder (local or ``s3://``)
 written by ``save_pretrained`` or an MLflow model/artifact URI (``runs:/…``, ``models:/…``).
-Adds ``divergence``. A missing or unreadable image follows ``on_missing_image``.
+Adds ``divergence`` and, with ``score_back_translations``, ``back_translation_divergence`` (the
+MDE's score of (t, v'), which TMR's code uses for G'*; the extractor's ``back_translation_alpha``
+picks it). A missing or unreadable image follows ``on_missing_image``; valid and test rows are kept
+whatever the policy (a null score, which the extractor reads as α = (0, 0, 1)), and ``skip`` drops
+training rows only.
+
+Each row's scores do not depend on which rows Ray Data batched with it: rows go through the model
+``micro_batch_size`` at a time (1 by default: a row alone, so padding and batched float sums
+cannot move its α between runs; a larger value is faster on a GPU at the cost of differences
+around 1e-7 between runs).
 """
 
 from __future__ import annotations
@@ -49,11 +58,23 @@ class Config:
     processor: str | None = opt(None, "ViLT processor folder or hub name; null: the checkpoint's, else its backbone's.")
     max_length: int = opt(40, "Word pieces per sentence after truncation (ViLT: 40 text positions).")
     on_missing_image: Literal["error", "skip", "keep"] = opt(
-        "error", "A missing or unreadable image: error, skip the sample, or keep it with a null divergence."
+        "error",
+        "A missing or unreadable image: error; keep the row with a null divergence; or skip it if it "
+        "is a training row (valid/test rows are always kept).",
+    )
+    score_back_translations: bool = opt(
+        False, "Also score (text, back-translation) into back_translation_divergence (TMR's code does)."
+    )
+    micro_batch_size: int = opt(
+        1, "Rows per MDE forward pass; 1 keeps each row's scores independent of batch composition."
     )
     device: str = opt("cpu", "torch device of each actor: cpu or cuda.")
     compute: ComputeConfig = opt(ComputeConfig, "Actor pool, batch size and accelerators.")
     storage: StorageConfig = opt(StorageConfig, "Where s3:// URIs are served.")
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size: must be ≥ 1, got {self.micro_batch_size}")
 
 
 def local_checkpoint(uri: str) -> str:
@@ -109,25 +130,53 @@ class ScoreDivergence:
                 ) from exc
             return None
 
-    def __call__(self, batch: Any) -> Any:
-        ids = batch.column("id").to_pylist()
-        tokens = batch.column("tokens").to_pylist()
-        images = [self._image_or_none(i, u) for i, u in zip(ids, batch.column("image_uri").to_pylist(), strict=True)]
+    def _scores(self, ids: list[str], tokens: list, images: list) -> list[list[float] | None]:
+        """(s, c, w) per row with an image, None without; ``micro_batch_size`` rows per forward."""
         scored = [i for i, image in enumerate(images) if image is not None]
         divergence: list[list[float] | None] = [None] * len(ids)
-        if scored:
-            inputs = self.collator([{"id": ids[i], "tokens": tokens[i], "image": images[i]} for i in scored])
+        step = self.cfg.micro_batch_size
+        for start in range(0, len(scored), step):
+            chunk = scored[start:start + step]
+            inputs = self.collator([{"id": ids[i], "tokens": tokens[i], "image": images[i]} for i in chunk])
             inputs = {k: v.to(self.cfg.device) for k, v in inputs.items()}
             probs = self.model.score(**inputs).float().cpu()  # (B, 3): strengthen, complement, weaken
-            for row, p in zip(scored, probs.tolist(), strict=True):
+            for row, p in zip(chunk, probs.tolist(), strict=True):
                 divergence[row] = p
+        return divergence
+
+    def __call__(self, batch: Any) -> Any:
+        n = batch.num_rows
+        ids = batch.column("id").to_pylist()
+        tokens = batch.column("tokens").to_pylist()
+        splits = batch.column("split").to_pylist()
+        # ground_phrases already applied the image policy to a row it flagged in image_error
+        flagged = batch.column("image_error").to_pylist() if "image_error" in batch.column_names else [None] * n
+        images = [None if error else self._image_or_none(i, u)
+                  for i, u, error in zip(ids, batch.column("image_uri").to_pylist(), flagged, strict=True)]
+        back_divergence: list = [None] * n
+        if self.cfg.score_back_translations and "back_translation_uri" in batch.column_names:
+            back_uris = batch.column("back_translation_uri").to_pylist()
+            back_divergence = self._scores(ids, tokens, [self._back_translation_or_none(u) for u in back_uris])
         missing = [image is None for image in images]
         return add_columns(batch, JOB, {
-            "divergence": divergence,
+            "divergence": self._scores(ids, tokens, images),
+            "back_translation_divergence": back_divergence,
             "_stat_scored": [int(not m) for m in missing],
             "_stat_missing_images": [int(m) for m in missing],
-            DROP_COLUMN: [m and self.cfg.on_missing_image == "skip" for m in missing],
+            DROP_COLUMN: [m and split == "train" and self.cfg.on_missing_image == "skip"
+                          for m, split in zip(missing, splits, strict=True)],
         })
+
+    def _back_translation_or_none(self, uri: str | None) -> Any:
+        """A failed generation has no URI (and its error in back_translation_error): no score."""
+        from tmr_core.images import load_image
+
+        if uri is None:
+            return None
+        try:
+            return load_image(uri, self.options)
+        except (FileNotFoundError, ValueError, OSError):
+            return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     write_success_marker(cfg.output, rows, stage_fingerprint, summary, options)
     print(
         f"[{JOB}] rows {rows} | scored {stats.get('scored', 0)} | missing images "
-        f"{stats.get('missing_images', 0)} ({cfg.on_missing_image}; dropped {stats.get('dropped', 0)}) | "
+        f"{stats.get('missing_images', 0)} ({cfg.on_missing_image}; training rows dropped {stats.get('dropped', 0)}) | "
         f"{summary['seconds']:.1f}s"
     )
     return 0

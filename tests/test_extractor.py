@@ -458,3 +458,21 @@ def test_each_ablation_removes_only_what_it_names(assets, task):
         assert set(full) - set(parts) == removed[name], name
         assert all(parts[k] == full[k] for k in parts), name  # what is kept is the same size
         assert sum(full.values()) - sum(parts.values()) == sum(full[k] for k in removed[name]), name
+
+
+def test_entities_past_max_length_are_misses_not_absent(assets):
+    # Scores compare with the reader's tags of every token: an entity cut by max_length stays in the
+    # support and costs recall (before, gold was rebuilt from the truncated labels and it vanished).
+    from jobs.finetune_extractor import score_rows
+
+    model = build(assets, max_length=7, text_only=True)
+    tokens = ["john", "smith", "sat", "in", "paris", "with", "new", "york", "city", "and", "google"]
+    tags = ["B-PER", "I-PER", "O", "O", "B-LOC", "O", "B-LOC", "I-LOC", "I-LOC", "O", "B-ORG"]
+    rows = [{"id": "long", "tokens": tokens, "tags": tags}]
+    collate = model.collator()
+    assert collate.encode_text(rows[0], "long").truncated_from == 5  # [CLS] + 5 tokens + [SEP]
+    metrics, pred = score_rows(model, rows, collate, 4, "cpu", "test")
+    assert len(pred[0]) == len(tokens) and pred[0][5:] == ["O"] * 6  # unseen tokens read O
+    assert metrics["test_support"] == 4  # john smith, paris, new york city, google
+    assert metrics["test_past_max_length"] == 2
+    assert metrics["test_recall"] <= 2 / 4

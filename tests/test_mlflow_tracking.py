@@ -8,6 +8,7 @@ directory (the default when neither config nor ``MLFLOW_TRACKING_URI`` names a s
 from __future__ import annotations
 
 import csv
+import math
 import os
 import socket
 import subprocess
@@ -169,19 +170,37 @@ def test_compare_runs_builds_tables_plots_and_logs_them(mlflow_server, tmp_path,
         rows = {r["ablation"]: r for r in csv.DictReader(handle)}
     assert set(rows) == {"full", "text_only"}
     assert float(rows["full"]["f1"]) == pytest.approx(0.85) and rows["full"]["runs"] == "2"
-    assert float(rows["text_only"]["delta_ambiguous_f1"]) == pytest.approx(0.40 - 0.75)
+    # sample sd (n − 1) and a t-interval with 1 degree of freedom (12.706 × sd/√2)
+    assert float(rows["full"]["f1_sd"]) == pytest.approx(0.0707107, abs=1e-6)
+    assert float(rows["full"]["f1_ci_low"]) == pytest.approx(0.85 - 12.7062 * 0.05, abs=1e-3)
+    # the difference from full pairs runs by seed: text_only ran seed 0 only
+    assert float(rows["text_only"]["delta_ambiguous_f1"]) == pytest.approx(0.40 - 0.70)
+    assert rows["text_only"]["delta_ambiguous_f1_n"] == "1"
     with open(out / "low_resource.csv") as handle:
         curve = [(float(r["train_fraction"]), float(r["f1"])) for r in csv.DictReader(handle) if r["ablation"] == "full"]
     assert curve == [(0.1, 0.5), (0.5, 0.7), (1.0, pytest.approx(0.85))]
     assert (out / "low_resource.png").stat().st_size > 1000 and (out / "ablations.png").is_file()
     markdown = (out / "comparison.md").read_text()
-    assert "| ner | synthetic | text_only | 1 | 60.00 |" in markdown
+    assert "| ner | full | 2 |" in markdown and "85.0 ± 7.1 [21.5, 148.5]" in markdown
+    assert "| ner | text_only | 1 |" in markdown and "| -30.0 |" in markdown
     with open(out / "mde_table3.csv") as handle:
         table3 = {r["loss"]: float(r["test_out_of_domain_macro_f1"]) for r in csv.DictReader(handle)}
     assert table3 == {"ce": pytest.approx(0.6), "supcon": pytest.approx(0.86)}
     comparisons = client.search_runs([client.get_experiment_by_name(prefix + "comparisons").experiment_id])
     logged = {a.path for a in client.list_artifacts(comparisons[0].info.run_id, "comparison")}
     assert {"comparison/comparison.md", "comparison/ablations.csv", "comparison/low_resource.png"} <= logged
+
+
+def test_intervals_use_the_sample_deviation_and_student_t():
+    from jobs.compare_runs import estimate, paired_difference
+
+    five = estimate([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert five["sd"] == pytest.approx(0.158114, abs=1e-6)  # pstdev would give 0.141421
+    assert (five["lo"], five["hi"]) == (pytest.approx(0.103676, abs=1e-5), pytest.approx(0.496324, abs=1e-5))
+    one = estimate([0.7])
+    assert one["mean"] == 0.7 and math.isnan(one["sd"]) and math.isnan(one["lo"])
+    diff = paired_difference({"0": 0.5, "1": 0.6, "2": 0.9}, {"0": 0.4, "1": 0.4, "3": 0.1})
+    assert diff["n"] == 2 and diff["mean"] == pytest.approx(0.15)
 
 
 def test_mde_table3_rows_average_over_seeds():

@@ -262,38 +262,64 @@ def test_each_stage_on_the_tiny_benchmark(ray_local, stage_models, stage_benchma
             assert len(row["divergence"]) == 3 and abs(sum(row["divergence"]) - 1) < 1e-5
     assert len(list((tmp_path / "cache").rglob("*.png"))) == 18
 
+    # A row's α does not depend on which rows Ray Data batched with it (before: up to 2e-7 apart,
+    # which the tiny RE model amplified into F1 points between same-seed pipelines).
+    assert score_divergence.main(["--input", str(out["regions"]), "--output", str(tmp_path / "rebatched"),
+                                  "--checkpoint", str(mde_checkpoint), "--compute.batch_size", "5",
+                                  "--score_back_translations", "true"]) == 0
+    for split in ("valid", "test"):
+        first, again = rows_by_id(out["divergence"] / split), rows_by_id(tmp_path / "rebatched" / split)
+        assert {k: r["divergence"] for k, r in first.items()} == {k: r["divergence"] for k, r in again.items()}
+        assert all(len(r["back_translation_divergence"]) == 3 for r in again.values())
+        assert all(r["back_translation_divergence"] is None for r in first.values())
 
-def test_missing_and_corrupt_images_follow_on_missing_image(ray_local, stage_models, tmp_path, capsys):
-    from jobs import ground_phrases
+
+def test_missing_and_corrupt_images_follow_on_missing_image(ray_local, stage_models, mde_checkpoint, tmp_path, capsys):
+    from jobs import ground_phrases, score_divergence
 
     good = tmp_path / "good.png"
     Image.new("RGB", (32, 32), (0, 120, 0)).save(good)
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     uris = {"ok": str(good), "gone": str(tmp_path / "missing.png"), "bad": str(corrupt)}
-    rows = [{"id": k, "split": "test", "task": "ner", "tokens": ["a", "car"], "tags": ["O", "O"], "image_id": k,
-             "image_uri": uri, "phrases": [{"text": "a car", "start": 0, "end": 2}]} for k, uri in uris.items()]
     schema = base_schema("ner").append(STAGE_FIELDS["extract_phrases"][0])
     (tmp_path / "in").mkdir()
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "in" / "test.parquet")
+    for split in ("train", "test"):
+        rows = [{"id": f"{split}-{k}", "split": split, "task": "ner", "tokens": ["a", "car"], "tags": ["O", "O"],
+                 "image_id": k, "image_uri": uri, "phrases": [{"text": "a car", "start": 0, "end": 2}]}
+                for k, uri in uris.items()]
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "in" / f"{split}.parquet")
     common = ["--input", str(tmp_path / "in"), "--detector.model", stage_models["detector"]]
 
-    # skip, through the job: the two samples without a readable image are left out and counted
+    # skip, through the job: only training rows are left out; a test row keeps its place with
+    # empty regions and the reason, so the test set never shrinks (the extractor reads a zero image)
     assert ground_phrases.main([*common, "--output", str(tmp_path / "skip"), "--on_missing_image", "skip"]) == 0
-    assert set(rows_by_id(tmp_path / "skip" / "test")) == {"ok"}
+    assert set(rows_by_id(tmp_path / "skip" / "train")) == {"train-ok"}
+    test_rows = rows_by_id(tmp_path / "skip" / "test")
+    assert set(test_rows) == {"test-ok", "test-gone", "test-bad"}
+    assert len(test_rows["test-ok"]["regions"]) == 3 and test_rows["test-ok"]["image_error"] is None
+    for k in ("test-gone", "test-bad"):
+        assert test_rows[k]["regions"] == [] and uris[k[5:]] in test_rows[k]["image_error"], k
     summary = json.loads((tmp_path / "skip" / "_SUCCESS.json").read_text())["summary"]
-    assert summary["dropped"] == 2 and summary["missing_images"] == 2
-    assert "missing images 2 (skip; dropped 2)" in capsys.readouterr().out
+    assert summary["dropped"] == 2 and summary["missing_images"] == 4
+    assert "missing images 4 (skip; training rows dropped 2)" in capsys.readouterr().out
+
+    # score_divergence keeps them too: a null score for the flagged rows, whatever its own policy
+    assert score_divergence.main(["--input", str(tmp_path / "skip"), "--output", str(tmp_path / "div"),
+                                  "--checkpoint", str(mde_checkpoint), "--on_missing_image", "error"]) == 0
+    scored = rows_by_id(tmp_path / "div" / "test")
+    assert set(scored) == set(test_rows) and len(scored["test-ok"]["divergence"]) == 3
+    assert scored["test-gone"]["divergence"] is None and scored["test-bad"]["divergence"] is None
 
     # keep and error, on the stage's callable (same code the actors run)
     batch = pq.read_table(tmp_path / "in" / "test.parquet")
     keep = ground_phrases.GroundPhrases(parse_config(ground_phrases.Config, [*common, "--on_missing_image", "keep"]))
     kept = {row["id"]: row for row in keep(batch).to_pylist()}
-    assert len(kept["ok"]["regions"]) == 3 and kept["gone"]["regions"] is None and kept["bad"]["regions"] is None
-    assert [kept[k]["_stat_missing_images"] for k in ("ok", "gone", "bad")] == [0, 1, 1]
+    assert len(kept["test-ok"]["regions"]) == 3 and kept["test-gone"]["regions"] == [] and kept["test-bad"]["regions"] == []
+    assert [kept[f"test-{k}"]["_stat_missing_images"] for k in ("ok", "gone", "bad")] == [0, 1, 1]
     assert not any(row["_drop"] for row in kept.values())
     strict = ground_phrases.GroundPhrases(parse_config(ground_phrases.Config, [*common, "--on_missing_image", "error"]))
-    with pytest.raises(FileNotFoundError, match="'gone'.*missing.png.*on_missing_image"):
+    with pytest.raises(FileNotFoundError, match="'test-gone'.*missing.png.*on_missing_image"):
         strict(batch)
 
 

@@ -46,7 +46,9 @@ def make_stage_tables(benchmark: Path, task: str, out: Path) -> Path:
             "back_translation_error": [None] * n,
             "regions": [whole] * n,
             "back_translation_regions": [whole] * n,
+            "image_error": [None] * n,
             "divergence": [[0.4, 0.4, 0.2]] * n,
+            "back_translation_divergence": [None] * n,
         }
         for fields in STAGE_FIELDS.values():
             for field in fields:
@@ -96,8 +98,8 @@ def test_finetune_ner_checkpoints_resumes_and_tracks_one_run(ray_local, tiny_mod
     from jobs import finetune_extractor
 
     monkeypatch.chdir(repo_root)
-    args = extractor_args(tiny_models, ner_tables, tiny_benchmark, tmp_path, "--optim.epochs", "1")
-    assert finetune_extractor.main(args) == 0
+    args = extractor_args(tiny_models, ner_tables, tiny_benchmark, tmp_path)  # epochs per call: a flag given twice is an error
+    assert finetune_extractor.main([*args, "--optim.epochs", "1"]) == 0
 
     folder = tmp_path / "ray" / "ner-run"
     assert sorted(p.name for p in folder.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0001"]
@@ -111,6 +113,13 @@ def test_finetune_ner_checkpoints_resumes_and_tracks_one_run(ray_local, tiny_mod
     for key in ("test_precision", "test_recall", "test_f1", "test_ambiguous_f1", "test_align_complement_f1"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["test_ambiguous_support"] > 0
+    # Scored against the reader's gold of every scored row: the support is the table's entity count.
+    from tmr_core.metrics import chunks
+
+    for split in ("valid", "test"):
+        rows = pq.read_table(ner_tables / f"{split}.parquet").slice(0, 12).to_pylist()
+        assert metrics[f"{split}_support"] == sum(len(chunks(r["tags"])) for r in rows), split
+        assert metrics[f"{split}_past_max_length"] == 0, split
     assert any(key.startswith("test_") and key.split("_")[1] in ("PER", "LOC", "ORG", "MISC") for key in metrics)
 
     # Resubmitting with the same run name and storage continues: epoch 2 only, same MLflow run.
@@ -238,6 +247,8 @@ def test_default_run_name_follows_config_and_input_but_not_epochs_or_storage(tmp
     from jobs._data import write_success_marker
 
     tables = tmp_path / "tables"
+    (tables / "train").mkdir(parents=True)
+    pq.write_table(pa.table({"id": list("abcd")}), tables / "train" / "part-0.parquet")  # a marker vouches for files
     write_success_marker(str(tables), {"train": 4}, "stage-a")
 
     def name(*argv: str) -> str:

@@ -343,12 +343,21 @@ class MultimodalDivergenceEstimator(PretrainedModule):
         pixel_values: torch.Tensor,
         pixel_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        seed: int = 0,
     ) -> torch.Tensor:
         """(B, 3) divergence scores (α_s, α_c, α_w), rows summing to 1, without gradients.
 
+        ViLT's embedding draws a random order of the image patches on every call, in eval mode
+        too (transformers' ``ViltEmbeddings.visual_embed``); the order moves the scores by ~1e-7,
+        which a small extractor amplifies. The draw uses ``seed`` on a forked RNG, so scores are a
+        function of the input alone and the caller's random state is left untouched.
+
         Leaves the train/eval mode as it is (``from_pretrained`` returns the model in eval mode).
         """
-        return self(input_ids, attention_mask, pixel_values, pixel_mask, token_type_ids).probs
+        devices = [pixel_values.device] if pixel_values.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return self(input_ids, attention_mask, pixel_values, pixel_mask, token_type_ids).probs
 
     def fit_head_on_frozen(
         self,

@@ -14,7 +14,7 @@ or drops earlier ones, so training and serving read the same table whatever stag
 | back_translation_error         | generate_back_translations  | string (null when it worked)           |
 | regions, back_translation_regions | ground_phrases           | list<struct<box,score,phrase>>         |
 | image_error                    | ground_phrases              | string (null: the image was usable)    |
-| divergence                     | score_divergence            | list<float32>[3] (s, c, w), sums to 1; null without a usable image |
+| divergence                     | score_divergence            | list<float32> of 3 (s, c, w), sums to 1; null without a usable image |
 | back_translation_divergence    | score_divergence (optional) | the same for (t, v')                   |
 
 No stage drops a valid or test row: a row whose image is missing or unreadable keeps empty
@@ -62,9 +62,12 @@ STAGE_FIELDS = {
         pa.field("back_translation_regions", pa.list_(REGION)),
         pa.field("image_error", pa.string()),
     ],
+    # Three floats each, stored as a variable-size list: pyarrow cannot read back a Parquet
+    # fixed-size list that holds a null ("Expected all lists to be of size=3"), and a row without a
+    # usable image has a null score.
     "score_divergence": [
-        pa.field("divergence", pa.list_(pa.float32(), 3)),
-        pa.field("back_translation_divergence", pa.list_(pa.float32(), 3)),
+        pa.field("divergence", pa.list_(pa.float32())),
+        pa.field("back_translation_divergence", pa.list_(pa.float32())),
     ],
 }
 
