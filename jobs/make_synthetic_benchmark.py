@@ -71,7 +71,8 @@ def print_summary(stats: dict) -> None:
         fractions = ", ".join(f"{k} {v:.2f}" for k, v in s["alignment_fractions"].items())
         line = f"[{JOB}] {task}: {s['samples']} samples; ambiguous {s['ambiguous_share']:.1%}; {fractions}"
         if "text_only_ceiling_test" in s:
-            line += f"; text-only ceiling on ambiguous test items {s['text_only_ceiling_test']:.1%}"
+            line += (f"; best text-only model on the ambiguous test items: {s['text_only_f1_test']:.1%} F1 "
+                     f"(the ambiguous-subset metric; expected accuracy {s['text_only_ceiling_test']:.1%})")
         print(line)
     for split, entry in stats.get("mde", {}).items():
         print(f"[{JOB}] mde {split}: {entry['rows']} rows {json.dumps(entry['labels'])}")

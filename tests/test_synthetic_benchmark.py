@@ -153,6 +153,14 @@ def test_text_only_ceiling_is_the_bayes_rate_of_the_generator(tiny_benchmark):
 
     re_ceiling = syn.text_only_ceiling(rows, "re", "test")
     assert 0.2 < re_ceiling < 0.6
+    # In the metric the extractor is scored with: NER entity F1 = accuracy of the guess at every
+    # ambiguous mention; RE micro F1 without None, which differs from the accuracy that counts None.
+    assert syn.text_only_f1(rows, "ner", "test") == syn.text_only_accuracy(rows, "ner", "test")
+    from tmr_core.metrics import re_scores
+
+    items = [r for r in rows if r["task"] == "re" and r["split"] == "test" and r["ambiguous"]]
+    expected = re_scores([r["relation"] for r in items], [r["text_only_best_guess"] for r in items])["f1"]
+    assert syn.text_only_f1(rows, "re", "test") == expected != syn.text_only_accuracy(rows, "re", "test")
     with pytest.raises(ValueError, match="task must be"):
         syn.text_only_ceiling(rows, "mde")
 
@@ -214,7 +222,7 @@ def test_job_writes_config_stats_and_rejects_bad_fractions(tmp_path, capsys):
     out = tmp_path / "bench"
     assert job.main(["--out", str(out), "--ner_sizes", "[8,4,4]", "--re_sizes", "[8,4,4]", "--mde_sizes", "[16,4,4,4]"]) == 0
     assert (out / "config.yaml").is_file() and json.loads((out / "stats.json").read_text())["ner"]["samples"]["train"] == 8
-    assert "text-only ceiling" in capsys.readouterr().out
+    assert "best text-only model" in capsys.readouterr().out
     from jobs._config import ConfigError
 
     with pytest.raises(ConfigError, match="alignment_fractions"):

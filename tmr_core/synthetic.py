@@ -947,6 +947,22 @@ def text_only_accuracy(rows: list[dict], task: str = "ner", split: str = "test")
     return sum(item["text_only_best_guess"] == gold for item, gold in items) / len(items)
 
 
+def text_only_f1(rows: list[dict], task: str = "ner", split: str = "test") -> float:
+    """The Bayes text-only guess scored in the extractor's ambiguous-subset metric.
+
+    This is the ceiling to compare an extractor's ambiguous F1 with. NER: entity F1 over the
+    ambiguous mentions with exact spans, which for a guess at every mention's span equals its
+    accuracy. RE: micro F1 over labels other than ``None`` (the MNRE metric), which unlike the
+    accuracy does not count a correct ``None``.
+    """
+    from tmr_core.metrics import re_scores
+
+    items = _ambiguous_items(rows, task, split)
+    if task == "ner":
+        return text_only_accuracy(rows, task, split)
+    return re_scores([gold for _, gold in items], [item["text_only_best_guess"] for item, _ in items])["f1"]
+
+
 def majority_label_accuracy(rows: list[dict], task: str = "ner", split: str = "test") -> float:
     """Accuracy of always predicting the split's most common label on its ambiguous items."""
     golds = [gold for _item, gold in _ambiguous_items(rows, task, split)]
@@ -976,6 +992,7 @@ def benchmark_stats(rows: list[dict], mde: dict[str, list[MDERow]] | None = None
         if _ambiguous_items(rows, task, "test"):
             entry["text_only_ceiling_test"] = text_only_ceiling(rows, task, "test", cfg.re_none_prob)
             entry["text_only_accuracy_test"] = text_only_accuracy(rows, task, "test")
+            entry["text_only_f1_test"] = text_only_f1(rows, task, "test")
             entry["majority_label_accuracy_test"] = majority_label_accuracy(rows, task, "test")
         stats[task] = entry
     if mde:
@@ -1000,6 +1017,6 @@ __all__ = [
     "AMBIGUOUS_NAMES", "FIXED_NAMES", "GLYPHS", "TYPE_GLYPH", "RELATIONS", "RELATION_LABELS", "MDE_SPLITS",
     "PRESETS", "SyntheticConfig", "preset", "Benchmark", "generate_benchmark", "write_benchmark",
     "make_synthetic_benchmark", "mde_schema", "synthetic_corpus", "ground_truth_rows", "read_ground_truth",
-    "text_only_ceiling", "text_only_accuracy", "majority_label_accuracy", "benchmark_stats",
+    "text_only_ceiling", "text_only_accuracy", "text_only_f1", "majority_label_accuracy", "benchmark_stats",
     "ner_text_posterior", "re_text_posterior", "re_sample_id", "render_scene", "expand_template", "list_files",
 ]
