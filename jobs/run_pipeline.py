@@ -65,6 +65,9 @@ class Config:
     tracking_uri: str | None = opt(None, "MLflow tracking URI for every job; null: MLFLOW_TRACKING_URI or sqlite:///mlflow.db.")
     force: list[str] = opt([], "Stage ids to rerun even when up to date (e.g. [finetune_extractor.ner.full]); [all]: every stage.")
     stop_after: str | None = opt(None, "Stop after this stage id (inclusive); null: run everything.")
+    job_args: dict[str, list[str]] = opt(
+        {}, "Extra --key value arguments per job, after the pipeline's own (e.g. {finetune_extractor: [--optim.epochs, '2']})."
+    )
 
 
 @dataclass
@@ -92,11 +95,19 @@ def _job_config(cfg: Config, job: str, variant: str = "") -> str:
     return os.path.join("configs", stem + ".yaml")
 
 
+PIPELINE_JOBS = frozenset({"make_tiny_models", "make_synthetic_benchmark", "prepare_dataset", "extract_phrases",
+                           "generate_back_translations", "ground_phrases", "pretrain_mde", "score_divergence",
+                           "finetune_extractor", "compare_runs"})
+
+
 def check_config(cfg: Config) -> None:
     """Reject combinations that cannot run, naming the flags as typed."""
     from jobs._config import ConfigError
 
     problems = []
+    unknown = sorted(set(cfg.job_args) - PIPELINE_JOBS)
+    if unknown:
+        problems.append(f"--job_args: {unknown} are not jobs of the pipeline (one of {sorted(PIPELINE_JOBS)})")
     if cfg.source != "synthetic":
         if not cfg.data_dir:
             problems.append(f"--source {cfg.source} needs --data_dir (the dataset's text files)")
@@ -184,6 +195,8 @@ def plan(cfg: Config) -> list[Stage]:
                                  *model_args("--model.text_encoder", "text-encoder"),
                                  *model_args("--model.image_encoder", "image-encoder"), *register, *tracking],
                                 out, [f"score_divergence.{task}"], summary="metrics"))
+    for stage in stages:
+        stage.argv = [*stage.argv, *cfg.job_args.get(stage.job, [])]
     if cfg.compare:
         trained = [s.id for s in stages if s.job in ("finetune_extractor", "pretrain_mde")]
         stages.append(Stage("compare_runs", "compare_runs",
