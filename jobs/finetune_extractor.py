@@ -61,6 +61,10 @@ class ModelConfig:
     num_heads: int = opt(8, "Heads of every attention block.")
     dropout: float = opt(0.1, "Dropout in attention and heads.")
     fixed_alpha: list[float] = opt([0.5, 0.5, 0.0], "α (s, c, w) used by the no_mde ablation.")
+    back_translation_alpha: Literal["image", "back_translation"] = opt(
+        "image", "α of G'*: image = the MDE's score of (t, v), as Eq. 4 prints it; back_translation = its score "
+        "of (t, v') (score_divergence --score_back_translations true), as TMR's code does."
+    )
 
 
 @dataclass
@@ -127,7 +131,8 @@ def model_config(cfg: Config, labels: list[str]):
         task=cfg.task, labels=tuple(labels), text_encoder=m.text_encoder, image_encoder=m.image_encoder,
         max_length=m.max_length, max_phrase_len=m.max_phrase_len, max_phrases=m.max_phrases,
         num_regions=m.num_regions, whole_image_region=m.whole_image_region, num_patches=m.num_patches, num_heads=m.num_heads, dropout=m.dropout,
-        fixed_alpha=tuple(m.fixed_alpha), **ABLATIONS[cfg.ablation],
+        fixed_alpha=tuple(m.fixed_alpha), back_translation_alpha=m.back_translation_alpha,
+        **ABLATIONS[cfg.ablation],
     )
 
 
