@@ -374,14 +374,20 @@ def write_splits(ds: Any, output_uri: str, splits: list[str], options: storage.S
     return rows, stats
 
 
+def retire_success_marker(output_uri: str, splits: list[str], options: storage.StorageOptions | None = None) -> None:
+    """Write ``_INCOMPLETE.json``, then remove ``_SUCCESS.json``: from here until
+    :func:`write_success_marker`, no marker vouches for the folder."""
+    progress = {"started_at": time.time(), "splits": list(splits)}
+    storage.write_text_atomic(storage.join(output_uri, INCOMPLETE_MARKER), json.dumps(progress), options)
+    storage.remove(storage.join(output_uri, SUCCESS_MARKER), options)
+
+
 def begin_output(output_uri: str, splits: list[str], options: storage.StorageOptions | None = None) -> None:
     """Mark ``output_uri`` unfinished, then retire its ``_SUCCESS.json``, then empty the split
     tables, in that order: a run killed anywhere from here on leaves ``_INCOMPLETE.json`` and no
     success marker, so neither a rerun (not up to date) nor the next stage (an error) takes the
     partial folder for a finished one."""
-    progress = {"started_at": time.time(), "splits": list(splits)}
-    storage.write_text_atomic(storage.join(output_uri, INCOMPLETE_MARKER), json.dumps(progress), options)
-    storage.remove(storage.join(output_uri, SUCCESS_MARKER), options)
+    retire_success_marker(output_uri, splits, options)
     for split in splits:
         storage.remove(storage.join(output_uri, f"{split}.parquet"), options)  # would shadow <split>/
         storage.remove(storage.join(output_uri, split), options)

@@ -11,11 +11,14 @@ the heavy per-sample work starts in the next stages.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Literal
 
 from jobs._common import StorageConfig
-from jobs._config import ConfigError, opt, parse_config, print_config, run_main, save_config
+from jobs._config import ConfigError, config_to_dict, opt, parse_config, print_config, run_main, save_config
+from jobs._data import file_infos, retire_success_marker, write_success_marker
 
 
 @dataclass
@@ -119,6 +122,15 @@ def check_cross_split_duplicates(tables: list[tuple[str, list[dict]]], stats_lis
     return "\n".join(f"  warning: {line} (kept: --allow_cross_split_duplicates)" for line in lines)
 
 
+def input_fingerprint(cfg: Config) -> str:
+    """What the tables were made from: the resolved config and every input file's size and mtime
+    (data and images), so a corrected label file makes the next stages rerun."""
+    options = cfg.storage.options()
+    inputs = {"config": config_to_dict(cfg), "data": file_infos(cfg.data_dir, options),
+              "images": file_infos(cfg.image_dir, options)}
+    return "prepare_dataset:" + hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(Config, argv, prog="jobs.prepare_dataset")
     check_config(cfg)
@@ -139,9 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         tables.append((split, rows))
         all_stats.append(stats)
     overlap_warning = check_cross_split_duplicates(tables, all_stats, cfg.allow_cross_split_duplicates)
+    # A rerun killed while rewriting the tables must leave no marker vouching for a mix of old and new.
+    retire_success_marker(cfg.output, [split for split, _ in tables], options)
     for split, rows in tables:
         write_split(rows, task, storage.join(cfg.output, f"{split}.parquet"), options)
     config_uri = save_config(cfg, cfg.output, options=options)
+    write_success_marker(cfg.output, {split: len(rows) for split, rows in tables}, input_fingerprint(cfg),
+                         options=options)
 
     print(f"[prepare_dataset] {cfg.format} ({task}) -> {cfg.output}")
     print(format_summary(all_stats, task))

@@ -283,7 +283,7 @@ def read_marker(workdir: str, stage: Stage) -> dict:
 
 def stage_rows(stage: Stage) -> dict[str, int]:
     """Rows per split of a table stage's output: its ``_SUCCESS.json`` counts once checked against
-    the files, else (``prepare_dataset`` writes no marker) the Parquet footers.
+    the files, else (a folder without a marker, e.g. written by an older version) the Parquet footers.
 
     Raises:
         StageOutputError: an unfinished output, or a marker that does not match the files.

@@ -265,3 +265,42 @@ def test_a_part_file_that_cannot_be_written_is_one_storage_error(ray_local, tmp_
     message = str(err.value)
     assert message.startswith(str(out / "valid")) and "cannot write" in message and "\n" not in message
     assert not (out / SUCCESS_MARKER).exists()
+
+
+def test_prepare_dataset_writes_a_marker_and_a_killed_rerun_retires_it(tiny_benchmark, tmp_path, monkeypatch):
+    from jobs import prepare_dataset
+
+    out = tmp_path / "prepared"
+    argv = ["--format", "synthetic", "--task", "ner", "--data_dir", str(tiny_benchmark), "--output", str(out)]
+    assert prepare_dataset.main(argv) == 0
+    marker = json.loads((out / SUCCESS_MARKER).read_text())
+    assert marker["rows"] == {"train": 400, "valid": 120, "test": 120}
+    assert _data.marker_differences(str(out), marker, ["train", "valid", "test"]) == []
+
+    written = []
+
+    def killed_after_one_split(rows, task, uri, options):
+        if written:
+            raise KeyboardInterrupt("killed")
+        written.append(uri)
+
+    monkeypatch.setattr(prepare_dataset, "write_split", killed_after_one_split)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset.main(argv)
+    assert not (out / SUCCESS_MARKER).exists()  # a mix of old and new tables is never vouched for
+    with pytest.raises(TMRError, match="rerun"):
+        _data.check_marker(str(out), ["train", "valid", "test"])
+
+
+def test_a_corrected_label_file_changes_prepare_datasets_fingerprint(tiny_benchmark, tmp_path):
+    import shutil
+
+    from jobs import prepare_dataset
+    from jobs._config import parse_config
+
+    data = tmp_path / "bench"
+    shutil.copytree(tiny_benchmark / "ner", data / "ner")
+    cfg = parse_config(prepare_dataset.Config, ["--format", "synthetic", "--data_dir", str(data)])
+    before = prepare_dataset.input_fingerprint(cfg)
+    (data / "ner" / "train.txt").write_text((data / "ner" / "train.txt").read_text() + "\n")
+    assert prepare_dataset.input_fingerprint(cfg) != before

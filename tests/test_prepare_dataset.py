@@ -234,7 +234,7 @@ def test_writes_to_s3(tmp_path, t17_images, s3_endpoint, s3_bucket):
                  "--output", output, "--storage.endpoint_url", s3_endpoint]) == 0
     fs = pafs.S3FileSystem(endpoint_override=s3_endpoint.removeprefix("http://"), scheme="http", region="us-east-1")
     listed = {info.base_name for info in fs.get_file_info(pafs.FileSelector(f"{s3_bucket}/tmr/twitter2017"))}
-    assert listed == {"train.parquet", "valid.parquet", "test.parquet", "config.yaml"}
+    assert listed == {"train.parquet", "valid.parquet", "test.parquet", "config.yaml", "_SUCCESS.json"}
     for split in ("train", "valid", "test"):
         table = pq.read_table(f"{s3_bucket}/tmr/twitter2017/{split}.parquet", filesystem=fs)
         assert table.schema.equals(base_schema("ner"))

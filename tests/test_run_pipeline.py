@@ -120,7 +120,8 @@ def test_a_stage_whose_output_lost_files_reruns_instead_of_skipping(tmp_path, ca
     os.remove(tmp_path / "stages" / "ner" / "dataset" / "valid.parquet")  # the pipeline marker still says done
     assert run_pipeline.main(_argv(tmp_path)) == 0
     out = capsys.readouterr().out
-    assert "[prepare_dataset.ner] up to date" not in out and "[prepare_dataset.ner] output holds rows" in out
+    assert "[prepare_dataset.ner] up to date" not in out
+    assert "[prepare_dataset.ner] output changed since it ran" in out and "valid.parquet" in out
     assert (tmp_path / "stages" / "ner" / "dataset" / "valid.parquet").is_file()
 
 
