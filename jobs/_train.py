@@ -158,7 +158,7 @@ def ray_run_name(mlflow_run_name: str) -> str:
 
 IDENTITY_FILE = "run_identity.json"
 # where and how a run executes and is tracked, not what it trains
-NOT_IDENTITY = ("ray", "tracking", "debug", "output", "device")
+NOT_IDENTITY = ("ray", "tracking", "debug", "output", "device", "force")
 
 
 def run_identity(cfg: Any, dataset_uri: str, options: Any = None,
@@ -190,6 +190,16 @@ def default_run_name(mlflow_run_name: str, identity: dict) -> str:
     while a changed config, default or input table starts a run of its own."""
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     return f"{ray_run_name(mlflow_run_name)}-{digest[:8]}"
+
+
+def discard_run(folder: str, options: Any = None) -> None:
+    """``--force true``: remove this config's run folder (checkpoints, MLflow run id), so the job
+    trains from scratch as a new run instead of resuming or re-finalising a finished one."""
+    from tmr_core import storage
+
+    if storage.exists(folder, options):
+        print(f"[train] --force: starting over; removing {folder}", flush=True)
+        storage.remove(folder, options)
 
 
 def claim_run_folder(folder: str, identity: dict, options: Any = None) -> None:

@@ -89,6 +89,7 @@ class Config:
         "full", "Which part of the model to remove (paper ablations); full keeps everything."
     )
     seed: int = opt(0, "Seed for model init, data order and the train fraction.")
+    force: bool = opt(False, "Train from scratch as a new run, discarding this config's checkpoints (default: resume).")
     output: str = opt("outputs/extractor", "Folder (or s3://) for the final model, metrics.json and config.yaml.")
     device: str = opt("cpu", "Device of the driver's final test evaluation (workers use Ray's device).")
     data: DataConfig = opt(DataConfig, "The stage tables.")
@@ -367,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     identity = _train.run_identity(cfg, cfg.data.dataset, options)
     name = cfg.ray.name or _train.default_run_name(run_name(cfg), identity)
     folder = _train.run_folder(cfg.ray, name)
+    if cfg.force:
+        _train.discard_run(folder, options)
     _train.claim_run_folder(folder, identity, options)
     train_ds = _train.table_dataset(cfg.data.dataset, "train", options)
     if cfg.data.train_fraction < 1.0:

@@ -74,6 +74,7 @@ class Config:
 
     loss: Literal["supcon", "ce", "ce_negative_sampling"] = opt("supcon", "Training objective (Table 3).")
     seed: int = opt(0, "Seed for model init and data order.")
+    force: bool = opt(False, "Train from scratch as a new run, discarding this config's checkpoints (default: resume).")
     output: str = opt("outputs/mde", "Folder (or s3://) for the final model, metrics.json and config.yaml.")
     device: str = opt("cpu", "Device of the driver's final evaluation (workers use Ray's device).")
     data: DataConfig = opt(DataConfig, "The caption corpus.")
@@ -262,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     identity = _train.run_identity(cfg, cfg.data.corpus, options, splits)
     name = cfg.ray.name or _train.default_run_name(run_name(cfg), identity)
     folder = _train.run_folder(cfg.ray, name)
+    if cfg.force:
+        _train.discard_run(folder, options)
     _train.claim_run_folder(folder, identity, options)
     train_ds = _data.read_split(cfg.data.corpus, cfg.data.train_split, options)
     if cfg.data.max_train_rows:

@@ -142,6 +142,13 @@ def test_finetune_ner_checkpoints_resumes_and_tracks_one_run(ray_local, tiny_mod
     assert run.data.tags["tmr.ablation"] == "full" and run.data.tags["mlflow.source.git.commit"]
     assert run.data.params["optim.epochs"] == "1"  # params are the resolved config of the first submission
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "valid_f1")) == [1, 2]
+
+    # --force (what run_pipeline --force [stage] passes): a new run from scratch, not a resume of
+    # the finished one (which would only finalise again)
+    assert finetune_extractor.main([*args, "--optim.epochs", "2", "--force", "true"]) == 0
+    state = json.loads((folder / "checkpoint_epoch_0002" / "train_state.json").read_text())
+    assert (state["epoch"], state["global_step"], state["attempts"]) == (2, 4, 1)
+    assert len(mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "tmr-ner")[1]) == 2
     assert "test_f1" in run.data.metrics
 
 
