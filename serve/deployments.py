@@ -398,6 +398,12 @@ class Extractor:
         self.model = TMRExtractor.from_pretrained(folder, device=device, options=options)
         if self.model.config.task != task:
             raise ValueError(f"{model_uri}: a {self.model.config.task!r} model was given where {task!r} is served")
+        if self.model.config.use_mde and self.model.config.back_translation_alpha != "image":
+            # the ingress scores (t, v) only; serving such a model would feed it α it never saw
+            raise ValueError(
+                f"{model_uri}: trained with back_translation_alpha={self.model.config.back_translation_alpha!r}; "
+                "the server scores (text, image) only: serve a model trained with back_translation_alpha=image"
+            )
         self.collate = _serving_collator(self.model, options)
         self._torch = torch
         _configure_batching(self._predict_batch, batching or {})
@@ -453,11 +459,9 @@ class Extractor:
     def _row(self, row: dict) -> dict:
         """The ingress's row in the collator's columns (``tmr_core.schema``): the request's image
         bytes stand where a table has ``image_uri``; a request without an image (so without MDE
-        scores) gets the model's fixed α, as the no-MDE ablation does."""
+        scores) gets α = (0, 0, 1) from the collator, as such a row did in training."""
         out = {k: v for k, v in row.items() if k != "image"}
         out["image_uri"] = row.get("image")
-        if out.get("divergence") is None:
-            out["divergence"] = list(self.model.config.fixed_alpha)
         return out
 
     async def info(self) -> dict:

@@ -106,3 +106,22 @@ def test_back_translator_batch_answers_good_items_when_one_fails(tiny_models, tm
     results = translator.generate_many([("a red car", 0), ("BOOM", 0), ("a blue sky", 0)])
     assert isinstance(results[1], OSError)
     assert results[0]["uri"] and results[2]["uri"] and results[0]["error"] is None
+
+
+def test_extractor_serves_imageless_rows_with_the_training_alpha_and_refuses_unservable_alpha(checkpoints, tmp_path):
+    import dataclasses
+
+    from serve.deployments import Extractor
+    from tmr_core.extractor import TMRExtractor
+
+    ner = Extractor.func_or_class(checkpoints["ner"], "ner")
+    # no image, so no MDE score: the collator's α = (0, 0, 1), as such rows had in training
+    batch = ner.collate([ner._row({"tokens": TOKENS, "phrases": [], "image": None, "regions": [],
+                                   "back_translation_uri": None, "back_translation_regions": [], "divergence": None})])
+    assert batch["divergence"].tolist() == [[0.0, 0.0, 1.0]]
+
+    model = TMRExtractor.from_pretrained(checkpoints["ner"])
+    model.config = dataclasses.replace(model.config, back_translation_alpha="back_translation")
+    model.save_pretrained(str(tmp_path / "bt-alpha"))
+    with pytest.raises(ValueError, match="back_translation_alpha='back_translation'"):
+        Extractor.func_or_class(str(tmp_path / "bt-alpha"), "ner")
