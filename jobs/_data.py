@@ -13,8 +13,8 @@ up-to-date check, a stage's or a training job's input identity) first check it a
 on disk (a listing and the Parquet footers).
 
 Stage UDFs may add private columns next to their real ones: ``_stat_<name>`` (numbers summed, or
-strings counted per value, into the summary) and ``_drop`` (true: the row is left out, e.g.
-``on_missing_image: skip``). :func:`write_splits` aggregates and removes them before writing.
+strings counted per value, into the summary) and ``_drop`` (true: the row is left out; stages
+set it only on training rows, e.g. ``on_missing_image: skip``). :func:`write_splits` aggregates and removes them before writing.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import pyarrow as pa
 from jobs._config import config_to_dict, opt
 from tmr_core import storage
 from tmr_core.errors import TMRError
-from tmr_core.schema import STAGE_FIELDS
+from tmr_core.schema import SPLITS, STAGE_FIELDS
 
 SUCCESS_MARKER = "_SUCCESS.json"
 INCOMPLETE_MARKER = "_INCOMPLETE.json"
@@ -388,9 +388,12 @@ def begin_output(output_uri: str, splits: list[str], options: storage.StorageOpt
     success marker, so neither a rerun (not up to date) nor the next stage (an error) takes the
     partial folder for a finished one."""
     retire_success_marker(output_uri, splits, options)
-    for split in splits:
+    # every split, not only this run's: a split left by an older run with more --splits would be
+    # read as part of this output by the next stage
+    for split in sorted(set(splits) | set(SPLITS)):
         storage.remove(storage.join(output_uri, f"{split}.parquet"), options)  # would shadow <split>/
         storage.remove(storage.join(output_uri, split), options)
+    for split in splits:
         storage.makedirs(storage.join(output_uri, split), options)
 
 

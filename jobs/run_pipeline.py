@@ -195,14 +195,30 @@ def plan(cfg: Config) -> list[Stage]:
                                  *model_args("--model.text_encoder", "text-encoder"),
                                  *model_args("--model.image_encoder", "image-encoder"), *register, *tracking],
                                 out, [f"score_divergence.{task}"], summary="metrics"))
-    for stage in stages:
-        stage.argv = [*stage.argv, *cfg.job_args.get(stage.job, [])]
     if cfg.compare:
         trained = [s.id for s in stages if s.job in ("finetune_extractor", "pretrain_mde")]
         stages.append(Stage("compare_runs", "compare_runs",
                             ["--config", _job_config(cfg, "compare_runs"), "--output", os.path.join(wd, "comparison"),
                              *tracking], os.path.join(wd, "comparison"), trained, summary="none"))
+    for stage in stages:
+        stage.argv = [*stage.argv, *cfg.job_args.get(stage.job, [])]
     return stages
+
+
+def check_job_args(stages: list[Stage], job_args: dict[str, list[str]]) -> None:
+    """Reject extra arguments that repeat a flag the pipeline sets itself (paths, tracking …)."""
+    from jobs._config import ConfigError
+
+    problems = []
+    for stage in stages:
+        extra = job_args.get(stage.job, [])
+        own = {a.replace("-", "_") for a in stage.argv[: len(stage.argv) - len(extra)] if a.startswith("--")}
+        for flag in (a for a in extra if a.startswith("--")):
+            if flag.replace("-", "_") in own:
+                problems.append(f"--job_args.{stage.job}: {flag} is set by the pipeline for {stage.id}; "
+                                "change it through the pipeline's own options instead")
+    if problems:
+        raise ConfigError(sorted(set(problems)))
 
 
 # --------------------------------------------------------------------------- skipping
@@ -382,7 +398,7 @@ def f1_table(cfg: Config, stages: list[Stage]) -> str:
 def stage_argv(stage: Stage, forced: bool) -> list[str]:
     """The stage's arguments; a forced stage also gets ``--force true`` when its job has that
     option, so the job reruns instead of finding its own output up to date."""
-    if forced and _has_force_option(stage.job):
+    if forced and _has_force_option(stage.job) and "--force" not in stage.argv:
         return [*stage.argv, "--force", "true"]
     return list(stage.argv)
 
@@ -406,6 +422,7 @@ def execute(cfg: Config) -> tuple[list[Stage], dict[str, float | None], float]:
     if cfg.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
     stages = plan(cfg)
+    check_job_args(stages, cfg.job_args)
     known = {s.id for s in stages}
     unknown = [s for s in cfg.force if s != "all" and s not in known] + (
         [cfg.stop_after] if cfg.stop_after and cfg.stop_after not in known else [])

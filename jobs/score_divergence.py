@@ -131,18 +131,37 @@ class ScoreDivergence:
             return None
 
     def _scores(self, ids: list[str], tokens: list, images: list) -> list[list[float] | None]:
-        """(s, c, w) per row with an image, None without; ``micro_batch_size`` rows per forward."""
+        """(s, c, w) per row with an image, None without; ``micro_batch_size`` rows per forward.
+
+        A chunk that fails is scored row by row; a row the MDE cannot read (e.g. an image too
+        thin for ViLT's resize) follows ``on_missing_image`` like an unreadable file.
+        """
         scored = [i for i, image in enumerate(images) if image is not None]
         divergence: list[list[float] | None] = [None] * len(ids)
         step = self.cfg.micro_batch_size
         for start in range(0, len(scored), step):
             chunk = scored[start:start + step]
-            inputs = self.collator([{"id": ids[i], "tokens": tokens[i], "image": images[i]} for i in chunk])
-            inputs = {k: v.to(self.cfg.device) for k, v in inputs.items()}
-            probs = self.model.score(**inputs).float().cpu()  # (B, 3): strengthen, complement, weaken
-            for row, p in zip(chunk, probs.tolist(), strict=True):
-                divergence[row] = p
+            try:
+                values = self._forward(ids, tokens, images, chunk)
+            except Exception:  # noqa: BLE001 - retried row by row to find the bad one
+                values = [self._score_alone(ids, tokens, images, row) for row in chunk]
+            for row, value in zip(chunk, values, strict=True):
+                divergence[row] = value
         return divergence
+
+    def _forward(self, ids: list[str], tokens: list, images: list, rows: list[int]) -> list[list[float]]:
+        inputs = self.collator([{"id": ids[i], "tokens": tokens[i], "image": images[i]} for i in rows])
+        inputs = {k: v.to(self.cfg.device) for k, v in inputs.items()}
+        return self.model.score(**inputs).float().cpu().tolist()  # (B, 3): strengthen, complement, weaken
+
+    def _score_alone(self, ids: list[str], tokens: list, images: list, row: int) -> list[float] | None:
+        try:
+            return self._forward(ids, tokens, images, [row])[0]
+        except Exception as exc:  # noqa: BLE001 - the policy decides, naming the sample
+            if self.cfg.on_missing_image == "error":
+                raise ValueError(f"sample {ids[row]!r}: the MDE cannot score its image ({exc}); "
+                                 "set --on_missing_image keep|skip to go on without it") from exc
+            return None
 
     def __call__(self, batch: Any) -> Any:
         n = batch.num_rows
@@ -157,9 +176,10 @@ class ScoreDivergence:
         if self.cfg.score_back_translations and "back_translation_uri" in batch.column_names:
             back_uris = batch.column("back_translation_uri").to_pylist()
             back_divergence = self._scores(ids, tokens, [self._back_translation_or_none(u) for u in back_uris])
-        missing = [image is None for image in images]
+        divergence = self._scores(ids, tokens, images)
+        missing = [score is None for score in divergence]
         return add_columns(batch, JOB, {
-            "divergence": self._scores(ids, tokens, images),
+            "divergence": divergence,
             "back_translation_divergence": back_divergence,
             "_stat_scored": [int(not m) for m in missing],
             "_stat_missing_images": [int(m) for m in missing],

@@ -224,3 +224,15 @@ def _column(folder, name):
 
     table = pq.read_table(folder).sort_by("id")
     return dict(zip(table.column("id").to_pylist(), table.column(name).to_pylist(), strict=True))
+
+
+def test_job_args_reach_every_stage_of_their_job_but_may_not_repeat_the_pipelines_flags():
+    cfg = load_config_file(run_pipeline.Config, "configs/pipeline.tiny.yaml")
+    cfg = dataclasses.replace(cfg, job_args={"finetune_extractor": ["--optim.epochs", "2"], "compare_runs": ["--metric", "test_f1"]})
+    stages = run_pipeline.plan(cfg)
+    run_pipeline.check_job_args(stages, cfg.job_args)
+    assert all(s.argv[-2:] == ["--optim.epochs", "2"] for s in stages if s.job == "finetune_extractor")
+    assert next(s for s in stages if s.job == "compare_runs").argv[-2:] == ["--metric", "test_f1"]
+    clash = dataclasses.replace(cfg, job_args={"finetune_extractor": ["--output", "elsewhere"]})
+    with pytest.raises(ConfigError, match="--output is set by the pipeline"):
+        run_pipeline.check_job_args(run_pipeline.plan(clash), clash.job_args)

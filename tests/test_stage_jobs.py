@@ -345,3 +345,21 @@ def test_fp16_generation_on_cuda_through_the_job(ray_local, stage_models, small_
         "--generation.model", stage_models["text_to_image"], *TINY_GENERATION, "--generation.dtype", "float16",
         "--generation.device", "cuda", "--compute.num_gpus", "1", "--compute.batch_size", "6"]) == 0
     assert "generated 18 | cached 0 | failed 0" in capsys.readouterr().out
+
+
+def test_an_image_the_mde_cannot_read_follows_the_policy(stage_models, mde_checkpoint, tmp_path):
+    from jobs import score_divergence
+
+    thin, good = tmp_path / "thin.png", tmp_path / "good.png"
+    Image.new("RGB", (2000, 2), (0, 0, 0)).save(thin)  # decodes, but ViLT's resize cannot take it
+    Image.new("RGB", (32, 32), (0, 120, 0)).save(good)
+    rows = [{"id": k, "split": "test", "task": "ner", "tokens": ["a", "car"], "tags": ["O", "O"], "image_id": k,
+             "image_uri": str(path)} for k, path in (("thin", thin), ("good", good))]
+    batch = pa.Table.from_pylist(rows, schema=base_schema("ner"))
+    common = ["--checkpoint", str(mde_checkpoint), "--micro_batch_size", "2"]
+    keep = score_divergence.ScoreDivergence(parse_config(score_divergence.Config, [*common, "--on_missing_image", "keep"]))
+    scored = {r["id"]: r for r in keep(batch).to_pylist()}
+    assert scored["thin"]["divergence"] is None and len(scored["good"]["divergence"]) == 3
+    strict = score_divergence.ScoreDivergence(parse_config(score_divergence.Config, [*common, "--on_missing_image", "error"]))
+    with pytest.raises(ValueError, match="'thin'.*cannot score"):
+        strict(batch)
