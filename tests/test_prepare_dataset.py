@@ -164,13 +164,23 @@ def test_missing_image_policy_error(tmp_path, t17_test_with_gaps):
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
-def test_missing_image_policy_skip(tmp_path, t17_test_with_gaps, capsys):
+def test_missing_image_policy_skip_drops_training_rows_only(tmp_path, t17_test_with_gaps, capsys):
+    # valid and test are never thinned (scores stay comparable with the paper's): skip keeps them
+    # as keep does, with a null image_uri; only training rows are dropped
     image_dir, sentences, missing, corrupt = t17_test_with_gaps
     assert run_policy(image_dir, tmp_path / "out", "skip") == 0
-    ids = read_split(tmp_path / "out", "test").column("id").to_pylist()
-    dropped = {s.image_id for s in missing} | {corrupt.image_id}
-    assert ids == [s.image_id for s in sentences if s.image_id not in dropped]
-    assert "test: 200 rows read, 197 written; images missing 2, corrupt 1" in capsys.readouterr().out
+    rows = read_split(tmp_path / "out", "test").to_pylist()
+    assert [r["id"] for r in rows] == [s.image_id for s in sentences]
+    assert {r["id"] for r in rows if r["image_uri"] is None} == {s.image_id for s in missing} | {corrupt.image_id}
+    assert "test: 200 rows read, 200 written; images missing 2, corrupt 1" in capsys.readouterr().out
+
+    from tmr_core.readers import rows_for_split
+
+    train = read_twitter_ner(DATA / "twitter2017" / "train.txt")
+    for s in train[1:]:
+        write_image(image_dir / f"{s.image_id}.jpg")
+    kept, stats = rows_for_split("twitter2017", "ner", str(DATA / "twitter2017"), str(image_dir), "train", "skip")
+    assert [r["id"] for r in kept] == [s.image_id for s in train[1:]] and stats.images_missing == 1
 
 
 def test_missing_image_policy_keep(tmp_path, t17_test_with_gaps, capsys):

@@ -472,7 +472,8 @@ def rows_for_split(
 
     Args:
         on_missing_image: a missing or unreadable image raises (``error``), drops the row
-            (``skip``) or keeps it with a null ``image_uri`` (``keep``).
+            (``skip``; training rows only: a valid or test row is kept as with ``keep``, so
+            scores stay comparable) or keeps it with a null ``image_uri`` (``keep``).
 
     Raises:
         DataFormatError: a malformed line (``path:line``), or with ``error``, the first sample
@@ -527,7 +528,7 @@ def rows_for_split(
             stats.images_missing += check.problem == "missing"
             stats.images_corrupt += check.problem == "corrupt"
             failures.append((line, check))
-            if on_missing_image == "skip":
+            if on_missing_image == "skip" and split == "train":  # valid and test are never thinned
                 continue
         rows.append(
             {"id": sample_id, "split": split, "task": source.task, **columns, "image_id": image_id, "image_uri": check.uri}
