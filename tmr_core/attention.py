@@ -41,46 +41,8 @@ from tmr_core.encoders import VisualFeatures
 class CrossModalAttention(nn.Module):
     """Queries attend over keys/values of another modality, added back to the queries (Eq. 1).
 
-    Args:
-        query_dim: size of the query (text) vectors; also the output size.
-        key_dim: size of the key/value vectors (e.g. the image backbone's channels).
-        num_heads: attention heads; must divide ``query_dim``.
-        dropout: dropout on attention weights and on the attended vectors.
-    """
-
-    def __init__(self, query_dim: int, key_dim: int, num_heads: int, dropout: float):
-        super().__init__()
-        if query_dim % num_heads:
-            raise ValueError(f"num_heads: {num_heads} does not divide the text hidden size {query_dim}")
-        self.attention = nn.MultiheadAttention(
-            query_dim, num_heads, dropout=dropout, kdim=key_dim, vdim=key_dim, batch_first=True
-        )
-        self.dropout = nn.Dropout(dropout)
-        self.norm = nn.LayerNorm(query_dim)
-
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """Args:
-            queries: (batch, n, query_dim).
-            keys: (batch, m, key_dim), also the values.
-            key_mask: (batch, m) bool, True for real keys.
-
-        Returns:
-            (batch, n, query_dim); rows with no real key get ``LayerNorm(queries)``.
-        """
-        has_key = key_mask.any(dim=-1)  # (B,)
-        # A softmax over no keys is NaN: let such rows see key 0, then zero their output.
-        safe_mask = key_mask.clone()
-        safe_mask[:, 0] |= ~has_key
-        attended, _ = self.attention(queries, keys, keys, key_padding_mask=~safe_mask, need_weights=False)
-        attended = attended * has_key[:, None, None].to(attended.dtype)
-        return self.norm(queries + self.dropout(attended))
-
-
-class CrossModalEvidence(nn.Module):
-    """What queries read from another modality: ``LayerNorm(Dropout(MultiHead(Q, K, V)))`` (Eq. 1).
-
-    Unlike :class:`CrossModalAttention` the queries are not added back: the output is the
-    evidence alone, so a caller can weight it (Eq. 4) without also weighting the text.
+    ``LayerNorm(Q + Dropout(MultiHead(Q, K, V)))``; with ``residual=False`` (:class:`CrossModalEvidence`)
+    the queries are not added back and a row with no real key gives exactly zero.
 
     Args:
         query_dim: size of the query (text) vectors; also the output size.
@@ -88,9 +50,11 @@ class CrossModalEvidence(nn.Module):
         num_heads: attention heads; must divide ``query_dim``.
         dropout: dropout on attention weights and on the attended vectors.
         value_dim: size of the value vectors; defaults to ``key_dim``.
+        residual: add the queries back before the LayerNorm.
     """
 
-    def __init__(self, query_dim: int, key_dim: int, num_heads: int, dropout: float, value_dim: int | None = None):
+    def __init__(self, query_dim: int, key_dim: int, num_heads: int, dropout: float,
+                 value_dim: int | None = None, residual: bool = True):
         super().__init__()
         if query_dim % num_heads:
             raise ValueError(f"num_heads: {num_heads} does not divide the text hidden size {query_dim}")
@@ -99,6 +63,7 @@ class CrossModalEvidence(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(query_dim)
+        self.residual = residual
 
     def forward(
         self,
@@ -114,14 +79,27 @@ class CrossModalEvidence(nn.Module):
             values: (batch, m, value_dim); the keys when None.
 
         Returns:
-            (batch, n, query_dim); exactly zero for rows with no real key.
+            (batch, n, query_dim); rows with no real key get ``LayerNorm(queries)`` (residual) or
+            zero (evidence).
         """
-        has_key = key_mask.any(dim=-1)  # (B,)
+        has_key = key_mask.any(dim=-1)[:, None, None]  # (B, 1, 1)
+        # A softmax over no keys is NaN: let such rows see key 0, then zero their output.
         safe_mask = key_mask.clone()
-        safe_mask[:, 0] |= ~has_key  # a softmax over no keys is NaN; such rows are zeroed below
+        safe_mask[:, 0] |= ~has_key[:, 0, 0]
         values = keys if values is None else values
         attended, _ = self.attention(queries, keys, values, key_padding_mask=~safe_mask, need_weights=False)
-        return self.norm(self.dropout(attended)) * has_key[:, None, None].to(attended.dtype)
+        attended = self.dropout(attended * has_key.to(attended.dtype))
+        if self.residual:
+            return self.norm(queries + attended)
+        return self.norm(attended) * has_key.to(attended.dtype)
+
+
+class CrossModalEvidence(CrossModalAttention):
+    """What queries read from another modality, ``LayerNorm(Dropout(MultiHead(Q, K, V)))`` (Eq. 1):
+    the evidence alone, so a caller can weight it (Eq. 4) without also weighting the text."""
+
+    def __init__(self, query_dim: int, key_dim: int, num_heads: int, dropout: float, value_dim: int | None = None):
+        super().__init__(query_dim, key_dim, num_heads, dropout, value_dim=value_dim, residual=False)
 
 
 @dataclass

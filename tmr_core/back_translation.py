@@ -128,12 +128,11 @@ def cache_uri_for(cache_uri: str, key: str) -> str:
 
 def image_decodes(data: bytes) -> bool:
     """Whether encoded image bytes decode completely (a truncated PNG opens but fails to load)."""
-    from PIL import Image
+    from tmr_core.images import check_decodes
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except Exception:  # noqa: BLE001 - PIL raises many types for bad bytes
+        check_decodes(data, "cached image")
+    except ValueError:
         return False
     return True
 

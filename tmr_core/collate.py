@@ -365,10 +365,9 @@ class TMRCollator:
             if not scores and not has_image:
                 scores = list(NO_IMAGE_ALPHA)
             if len(scores) != 3:
-                raise ValueError(
-                    f"{label}: {column} is {scores!r}; use_mde=True needs 3 scores from score_divergence "
-                    "(or set use_mde=false)"
-                )
+                how = "score_divergence --score_back_translations true" if column != "divergence" else "score_divergence"
+                raise ValueError(f"{label}: {column} is {scores!r}; use_mde=True needs 3 scores from {how} "
+                                 "(or set use_mde=false)")
             values.append([float(v) for v in scores])
         return torch.tensor(values, dtype=torch.float32)
 

@@ -20,7 +20,8 @@ RE: h = mean G*); ``use_mde=False`` uses ``fixed_alpha`` for every sample (no pa
 ``use_fine``/``use_coarse=False`` drop a level (its attention blocks are not built, and the
 image encoder skips patches or crops); ``text_only=True`` builds no image encoder and no
 cross-modal attention (G* = G'* = 0: Eq. 7 attends T^w over itself, h = 0).
-:func:`parameter_counts` shows what each removes (``tests/test_ablations.py``).
+:func:`parameter_counts` shows what each removes
+(``tests/test_extractor.py::test_each_ablation_removes_only_what_it_names``).
 
 A checkpoint folder is self-contained: ``config.json`` (this config, backbone configs included),
 ``model.safetensors``, and the tokenizer and image-processor files.
@@ -162,9 +163,6 @@ class TMRConfig:
     def uses_images(self) -> bool:
         return not self.text_only
 
-    @property
-    def uses_back_translation(self) -> bool:
-        return self.use_back_translation and not self.text_only
 
 
 @dataclass

@@ -141,13 +141,12 @@ class NERHead(nn.Module):
         self.crf.start_transitions.masked_fill_(self.forbidden_start, IMPOSSIBLE)
         self.crf.transitions.masked_fill_(self.forbidden, IMPOSSIBLE)
 
-    def forward(
-        self, g_star: torch.Tensor, g_back: torch.Tensor | None, word_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Emission scores (batch, words, tags) from G* and G'* (text states included), both
-        (batch, words, hidden); ``g_back=None`` (no back-translation) attends G* over itself."""
-        keys = g_star if g_back is None else g_back
-        features = self.fusion(g_star, keys, word_mask)  # Eq. 7: queries G*, keys/values G'*
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor | None, word_mask: torch.Tensor) -> torch.Tensor:
+        """Emission scores (batch, words, tags) from ``queries`` = T^w + G* and ``keys`` = T^w + G'*,
+        both (batch, words, hidden); ``keys=None`` (no back-translation) attends the queries over
+        themselves."""
+        keys = queries if keys is None else keys
+        features = self.fusion(queries, keys, word_mask)  # Eq. 7: queries G*, keys/values G'*
         return self.emission(self.dropout(features))
 
     def loss(self, emissions: torch.Tensor, labels: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
