@@ -204,8 +204,22 @@ def score_rows(model, rows: list[dict], collate, batch_size: int, device, split:
     task = model.config.task
     pred = predict_rows(model, rows, collate, batch_size, device)
     scores = score_fn(task, model.config.none_label)(gold_labels(task, rows), pred)
-    metrics = flat_scores(scores, split) | {f"{split}_past_max_length": float(past_max_length(task, rows, collate))}
-    return metrics, pred
+    return flat_scores(scores, split), pred
+
+
+def gold_support(task: str, rows: list[dict], none_label: str) -> int:
+    """Gold entities (NER) or gold non-``None`` instances (RE) of ``rows``: what recall divides by."""
+    from tmr_core.metrics import chunks
+
+    if task == "ner":
+        return sum(len(chunks([str(t) for t in row["tags"]])) for row in rows)
+    return sum(str(row["relation"]) != none_label for row in rows)
+
+
+def support_metrics(task: str, rows: list[dict], collate, none_label: str, split: str) -> dict[str, float]:
+    """``<split>_support`` and ``<split>_past_max_length`` (gold that lies past the word-piece limit)."""
+    return {f"{split}_support": float(gold_support(task, rows, none_label)),
+            f"{split}_past_max_length": float(past_max_length(task, rows, collate))}
 
 
 def ambiguous_ner_scores(rows: list[dict], pred: list, truth: dict[str, dict]) -> dict:
@@ -340,12 +354,12 @@ def finalize(cfg: Config, folder: str, tracking_uri: str | None, run_id: str | N
     collate = model.collator(options)
     metrics: dict = {"best_epoch": state.best_epoch, "best_" + MONITOR: state.best_metric,
                      "global_step": state.global_step, "train_time_s": train_time_s, "attempts": state.attempts}
+    none_label = model.config.none_label
     valid_rows = _train.read_rows(cfg.data.dataset, "valid", options, cfg.debug.max_eval_rows)
-    valid, _ = score_rows(model, valid_rows, collate, cfg.optim.eval_batch_size, cfg.device, "valid")
-    metrics |= {k: v for k, v in valid.items() if k in ("valid_support", "valid_past_max_length")}
+    metrics |= support_metrics(cfg.task, valid_rows, collate, none_label, "valid")
     rows = _train.read_rows(cfg.data.dataset, "test", options, cfg.debug.max_eval_rows)
     test, pred = score_rows(model, rows, collate, cfg.optim.eval_batch_size, cfg.device, "test")
-    metrics |= test
+    metrics |= test | support_metrics(cfg.task, rows, collate, none_label, "test")
     gold = gold_labels(cfg.task, rows)
     truth = load_ground_truth(cfg.data.ground_truth, options)
     if truth:

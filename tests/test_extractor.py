@@ -463,7 +463,7 @@ def test_each_ablation_removes_only_what_it_names(assets, task):
 def test_entities_past_max_length_are_misses_not_absent(assets):
     # Scores compare with the reader's tags of every token: an entity cut by max_length stays in the
     # support and costs recall (before, gold was rebuilt from the truncated labels and it vanished).
-    from jobs.finetune_extractor import score_rows
+    from jobs.finetune_extractor import score_rows, support_metrics
 
     model = build(assets, max_length=7, text_only=True)
     tokens = ["john", "smith", "sat", "in", "paris", "with", "new", "york", "city", "and", "google"]
@@ -472,6 +472,7 @@ def test_entities_past_max_length_are_misses_not_absent(assets):
     collate = model.collator()
     assert collate.encode_text(rows[0], "long").truncated_from == 5  # [CLS] + 5 tokens + [SEP]
     metrics, pred = score_rows(model, rows, collate, 4, "cpu", "test")
+    metrics |= support_metrics("ner", rows, collate, "None", "test")
     assert len(pred[0]) == len(tokens) and pred[0][5:] == ["O"] * 6  # unseen tokens read O
     assert metrics["test_support"] == 4  # john smith, paris, new york city, google
     assert metrics["test_past_max_length"] == 2
