@@ -254,7 +254,11 @@ def _kept_rows_of_split(batch: pa.Table, split: str) -> pa.Table:
 
     keep = pc.equal(batch.column("split"), split)
     if DROP_COLUMN in batch.column_names:
-        keep = pc.and_(keep, pc.invert(pc.fill_null(batch.column(DROP_COLUMN), False)))
+        dropped = pc.fill_null(batch.column(DROP_COLUMN), False)
+        if split != "train" and pc.any(pc.and_(keep, dropped)).as_py():
+            # a stage may thin the training split only: valid/test must stay comparable
+            raise ValueError(f"a stage dropped rows of split {split!r}; only training rows may be dropped")
+        keep = pc.and_(keep, pc.invert(dropped))
     return batch.filter(keep).drop_columns([n for n in batch.column_names if _is_private(n)])
 
 

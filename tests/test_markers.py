@@ -304,3 +304,10 @@ def test_a_corrected_label_file_changes_prepare_datasets_fingerprint(tiny_benchm
     before = prepare_dataset.input_fingerprint(cfg)
     (data / "ner" / "train.txt").write_text((data / "ner" / "train.txt").read_text() + "\n")
     assert prepare_dataset.input_fingerprint(cfg) != before
+
+
+def test_a_stage_can_never_drop_a_valid_or_test_row():
+    batch = pa.table({"id": ["a", "b", "c"], "split": ["train", "test", "test"], "_drop": [True, False, True]})
+    assert _data._kept_rows_of_split(batch, "train").num_rows == 0
+    with pytest.raises(ValueError, match="dropped rows of split 'test'"):
+        _data._kept_rows_of_split(batch, "test")
