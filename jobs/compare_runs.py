@@ -210,7 +210,8 @@ def ablation_rows(runs: list[RunRecord], metric: str, ambiguous_metric: str) -> 
     ``full`` paired by seed (only seeds both settings ran), with its 95 % t-interval.
     """
     metrics = {"valid_f1": "best_valid_f1", "f1": metric, "ambiguous_f1": ambiguous_metric,
-               **{m.replace("test_align_", "align_"): m for m in ALIGNMENT_METRICS}}
+               **{m.replace("test_align_", "align_"): m for m in ALIGNMENT_METRICS},
+               "alpha_alignment_f1": "test_alpha_alignment_macro_f1"}
     groups: dict[tuple, list[RunRecord]] = {}
     for run in runs:
         if run.tags.get("tmr.task") == "mde" or "tmr.ablation" not in run.tags or run.fraction < 1.0:
@@ -263,7 +264,8 @@ def ablation_table(rows: list[dict]) -> str:
     columns = [("task", "task"), ("ablation", "ablation"), ("runs", "seeds"), ("valid_f1", "valid F1 (best epoch)"),
                ("f1", "test F1"), ("delta_f1", "Δ test F1"), ("ambiguous_f1", "ambiguous F1"),
                ("delta_ambiguous_f1", "Δ ambiguous F1"), ("align_strengthen_f1", "strengthen F1"),
-               ("align_complement_f1", "complement F1"), ("align_weaken_f1", "weaken F1")]
+               ("align_complement_f1", "complement F1"), ("align_weaken_f1", "weaken F1"),
+               ("alpha_alignment_f1", "argmax α vs alignment (macro F1)")]
     lines = [title, "", "| " + " | ".join(h for _, h in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     if not rows:
         lines.append("| " + " | ".join("–" for _ in columns) + " |")

@@ -314,3 +314,15 @@ def test_shard_rows_streams_once_then_replays_every_row_reshuffled_per_epoch():
     for _ in range(2):
         list(shard_batches(streamed, 4, lambda b: b))
     assert big.passes == 2 and streamed.rows is None
+
+
+def test_alpha_alignment_probe_scores_the_estimators_argmax_against_the_ground_truth():
+    from jobs.finetune_extractor import alpha_alignment_scores
+
+    truth = {"a": {"alignment": "strengthen"}, "b": {"alignment": "complement"}, "c": {"alignment": "weaken"}}
+    right = [{"id": "a", "divergence": [0.8, 0.1, 0.1]}, {"id": "b", "divergence": [0.1, 0.8, 0.1]},
+             {"id": "c", "divergence": [0.1, 0.1, 0.8]}, {"id": "d", "divergence": None}]
+    assert alpha_alignment_scores(right, truth) == {"test_alpha_alignment_macro_f1": 1.0,
+                                                    "test_alpha_alignment_accuracy": 1.0}
+    always_weaken = [dict(r, divergence=[0.1, 0.2, 0.7]) for r in right[:3]]
+    assert alpha_alignment_scores(always_weaken, truth)["test_alpha_alignment_macro_f1"] == pytest.approx(1 / 6)
