@@ -333,10 +333,10 @@ def write_csv(rows: list[dict], path: str) -> None:
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]], title: str) -> str:
     """A Markdown table; float columns are shown as percentages with two decimals."""
-    if not rows:
-        return f"### {title}\n\n(no finished runs)\n"
     lines = [f"### {title}", "", "| " + " | ".join(h for _, h in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
+    if not rows:  # the header still says what the table would hold
+        return "\n".join([*lines, "| " + " | ".join("–" for _ in columns) + " |", "", "(no finished runs)"]) + "\n"
     for row in rows:
         cells = []
         for key, _ in columns:

@@ -218,3 +218,11 @@ def test_git_commit_and_run_names():
     assert commit is None or len(commit.split("-")[0]) == 40
     assert _tracking.default_run_name("re", "mnre", "text_only", 0.1, 2) == "re/mnre/text_only/frac0.1/seed2"
     assert _tracking.flatten_params({"a": {"b": 1, "c": {}}, "d": [1]}) == {"a.b": "1", "a.c": "{}", "d": "[1]"}
+
+
+def test_an_empty_comparison_table_still_has_its_header():
+    from jobs.compare_runs import ablation_table, markdown_table
+
+    table = markdown_table([], [("loss", "MDE objective"), ("runs", "runs")], "Table 3")
+    assert "| MDE objective | runs |" in table and "(no finished runs)" in table
+    assert "| task | ablation |" in ablation_table([])
