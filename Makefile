@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: install
-	$(PY) -m jobs.run_demo --config configs/demo.tiny.yaml
+	$(PY) -m jobs.run_demo --config configs/demo.tiny.yaml $(if $(PORT),--port $(PORT))
 
 test: install
 	$(PY) -m pytest -q

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from jobs import run_pipeline
 from jobs._config import load_config_file, opt, parse_config, print_config, run_main
+from tmr_core.errors import TMRError
 
 
 @dataclass
@@ -60,6 +61,19 @@ def serve_one_request(cfg: Config, pipeline_cfg: run_pipeline.Config) -> dict:
         ray.shutdown()
 
 
+class PortInUseError(TMRError):
+    """The Serve port is taken (another demo, a notebook server …)."""
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something already listens on ``host:port`` (Serve's proxy would fail to bind it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex((host, port)) == 0
+
+
 def print_response(response: dict) -> None:
     entities = ", ".join(f"{e['text']} ({e['type']})" for e in response.get("entities", [])) or "none"
     divergence = response.get("divergence")
@@ -76,9 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     print_config(cfg, "run_demo")
     pipeline_cfg = load_config_file(run_pipeline.Config, cfg.pipeline_config)
     stages, ran, total = run_pipeline.execute(pipeline_cfg)
-    response = serve_one_request(cfg, pipeline_cfg) if cfg.serve else None
+    busy = cfg.serve and port_in_use(cfg.port)
+    response = serve_one_request(cfg, pipeline_cfg) if cfg.serve and not busy else None
 
     run_pipeline.print_summary(pipeline_cfg, stages, ran, total)
+    if busy:  # after the summary: the pipeline's work is done and shown
+        raise PortInUseError(f"port {cfg.port} on 127.0.0.1 is in use, so the Serve app was not started; "
+                             f"free it or choose another: make demo PORT=8001 (python -m jobs.run_demo --port 8001)")
     if response is not None:
         print_response(response)
     tracking = pipeline_cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")

@@ -236,3 +236,19 @@ def test_job_args_reach_every_stage_of_their_job_but_may_not_repeat_the_pipeline
     clash = dataclasses.replace(cfg, job_args={"finetune_extractor": ["--output", "elsewhere"]})
     with pytest.raises(ConfigError, match="--output is set by the pipeline"):
         run_pipeline.check_job_args(run_pipeline.plan(clash), clash.job_args)
+
+
+def test_demo_on_a_busy_port_prints_the_summary_then_one_line_naming_the_port(monkeypatch, capsys):
+    import socket
+
+    from jobs import run_demo
+
+    monkeypatch.setattr(run_pipeline, "execute", lambda cfg: ([], {}, 0.0))
+    monkeypatch.setattr(run_pipeline, "print_summary", lambda *args: print("## Pipeline summary"))
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with pytest.raises(run_demo.PortInUseError, match=rf"port {port} on 127.0.0.1 is in use.*make demo PORT="):
+            run_demo.main(["--port", str(port)])
+    assert "## Pipeline summary" in capsys.readouterr().out
