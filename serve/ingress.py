@@ -571,6 +571,7 @@ def build_api(pipeline: Pipeline, settings: IngressSettings, token: str | None) 
     async def back_translation(image_id: str) -> Response:
         """A back-translated image from the cache, by the id a prediction returned."""
         from tmr_core import storage
+        from tmr_core.back_translation import image_decodes
 
         if not CACHE_ID.match(image_id):
             raise InputError("image_id", "expected the 64 hex characters a prediction returned", 422)
@@ -578,6 +579,9 @@ def build_api(pipeline: Pipeline, settings: IngressSettings, token: str | None) 
         if not storage.exists(uri, pipeline.storage_options):
             raise InputError("image_id", "no such back-translated image", 404, "not_found")
         data = await asyncio.to_thread(storage.read_bytes, uri, pipeline.storage_options)
+        if not await asyncio.to_thread(image_decodes, data):  # a truncated cache file is no image to serve
+            raise InputError("image_id", "the cached back-translated image is unreadable; a full-mode request "
+                             "or the batch job regenerates it", 404, "not_found")
         return Response(content=data, media_type="image/png")
 
     @api.get("/", include_in_schema=False)

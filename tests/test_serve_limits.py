@@ -206,3 +206,15 @@ def test_main_binds_the_configs_http_options(monkeypatch, tmp_path):
     path.write_text(yaml.safe_dump(config))
     assert app.main(["--config", str(path)]) == 0
     assert calls == [("127.0.0.2", 8123), ("127.0.0.2", 9001), ("127.0.0.1", 8000)]
+
+
+def test_a_corrupt_cached_back_translation_is_a_404_not_a_broken_png(client, tmp_path):
+    test_client, stub = client
+    key = "ab" * 32
+    good, bad = tmp_path / f"{key}.png", tmp_path / f"{'cd' * 32}.png"
+    good.write_bytes(png(8, 8))
+    bad.write_bytes(png(8, 8)[:40])  # truncated: opens, does not decode
+    stub.back_translation_uri = lambda image_id: str(tmp_path / f"{image_id}.png")
+    assert test_client.get(f"/v1/back-translations/{key}").status_code == 200
+    response = test_client.get(f"/v1/back-translations/{'cd' * 32}")
+    assert response.status_code == 404 and the_error(response)["field"] == "image_id"
