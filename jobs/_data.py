@@ -370,6 +370,7 @@ def write_splits(ds: Any, output_uri: str, splits: list[str], options: storage.S
     except Exception as exc:
         cause = _storage_error_in(exc)
         if cause is not None:
+            # the instance Ray hands back carries its retry advice after the first line
             raise storage.StorageError(str(cause).splitlines()[0]) from None
         raise
     rows, stats = _merge_reports(sink.reports)

@@ -138,9 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
     task = cfg.task = readers.task_of(cfg.format, cfg.task)  # saved resolved, so a rerun needs no guess
     print_config(cfg, "prepare_dataset")
-    storage.check_writable(cfg.output, cfg.storage.options())  # before any input is read
-
     options = cfg.storage.options()
+    storage.check_writable(cfg.output, options)  # before any input is read
     all_stats = []
     # Read every split before writing any, so a malformed file leaves no half-written output.
     tables = []

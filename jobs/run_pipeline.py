@@ -29,9 +29,9 @@ from typing import Literal
 
 from jobs._config import opt, parse_config, print_config, run_main, save_config
 from tmr_core.errors import TMRError
+from tmr_core.schema import SPLITS
 
 TASKS = ("ner", "re")
-SPLITS = ("train", "valid", "test")
 EVALUATION_SPLITS = ("valid", "test")  # a stage may drop training rows, never these
 
 
@@ -298,19 +298,16 @@ def read_marker(workdir: str, stage: Stage) -> dict:
 
 
 def stage_rows(stage: Stage) -> dict[str, int]:
-    """Rows per split of a table stage's output: its ``_SUCCESS.json`` counts once checked against
-    the files, else (a folder without a marker, e.g. written by an older version) the Parquet footers.
+    """Rows per split of a table stage's output, from its ``_SUCCESS.json`` once checked against
+    the files; {} for an output without one (every table stage writes it), which then reruns.
 
     Raises:
         StageOutputError: an unfinished output, or a marker that does not match the files.
     """
-    from jobs._data import check_marker, parquet_files
+    from jobs._data import check_marker
 
     marker = check_marker(stage.output, list(SPLITS))
-    if marker is not None:
-        return {split: n for split, n in marker.get("rows", {}).items()}
-    counts = {split: parquet_files(stage.output, split) for split in SPLITS}
-    return {split: sum(files.values()) for split, files in counts.items() if files}
+    return dict(marker.get("rows") or {}) if marker is not None else {}
 
 
 def format_rows(rows: dict[str, int]) -> str:
@@ -368,7 +365,8 @@ def summary_table(cfg: Config, stages: list[Stage], ran: dict[str, float | None]
         status = "ran" if seconds is not None else "up to date"
         if seconds is None:
             seconds = read_marker(cfg.workdir, stage).get("seconds")
-        rows = format_rows(stage_rows(stage)) if stage.summary == "table" else None
+        recorded = read_marker(cfg.workdir, stage).get("rows") if stage.summary == "table" else None
+        rows = format_rows(recorded) if recorded else None
         result = _headline(stage, read_metrics(stage.output)) if stage.summary == "metrics" else ""
         lines.append(f"| {stage.id} | {status} | {rows if rows is not None else ''} | "
                      f"{seconds if seconds is not None else ''} | {result} |")

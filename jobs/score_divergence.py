@@ -13,10 +13,11 @@ picks it). A missing or unreadable image follows ``on_missing_image``; valid and
 whatever the policy (a null score, which the extractor reads as α = (0, 0, 1)), and ``skip`` drops
 training rows only.
 
-Each row's scores do not depend on which rows Ray Data batched with it: rows go through the model
-``micro_batch_size`` at a time (1 by default: a row alone, so padding and batched float sums
-cannot move its α between runs; a larger value is faster on a GPU at the cost of differences
-around 1e-7 between runs).
+Each row's scores do not depend on which rows Ray Data batched with it: ViLT's random patch order
+is seeded per call (``MultimodalDivergenceEstimator.score``) and rows go through the model
+``micro_batch_size`` at a time (1 by default: a row alone, so neither its place in the patch draw
+nor padding depends on its batch mates; a larger value is faster on a GPU at the cost of
+differences around 1e-7 between runs).
 """
 
 from __future__ import annotations
@@ -115,7 +116,9 @@ class ScoreDivergence:
             return checkpoint
         return self.model.config.backbone
 
-    def _image_or_none(self, sample_id: str, uri: str | None) -> Any:
+    def _image_or_none(self, sample_id: str, uri: str | None, column: str = "image_uri") -> Any:
+        """The image at ``uri``; None when there is none or it is unreadable and the policy allows
+        it. A back-translation that cannot be read is never an error: its row simply has no α'."""
         from tmr_core.images import load_image
 
         if uri is None:
@@ -123,18 +126,19 @@ class ScoreDivergence:
         try:
             return load_image(uri, self.options)
         except (FileNotFoundError, ValueError, OSError) as exc:
-            if self.cfg.on_missing_image == "error":
+            if self.cfg.on_missing_image == "error" and column == "image_uri":
                 raise FileNotFoundError(
-                    f"sample {sample_id!r}: image_uri {uri!r} is missing or unreadable ({exc}); "
+                    f"sample {sample_id!r}: {column} {uri!r} is missing or unreadable ({exc}); "
                     "set --on_missing_image skip|keep to go on without it"
                 ) from exc
             return None
 
-    def _scores(self, ids: list[str], tokens: list, images: list) -> list[list[float] | None]:
+    def _scores(self, ids: list[str], tokens: list, images: list, strict: bool = True) -> list[list[float] | None]:
         """(s, c, w) per row with an image, None without; ``micro_batch_size`` rows per forward.
 
         A chunk that fails is scored row by row; a row the MDE cannot read (e.g. an image too
-        thin for ViLT's resize) follows ``on_missing_image`` like an unreadable file.
+        thin for ViLT's resize) follows ``on_missing_image`` like an unreadable file (``strict``;
+        back-translations are scored with ``strict=False``: no α' for such a row, never an error).
         """
         scored = [i for i, image in enumerate(images) if image is not None]
         divergence: list[list[float] | None] = [None] * len(ids)
@@ -144,7 +148,7 @@ class ScoreDivergence:
             try:
                 values = self._forward(ids, tokens, images, chunk)
             except Exception:  # noqa: BLE001 - retried row by row to find the bad one
-                values = [self._score_alone(ids, tokens, images, row) for row in chunk]
+                values = [self._score_alone(ids, tokens, images, row, strict) for row in chunk]
             for row, value in zip(chunk, values, strict=True):
                 divergence[row] = value
         return divergence
@@ -154,11 +158,11 @@ class ScoreDivergence:
         inputs = {k: v.to(self.cfg.device) for k, v in inputs.items()}
         return self.model.score(**inputs).float().cpu().tolist()  # (B, 3): strengthen, complement, weaken
 
-    def _score_alone(self, ids: list[str], tokens: list, images: list, row: int) -> list[float] | None:
+    def _score_alone(self, ids: list[str], tokens: list, images: list, row: int, strict: bool) -> list[float] | None:
         try:
             return self._forward(ids, tokens, images, [row])[0]
         except Exception as exc:  # noqa: BLE001 - the policy decides, naming the sample
-            if self.cfg.on_missing_image == "error":
+            if strict and self.cfg.on_missing_image == "error":
                 raise ValueError(f"sample {ids[row]!r}: the MDE cannot score its image ({exc}); "
                                  "set --on_missing_image keep|skip to go on without it") from exc
             return None
@@ -175,7 +179,8 @@ class ScoreDivergence:
         back_divergence: list = [None] * n
         if self.cfg.score_back_translations and "back_translation_uri" in batch.column_names:
             back_uris = batch.column("back_translation_uri").to_pylist()
-            back_divergence = self._scores(ids, tokens, [self._back_translation_or_none(u) for u in back_uris])
+            back_images = [self._image_or_none(i, u, "back_translation_uri") for i, u in zip(ids, back_uris, strict=True)]
+            back_divergence = self._scores(ids, tokens, back_images, strict=False)
         divergence = self._scores(ids, tokens, images)
         missing = [score is None for score in divergence]
         return add_columns(batch, JOB, {
@@ -186,17 +191,6 @@ class ScoreDivergence:
             DROP_COLUMN: [m and split == "train" and self.cfg.on_missing_image == "skip"
                           for m, split in zip(missing, splits, strict=True)],
         })
-
-    def _back_translation_or_none(self, uri: str | None) -> Any:
-        """A failed generation has no URI (and its error in back_translation_error): no score."""
-        from tmr_core.images import load_image
-
-        if uri is None:
-            return None
-        try:
-            return load_image(uri, self.options)
-        except (FileNotFoundError, ValueError, OSError):
-            return None
 
 
 def main(argv: list[str] | None = None) -> int:

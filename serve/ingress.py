@@ -44,6 +44,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from jobs._config import cut, shown
 from serve.schemas import (
     BackTranslationInfo,
     Divergence,
@@ -289,16 +290,16 @@ def read_image_uri(uri: str, settings: IngressSettings) -> bytes:
                          422, "invalid_uri")
     if not _under_allowed_prefix(uri, settings.image_uri_prefixes):
         allowed = settings.image_uri_prefixes or "none configured"
-        raise InputError("image_uri", f"{_short(uri)!r} is not under an allowed storage prefix ({allowed})", 403,
+        raise InputError("image_uri", f"{shown(uri)} is not under an allowed storage prefix ({allowed})", 403,
                          "forbidden")
     options = settings.storage_options()
     try:
         fs, path = storage.resolve(uri, options)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
-            raise InputError("image_uri", f"{_short(uri)!r} does not exist", 404, "not_found")
+            raise InputError("image_uri", f"{shown(uri)} does not exist", 404, "not_found")
         if info.type != pafs.FileType.File:
-            raise InputError("image_uri", f"{_short(uri)!r} is a folder, not an image file", 422, "not_a_file")
+            raise InputError("image_uri", f"{shown(uri)} is a folder, not an image file", 422, "not_a_file")
         if (info.size or 0) > settings.max_image_bytes:
             raise InputError("image_uri", f"image is over the size limit of {settings.max_image_bytes} bytes", 413,
                              "too_large")
@@ -306,14 +307,9 @@ def read_image_uri(uri: str, settings: IngressSettings) -> bytes:
     except (OSError, ValueError) as error:  # InputError is a ValueError: pass it on as it is
         if isinstance(error, InputError):
             raise
-        raise InputError("image_uri", f"{_short(uri)!r} cannot be read ({type(error).__name__}: "
-                         f"{_short(str(error))})", 422, "unreadable") from None
+        raise InputError("image_uri", f"{shown(uri)} cannot be read ({type(error).__name__}: "
+                         f"{cut(str(error))})", 422, "unreadable") from None
     return check_image(data, "image_uri", settings)
-
-
-def _short(text: str, limit: int = 200) -> str:
-    """Enough of a client's string to recognise it in an error, not a 4 kB echo."""
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def _under_allowed_prefix(uri: str, prefixes: list[str]) -> bool:
@@ -496,8 +492,7 @@ class RequestGuard:
                                              "msg": "missing or wrong bearer token", "type": "unauthorized"}])
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
-            return error_response(413, [{"field": "body", "loc": ["body"], "type": "too_large",
-                                         "msg": f"request body is over {self.max_request_bytes} bytes"}])
+            return error_response(413, RequestTooLarge(self.max_request_bytes).detail)
         return None
 
 

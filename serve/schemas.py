@@ -82,7 +82,7 @@ class _TextImageRequest(BaseModel):
         "does, so its cached image is found. Default: the text itself. Ignored otherwise.",
     )
 
-    @field_validator("text", "image", "image_uri", "sample_id")
+    @field_validator("text", "image_uri", "sample_id")  # image: b64decode(validate=True) refuses non-ASCII
     @classmethod
     def _valid_unicode(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from tmr_core.attention import CrossModalAttention, CrossModalEvidence, MultiGrainedAttention
+from tmr_core.attention import CrossModalAttention, MultiGrainedAttention
 from tmr_core.encoders import ImageEncoder, TextEncoder, VisualFeatures
 from tmr_core.fusion import divergence_fusion
 from tmr_core.heads import NERHead, REHead, bio_constraints, is_valid_bio, left_align, repair_bio
@@ -91,15 +91,17 @@ def test_multi_grained_attention_gives_one_vector_per_word_at_each_level():
     )
 
 
-def test_masked_image_leaves_the_text_state_and_never_gives_nan():
+@pytest.mark.parametrize("residual", [True, False], ids=["attention", "evidence"])
+def test_a_row_without_image_keeps_its_text_state_or_gets_no_evidence_and_never_nan(residual):
     torch.manual_seed(0)
-    attention = CrossModalAttention(query_dim=8, key_dim=6, num_heads=2, dropout=0.0)
+    attention = CrossModalAttention(query_dim=8, key_dim=6, num_heads=2, dropout=0.0, residual=residual)
     queries, keys = torch.randn(2, 5, 8), torch.randn(2, 4, 6)
     mask = torch.tensor([[True, True, False, False], [False, False, False, False]])
     out = attention(queries, keys, mask)
     assert torch.isfinite(out).all()
-    assert torch.allclose(out[1], attention.norm(queries[1]), atol=1e-6)  # no keys: text only
-    assert not torch.allclose(out[0], attention.norm(queries[0]), atol=1e-4)
+    without_image = attention.norm(queries[1]) if residual else torch.zeros(5, 8)  # text only / no evidence
+    assert torch.allclose(out[1], without_image, atol=1e-6)
+    assert not torch.allclose(out[0], attention.norm(queries[0]) if residual else torch.zeros(5, 8), atol=1e-4)
     out.sum().backward()
     assert attention.attention.in_proj_weight is None and attention.attention.q_proj_weight.grad is not None
 
@@ -228,14 +230,3 @@ def test_re_head_reads_the_size_of_h_that_alpha_sets():
     head_state, tail, phrases, pair = torch.randn(4, 2, 8).unbind(0)
     logits = head(head_state, tail, phrases, pair)
     assert not torch.allclose(head(head_state, tail, phrases, 0.1 * pair), logits, atol=1e-3)
-
-
-def test_evidence_is_zero_without_keys_and_keeps_no_text_state():
-    torch.manual_seed(0)
-    evidence = CrossModalEvidence(query_dim=8, key_dim=6, num_heads=2, dropout=0.0)
-    queries, keys = torch.randn(2, 5, 8), torch.randn(2, 4, 6)
-    mask = torch.tensor([[True, True, False, False], [False, False, False, False]])
-    out = evidence(queries, keys, mask)
-    assert torch.isfinite(out).all()
-    assert torch.equal(out[1], torch.zeros(5, 8))  # no image: no evidence at all
-    assert out[0].abs().sum() > 0

@@ -134,13 +134,19 @@ def test_rerun_gives_identical_tables(tmp_path, t17_images):
     assert not (tmp_path / "a" / "train.parquet").exists()
 
 
-@pytest.fixture
-def t17_test_with_gaps(tmp_path):
-    """Images for twitter2017/test.txt with two missing and one corrupt."""
+def t17_test_images(tmp_path):
+    """A readable JPEG for every sentence of twitter2017/test.txt, and the sentences."""
     image_dir = tmp_path / "images"
     sentences = read_twitter_ner(DATA / "twitter2017" / "test.txt")
     for s in sentences:
         write_image(image_dir / f"{s.image_id}.jpg")
+    return image_dir, sentences
+
+
+@pytest.fixture
+def t17_test_with_gaps(tmp_path):
+    """Images for twitter2017/test.txt with two missing and one corrupt."""
+    image_dir, sentences = t17_test_images(tmp_path)
     missing = [sentences[3], sentences[10]]
     for s in missing:
         (image_dir / f"{s.image_id}.jpg").unlink()
@@ -269,10 +275,7 @@ def write_truncated_jpeg(path: Path) -> None:
 
 @pytest.fixture
 def t17_test_with_truncated(tmp_path):
-    image_dir = tmp_path / "images"
-    sentences = read_twitter_ner(DATA / "twitter2017" / "test.txt")
-    for s in sentences:
-        write_image(image_dir / f"{s.image_id}.jpg")
+    image_dir, sentences = t17_test_images(tmp_path)
     truncated = sentences[7]
     write_truncated_jpeg(image_dir / f"{truncated.image_id}.jpg")
     with Image.open(image_dir / f"{truncated.image_id}.jpg") as image:

@@ -92,8 +92,6 @@ def storage_error(uri: str, exc: BaseException, options: StorageOptions | None =
     """One line for a failed read/write of ``uri``: an unreachable endpoint, refused credentials
     and a missing bucket each get their own message (an unreachable endpoint is not a missing
     bucket), with what to check."""
-    if isinstance(exc, StorageError):
-        return exc
     text = " ".join(str(exc).split())
     if not is_remote(uri):
         reason = getattr(exc, "strerror", None) or text
