@@ -1,11 +1,13 @@
 """Generate the synthetic multimodal benchmark (NER, RE, MDE corpus) in the real datasets' formats.
 
-    python -m jobs.make_synthetic_benchmark --out outputs/benchmark [--seed 0] [--size tiny|small|paper-like]
+    python -m jobs.make_synthetic_benchmark --out outputs/benchmark [--seed 0] [--size tiny|small|paper-like] [--version 1|2]
 
 The image decides what the text leaves open: focus names are ambiguous (PER in one sentence,
-LOC or ORG in another), and each sample is strengthen / complement / weaken (paper §1, Fig. 1);
-the MDE corpus follows §3.4 (1:1:2, weaken by swapping images, a style shortcut in domain and an
-out-of-domain style with both kinds). See :mod:`tmr_core.synthetic` for the world and the layout.
+LOC or ORG in another), and each sample is strengthen / complement / weaken (paper §1, Fig. 1).
+``--version 2`` (the default) draws the deciding object small among distractors, so that the
+object the mention names, not the image's colours overall, tells its type; ``--version 1`` keeps
+the old world (one large focus glyph) byte for byte. The MDE corpus follows §3.4 (1:1:2, weaken by
+swapping images, a style shortcut in domain and an out-of-domain style with both kinds). See :mod:`tmr_core.synthetic` for the world and the layout.
 Same seed and config, same bytes. Writes ``stats.json`` (ambiguity, alignment fractions, the
 text-only ceiling on ambiguous items) and ``config.yaml`` beside the data.
 """
@@ -28,6 +30,10 @@ class Config:
 
     out: str = opt("outputs/benchmark", "Folder to write (local path); existing files are overwritten.")
     seed: int = opt(0, "Generator seed: same seed and config, same bytes.")
+    version: Literal[1, 2] = opt(
+        2, "The world: 1 = one large focus glyph whose colour decides the type (kept byte-reproducible); "
+        "2 = small glyphs at random positions among distractors, boxes in ground_truth.jsonl."
+    )
     size: Literal["tiny", "small", "paper-like"] = opt(
         "tiny", "Preset sizes: tiny (seconds; tests and demo), small, paper-like (the paper's split sizes)."
     )
@@ -54,6 +60,7 @@ class Config:
         return preset(
             self.size,
             seed=self.seed,
+            version=self.version,
             ner_sizes=as_tuple(self.ner_sizes),
             re_sizes=as_tuple(self.re_sizes),
             mde_sizes=as_tuple(self.mde_sizes),

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
+import math
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -17,6 +20,28 @@ from tmr_core import synthetic as syn
 from tmr_core.readers import chunk_entities, re_sample_ids, read_mnre, read_rel2id, read_twitter_ner
 
 SMALL = dict(ner_sizes=(24, 8, 8), re_sizes=(24, 8, 8), mde_sizes=(40, 8, 8, 8))
+# sha256 over (relative path, content) of every file of the tiny version-1 benchmark, seed 0, as it
+# was before version 2 existed (parquet tables compared up to the absolute image_uri root)
+V1_TINY_SEED0_SHA256 = "e03c863f6bb8ec2f255be093e33b60b520d5cf0134e9999e063b189e98166066"
+
+
+@pytest.fixture(scope="module")
+def v1_benchmark(tmp_path_factory) -> Path:
+    """The tiny preset in the version-1 world (the ``tiny_benchmark`` fixture is the default, version 2)."""
+    out = tmp_path_factory.mktemp("tiny-benchmark-v1")
+    syn.make_synthetic_benchmark(out, syn.preset("tiny", seed=0, version=1))
+    return out
+
+
+def _tree_sha256(root: Path) -> str:
+    digest = hashlib.sha256()
+    for name in syn.list_files(root):
+        if name.endswith(".parquet"):
+            data = json.dumps(_table_with_relative_uris(root / name, root.resolve()), sort_keys=True).encode()
+        else:
+            data = (root / name).read_bytes()
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return digest.hexdigest()
 
 
 def _table_with_relative_uris(path: Path, root: Path) -> list[dict]:
@@ -109,19 +134,95 @@ def _glyph_pixel_counts(path: Path) -> Counter:
     return Counter(colours[p] for p in Image.open(path).convert("RGB").getdata() if p in colours)
 
 
-def test_the_image_shows_the_focus_type_unless_the_pair_is_weakened(tiny_benchmark):
-    """The largest glyph is the focus mention's type; a weakened sample shows another sample's, of another type."""
-    for row in _rows(tiny_benchmark):
+def test_version_1_is_still_the_same_bytes(v1_benchmark):
+    assert _tree_sha256(v1_benchmark) == V1_TINY_SEED0_SHA256
+    assert "objects" not in _rows(v1_benchmark)[0]
+
+
+def test_v1_the_largest_glyph_is_the_focus_type_unless_the_pair_is_weakened(v1_benchmark):
+    """Version 1: a weakened sample shows another sample's image, of another type."""
+    for row in _rows(v1_benchmark):
         if row["task"] != "ner" or row["split"] != "test":
             continue
         focus = next(m for m in row["mentions"] if m["context"] != "fixed")
-        image = tiny_benchmark / "images" / f"{row['id']}.png"
+        image = v1_benchmark / "images" / f"{row['id']}.png"
         shown = _glyph_pixel_counts(image).most_common(1)[0][0]
         if row["alignment"] == "weaken":
             assert shown != focus["type"]
-            assert image.read_bytes() == (tiny_benchmark / "images" / f"{row['image_from']}.png").read_bytes()
+            assert image.read_bytes() == (v1_benchmark / "images" / f"{row['image_from']}.png").read_bytes()
         else:
             assert shown == focus["type"] and row["image_from"] is None
+
+
+def _focus(row: dict) -> dict:
+    return next(m for m in row["mentions"] if m["context"] != "fixed")
+
+
+def _colour_mask(image: np.ndarray, kind: str) -> np.ndarray:
+    return (image == np.array(syn.GLYPHS[kind][1])).all(-1)
+
+
+def _box_mask(box: list[float]) -> np.ndarray:
+    """Pixels a box covers: the renderer paints its end coordinates too, so they are inclusive."""
+    x1, y1, x2, y2 = (math.floor(v) for v in box)
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[y1:y2 + 1, x1:x2 + 1] = True
+    return mask
+
+
+def test_v2_ner_images_show_one_object_of_a_type_the_focus_name_allows(tiny_benchmark):
+    """Every glyph is listed with its box, its colour lies in its box only, boxes do not overlap,
+    exactly one object has an allowed type, and it is the focus mention's (or absent when weakened)."""
+    type_of = {kind: etype for etype, kind in syn.TYPE_GLYPH.items()}
+    checked = 0
+    for row in _rows(tiny_benchmark):
+        if row["task"] != "ner":
+            continue
+        image = np.asarray(Image.open(tiny_benchmark / "images" / f"{row['id']}.png").convert("RGB"))
+        kinds = [o["kind"] for o in row["objects"]]
+        assert len(set(kinds)) == len(kinds) and 2 <= len(kinds) <= 5, row["id"]
+        covered = np.zeros((64, 64), dtype=int)
+        for obj in row["objects"]:
+            x1, y1, x2, y2 = obj["box"]
+            assert 0 <= x1 < x2 <= 64 and 0 <= y1 < y2 <= 64 and 10 <= x2 - x1 == y2 - y1 <= 18
+            colour, inside = _colour_mask(image, obj["kind"]), _box_mask(obj["box"])
+            assert not (colour & ~inside).any(), (row["id"], obj)  # the colour is in the box only
+            assert (colour & inside).sum() > 0.3 * (x2 - x1) * (y2 - y1), (row["id"], obj)  # a bar fills a third
+            covered += inside
+        assert covered.max() == 1, row["id"]  # no two boxes share a pixel
+        focus = _focus(row)
+        if row["alignment"] == "weaken":
+            assert all(m["box"] is None for m in row["mentions"])
+            assert syn.TYPE_GLYPH[focus["type"]] not in kinds
+            donor = tiny_benchmark / "images" / f"{row['image_from']}.png"
+            assert (tiny_benchmark / "images" / f"{row['id']}.png").read_bytes() == donor.read_bytes()
+            continue
+        allowed = [o for o in row["objects"] if type_of.get(o["kind"]) in syn.AMBIGUOUS_NAMES[focus["text"]]]
+        assert len(allowed) == 1 and allowed[0]["box"] == focus["box"], row["id"]
+        assert allowed[0]["kind"] == syn.TYPE_GLYPH[focus["type"]]
+        for mention in row["mentions"]:
+            assert row["objects"][kinds.index(syn.TYPE_GLYPH[mention["type"]])]["box"] == mention["box"]
+        checked += 1
+    assert checked > 400
+
+
+def test_v2_re_rows_box_the_head_and_tail_and_distractors_are_no_type(tiny_benchmark):
+    type_kinds = set(syn.TYPE_GLYPH.values())
+    rows = {r["id"]: r for r in _rows(tiny_benchmark) if r["task"] == "re"}
+    distractors = 0
+    for row_id, row in rows.items():
+        kinds = [o["kind"] for o in row["objects"]]
+        assert kinds[0] in type_kinds and kinds[1] in type_kinds and not set(kinds[2:]) & type_kinds and len(kinds) <= 3
+        distractors += len(kinds) > 2
+        if row["alignment"] == "weaken":
+            assert row["head_box"] is None and row["tail_box"] is None
+            continue
+        focus_row = rows[row_id[:-1] + "0"]
+        head, tail = focus_row["objects"][0]["box"], focus_row["objects"][1]["box"]
+        assert head[2] < 32 < tail[0]  # head left, tail right
+        expected = (head, tail) if row_id.endswith("-0") else (tail, head)
+        assert (row["head_box"], row["tail_box"]) == expected
+    assert 0.3 < distractors / len(rows) < 0.7
 
 
 def test_re_images_link_the_pair_exactly_when_related(tiny_benchmark):

@@ -196,6 +196,9 @@ RE_TYPED = {
     "/per/misc/present_in": ("{H} performed at {T}", "{H} spotted at {T} [last night]"),
     NONE_RELATION: ("{H} is trending . Meanwhile {T} posted [a photo]", "{H} has nothing to do with {T}"),
 }
+WORLD_VERSIONS = (1, 2)
+NON_TYPE_KINDS = tuple(k for k in GLYPHS if k not in TYPE_GLYPH.values())  # distractors that are no entity type
+GLYPH_SIZES_V2 = (10, 18)  # version-2 glyph sides in pixels of a 64-pixel image (scaled with image_size)
 HANDLES = ("@daily_news", "@sam_k", "@fan_page", "@citylife", "@tech_talk", "@sport_live")
 
 MDE_SOURCES_IN_DOMAIN = ("coco_like", "laion_like")
@@ -218,6 +221,7 @@ class SyntheticConfig:
     """
 
     seed: int = 0
+    version: int = 2  # the world: 1 = large focus glyph alone (kept reproducible), 2 = small glyphs among distractors
     ner_sizes: tuple[int, int, int] = (400, 120, 120)
     re_sizes: tuple[int, int, int] = (400, 120, 120)
     mde_sizes: tuple[int, int, int, int] = (1200, 200, 400, 200)
@@ -228,6 +232,8 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.version not in WORLD_VERSIONS:
+            problems.append(f"version must be one of {list(WORLD_VERSIONS)}, got {self.version!r}")
         if len(self.ner_sizes) != 3 or len(self.re_sizes) != 3:
             problems.append("ner_sizes and re_sizes need 3 numbers (train, valid, test)")
         if len(self.mde_sizes) != 4:
@@ -306,6 +312,7 @@ class NERSample:
     scene: Scene
     tree: str
     image_from: str | None = None
+    mention_glyphs: list[int] = field(default_factory=list)  # per mention, its glyph in its own scene (version 2)
 
 
 @dataclass
@@ -489,12 +496,20 @@ def _best_guess(posterior: dict[str, float], order: tuple[str, ...]) -> tuple[st
 # --------------------------------------------------------------------------- generation
 
 
-def _alignments(rng: random.Random, n: int, fractions: tuple[float, float, float]) -> list[str]:
-    """Exact counts per category (largest remainder), in random order."""
+def _alignments(rng: random.Random, n: int, fractions: tuple[float, float, float], weaken_in_every_split: bool = False) -> list[str]:
+    """Exact counts per category (largest remainder), in random order.
+
+    With ``weaken_in_every_split`` (version 2) a split of two or more samples gets at least one
+    weaken sample when the weaken fraction is positive, even where rounding would give none: the
+    weaken case is the one back-translation and the estimator exist for (§1), so every split needs it.
+    """
     raw = [f * n for f in fractions]
     counts = [math.floor(r) for r in raw]
     for i in sorted(range(3), key=lambda i: raw[i] - counts[i], reverse=True)[: n - sum(counts)]:
         counts[i] += 1
+    if weaken_in_every_split and n >= 2 and fractions[2] > 0 and counts[2] == 0:
+        counts[max(range(2), key=lambda i: counts[i])] -= 1
+        counts[2] = 1
     labels = [cat for cat, c in zip(ALIGNMENT_CATEGORIES, counts, strict=True) for _ in range(c)]
     rng.shuffle(labels)
     return labels
@@ -517,13 +532,98 @@ def _ner_scene(rng: random.Random, focus_type: str, other_types: list[str], size
     return Scene(glyphs, noise_seed=rng.getrandbits(32))
 
 
+def glyph_sizes(image_size: int, sizes: tuple[int, int] = GLYPH_SIZES_V2) -> tuple[int, int]:
+    """Version-2 glyph sides (pixels of a 64-pixel image) scaled to ``image_size``."""
+    return tuple(max(4, round(s * image_size / 64)) for s in sizes)
+
+
+def glyph_box(glyph: Glyph, image_size: int) -> list[float]:
+    """The glyph's drawn extent ``[x1, y1, x2, y2]`` in pixels, clipped to the image."""
+    r = glyph.size / 2
+    return [float(min(max(v, 0), image_size)) for v in (glyph.cx - r, glyph.cy - r, glyph.cx + r, glyph.cy + r)]
+
+
+def _boxes_apart(a: list[float], b: list[float], gap: float) -> bool:
+    return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
+
+
+def _segment_distance(px: float, py: float, a: Glyph, b: Glyph) -> float:
+    """Distance from a point to the segment between two glyph centres (a link line)."""
+    dx, dy = b.cx - a.cx, b.cy - a.cy
+    t = 0.0 if dx == dy == 0 else max(0.0, min(1.0, ((px - a.cx) * dx + (py - a.cy) * dy) / (dx * dx + dy * dy)))
+    return math.hypot(px - a.cx - t * dx, py - a.cy - t * dy)
+
+
+def _free_spot(rng: random.Random, kind: str, side: int, size: int, placed: list[Glyph], x_range: tuple[int, int] | None = None,
+               avoid_link: tuple[Glyph, Glyph] | None = None, gap: int = 2, attempts: int = 200) -> Glyph | None:
+    """A glyph of ``kind`` and side ``side`` at a random position inside the image that keeps ``gap``
+    pixels from every placed glyph (and clear of a link line), or None if none was found."""
+    margin = side // 2 + 1
+    lo, hi = x_range or (margin, size - margin)
+    for _ in range(attempts):
+        glyph = Glyph(kind, rng.randint(lo, hi), rng.randint(margin, size - margin), side)
+        box = glyph_box(glyph, size)
+        if not all(_boxes_apart(box, glyph_box(other, size), gap) for other in placed):
+            continue
+        if avoid_link and _segment_distance(glyph.cx, glyph.cy, *avoid_link) <= side * 0.75 + size // 24:
+            continue
+        return glyph
+    return None
+
+
+def place_glyphs(rng: random.Random, kinds: list[str], size: int, sizes: tuple[int, int] = GLYPH_SIZES_V2) -> Scene:
+    """Draw ``kinds`` (keys of :data:`GLYPHS`, in this order) at random non-overlapping positions.
+
+    The version-2 layout: each glyph's side is uniform in ``sizes`` (pixels, inclusive), its whole
+    extent lies inside the ``size`` x ``size`` image, and boxes keep 2 pixels apart, so every glyph
+    is visible whole and its :func:`glyph_box` is exactly where its colour is. ``scene.glyphs[i]``
+    is ``kinds[i]``.
+
+    Raises:
+        ValueError: a kind is not a glyph, or the glyphs do not fit (too many or too large).
+    """
+    unknown = [k for k in kinds if k not in GLYPHS]
+    if unknown:
+        raise ValueError(f"kinds: {unknown} are not glyphs (one of {sorted(GLYPHS)})")
+    if not 1 <= sizes[0] <= sizes[1] <= size - 2:
+        raise ValueError(f"sizes must be (low, high) with 1 <= low <= high <= {size - 2}, got {sizes}")
+    for _layout in range(50):  # a dense draw can paint itself into a corner: start the layout over
+        glyphs: list[Glyph] = []
+        for kind in kinds:
+            glyph = _free_spot(rng, kind, rng.randint(*sizes), size, glyphs)
+            if glyph is None:
+                break
+            glyphs.append(glyph)
+        else:
+            return Scene(glyphs, noise_seed=rng.getrandbits(32))
+    raise ValueError(f"cannot place {len(kinds)} glyphs of sides {sizes} apart in a {size}x{size} image")
+
+
+def _ner_scene_v2(rng: random.Random, focus_type: str, allowed: tuple[str, ...], fixed_types: list[str], size: int) -> Scene:
+    """Focus glyph, one glyph per fixed name (in that order), then 1-2 distractors; no kind twice.
+
+    Fixed names' types lie outside the focus name's ``allowed`` types (the caller draws them so), and
+    so do the distractors (non-type kinds, or types the name rules out), so exactly one glyph has a
+    type the focus name allows: a phrase query for the name has one right box, and a colour
+    histogram of the whole image no longer says which colour is the focus's.
+    """
+    pool = [TYPE_GLYPH[t] for t in NER_TYPES if t not in allowed and t not in fixed_types] + list(NON_TYPE_KINDS)
+    distractors = rng.sample(pool, rng.randint(1, 2))
+    kinds = [TYPE_GLYPH[focus_type]] + [TYPE_GLYPH[t] for t in fixed_types] + distractors
+    return place_glyphs(rng, kinds, size, glyph_sizes(size))
+
+
 def _make_ner_sample(rng: random.Random, sample_id: str, split: str, alignment: str, cfg: SyntheticConfig) -> NERSample:
     name = rng.choice(sorted(AMBIGUOUS_NAMES))
     focus_type = rng.choice(AMBIGUOUS_NAMES[name])
     context = "neutral" if alignment == "complement" else focus_type
     template = rng.choice(NER_NEUTRAL if context == "neutral" else NER_TYPED[focus_type])
     n_fixed = rng.choices((0, 1, 2), weights=cfg.suffix_probs)[0]
-    fixed_types = rng.sample(NER_TYPES, n_fixed)
+    if cfg.version == 1:
+        fixed_types = rng.sample(NER_TYPES, n_fixed)
+    else:  # a fixed name's glyph must not be a second candidate box for the focus name
+        outside = [t for t in NER_TYPES if t not in AMBIGUOUS_NAMES[name]]
+        fixed_types = rng.sample(outside, min(n_fixed, len(outside)))
     slots = {"E": name}
     for i, etype in enumerate(fixed_types):
         slot = f"F{i}"
@@ -544,16 +644,24 @@ def _make_ner_sample(rng: random.Random, sample_id: str, split: str, alignment: 
         for k in range(start + 1, end):
             tags[k] = f"I-{etype}"
         mentions.append(Mention(start, end, etype, slots[slot], mention_context, is_focus and context == "neutral", guess, p))
-    scene = _ner_scene(rng, focus_type, fixed_types, cfg.image_size)
-    return NERSample(sample_id, split, tokens, tags, mentions, alignment, scene, tree)
+    if cfg.version == 1:
+        return NERSample(sample_id, split, tokens, tags, mentions, alignment, _ner_scene(rng, focus_type, fixed_types, cfg.image_size), tree)
+    scene = _ner_scene_v2(rng, focus_type, AMBIGUOUS_NAMES[name], fixed_types, cfg.image_size)
+    # glyph order is focus, then fixed names in slot order; mentions are in text order
+    glyph_of = {"E": 0, **{f"F{i}": 1 + i for i in range(len(fixed_types))}}
+    mention_glyphs = [glyph_of[slot] for slot, _span in sorted(spans.items(), key=lambda kv: kv[1])]
+    return NERSample(sample_id, split, tokens, tags, mentions, alignment, scene, tree, mention_glyphs=mention_glyphs)
 
 
 def _focus_type(sample: NERSample) -> str:
     return next(m.type for m in sample.mentions if m.context != "fixed")
 
 
-def _swap_in_donor_images(rng: random.Random, samples: list, key, id_of) -> None:
-    """Weaken: give each weaken sample the image of a non-weaken sample whose ``key`` differs."""
+def _swap_in_donor_images(rng: random.Random, samples: list, key, id_of, prefer=None) -> None:
+    """Weaken: give each weaken sample the image of a non-weaken sample whose ``key`` differs.
+
+    ``prefer(sample, donor)``, when given, narrows the donors to those it accepts where any exist.
+    """
     donors = [s for s in samples if s.alignment != "weaken"] or list(samples)
     for sample in samples:
         if sample.alignment != "weaken":
@@ -561,6 +669,8 @@ def _swap_in_donor_images(rng: random.Random, samples: list, key, id_of) -> None
         candidates = [d for d in donors if key(d) != key(sample)]
         if not candidates:
             raise ValueError("cannot build weaken samples: every candidate donor image agrees with the text")
+        if prefer is not None:
+            candidates = [d for d in candidates if prefer(sample, d)] or candidates
         donor = rng.choice(candidates)
         sample.scene = donor.scene
         sample.image_from = id_of(donor)
@@ -568,13 +678,19 @@ def _swap_in_donor_images(rng: random.Random, samples: list, key, id_of) -> None
 
 def generate_ner_split(cfg: SyntheticConfig, split: str, n: int, first_index: int) -> list[NERSample]:
     rng = random.Random(f"{cfg.seed}-ner-{split}")
-    alignments = _alignments(rng, n, cfg.alignment_fractions)
+    alignments = _alignments(rng, n, cfg.alignment_fractions, weaken_in_every_split=cfg.version >= 2)
     samples = [
         _make_ner_sample(rng, f"syn_ner_{first_index + i:06d}", split, alignment, cfg)
         for i, alignment in enumerate(alignments)
     ]
-    _swap_in_donor_images(rng, samples, key=_focus_type, id_of=lambda s: s.id)
+    _swap_in_donor_images(rng, samples, key=_focus_type, id_of=lambda s: s.id,
+                          prefer=_shows_no_glyph_of_its_type if cfg.version >= 2 else None)
     return samples
+
+
+def _shows_no_glyph_of_its_type(sample: NERSample, donor: NERSample) -> bool:
+    """Version 2 weaken: the donor image shows nothing of the text's focus type, only other objects."""
+    return all(g.kind != TYPE_GLYPH[_focus_type(sample)] for g in donor.scene.glyphs)
 
 
 def _re_scene(rng: random.Random, head_type: str, tail_type: str, related: bool, size: int) -> Scene:
@@ -585,6 +701,22 @@ def _re_scene(rng: random.Random, head_type: str, tail_type: str, related: bool,
     head = Glyph(TYPE_GLYPH[head_type], rng.randint(margin, half - margin - gap), rng.randint(margin, size - margin), glyph)
     tail = Glyph(TYPE_GLYPH[tail_type], rng.randint(half + margin + gap, size - margin), rng.randint(margin, size - margin), glyph)
     return Scene([head, tail], links=[(0, 1)] if related else [], noise_seed=rng.getrandbits(32))
+
+
+def _re_scene_v2(rng: random.Random, head_type: str, tail_type: str, related: bool, size: int) -> Scene:
+    """Head glyph left, tail glyph right (sides varied, smaller than version 1), a link when related,
+    and with probability 1/2 a distractor of a non-type kind, kept clear of the glyphs and the link."""
+    sizes = glyph_sizes(size)
+    half, gap = size // 2, max(2, size // 16)  # keep part of the link visible between the two glyphs
+    head_side, tail_side = rng.randint(*sizes), rng.randint(*sizes)
+    head = _free_spot(rng, TYPE_GLYPH[head_type], head_side, size, [], x_range=(head_side // 2 + 1, half - head_side // 2 - 1 - gap))
+    tail = _free_spot(rng, TYPE_GLYPH[tail_type], tail_side, size, [], x_range=(half + tail_side // 2 + 1 + gap, size - tail_side // 2 - 1))
+    glyphs = [head, tail]
+    if rng.random() < 0.5:
+        distractor = _free_spot(rng, rng.choice(NON_TYPE_KINDS), rng.randint(*sizes), size, glyphs, avoid_link=(head, tail), attempts=50)
+        if distractor is not None:  # no room clear of the link: the image goes without one
+            glyphs.append(distractor)
+    return Scene(glyphs, links=[(0, 1)] if related else [], noise_seed=rng.getrandbits(32))
 
 
 def _make_re_sentence(rng: random.Random, image_id: str, split: str, alignment: str, cfg: SyntheticConfig) -> RESentence:
@@ -606,13 +738,13 @@ def _make_re_sentence(rng: random.Random, image_id: str, split: str, alignment: 
         # the reverse pair never holds a relation in this world, and its order says so
         REInstance(spans["T"], spans["H"], NONE_RELATION, False, NONE_RELATION, 1.0),
     ]
-    scene = _re_scene(rng, head_type, tail_type, relation != NONE_RELATION, cfg.image_size)
+    scene = (_re_scene if cfg.version == 1 else _re_scene_v2)(rng, head_type, tail_type, relation != NONE_RELATION, cfg.image_size)
     return RESentence(image_id, split, tokens, instances, alignment, context, scene, tree)
 
 
 def generate_re_split(cfg: SyntheticConfig, split: str, n: int, first_index: int) -> list[RESentence]:
     rng = random.Random(f"{cfg.seed}-re-{split}")
-    alignments = _alignments(rng, n, cfg.alignment_fractions)
+    alignments = _alignments(rng, n, cfg.alignment_fractions, weaken_in_every_split=cfg.version >= 2)
     sentences = [
         _make_re_sentence(rng, f"syn_re_{first_index + i:06d}.png", split, alignment, cfg)
         for i, alignment in enumerate(alignments)
@@ -786,24 +918,45 @@ def re_sample_id(image_id: str, k: int) -> str:
 
 
 def ground_truth_rows(bench: Benchmark) -> list[dict]:
-    """One row per sample (NER sentence, RE instance): alignment, ambiguity, text-only best guess."""
+    """One row per sample (NER sentence, RE instance): alignment, ambiguity, text-only best guess.
+
+    Version 2 adds boxes (pixels of the image, ``[x1, y1, x2, y2]``, :func:`glyph_box`): every row's
+    ``objects`` lists each glyph of the image file the sample uses (the donor's for weaken); an NER
+    mention's ``box`` and an RE row's ``head_box``/``tail_box`` are its own object's box, or None when
+    the image does not show it (a weaken sample's image comes from another sample).
+    """
+    size, boxes = bench.config.image_size, bench.config.version >= 2
+
+    def objects(scene: Scene) -> list[dict]:
+        return [{"kind": g.kind, "box": glyph_box(g, size)} for g in scene.glyphs]
+
+    def own_box(sample, glyph_index: int) -> list[float] | None:
+        return None if sample.image_from is not None else glyph_box(sample.scene.glyphs[glyph_index], size)
+
     rows = []
     for split in SPLITS:
         for s in bench.ner[split]:
-            rows.append({
-                "id": s.id, "task": "ner", "split": split, "alignment": s.alignment, "image_from": s.image_from,
-                "mentions": [dataclasses.asdict(m) for m in s.mentions],
-            })
+            mentions = [dataclasses.asdict(m) for m in s.mentions]
+            row = {"id": s.id, "task": "ner", "split": split, "alignment": s.alignment, "image_from": s.image_from, "mentions": mentions}
+            if boxes:
+                for mention, glyph_index in zip(mentions, s.mention_glyphs, strict=True):
+                    mention["box"] = own_box(s, glyph_index)
+                row["objects"] = objects(s.scene)
+            rows.append(row)
     for split in SPLITS:
         for s in bench.re[split]:
             for k, inst in enumerate(s.instances):
-                rows.append({
+                row = {
                     "id": re_sample_id(s.image_id, k), "task": "re", "split": split, "alignment": s.alignment,
                     "image_from": s.image_from, "relation": inst.relation, "ambiguous": inst.ambiguous,
                     "context": s.context if k == 0 else "order",
                     "head": " ".join(s.tokens[inst.head[0]:inst.head[1]]), "tail": " ".join(s.tokens[inst.tail[0]:inst.tail[1]]),
                     "text_only_best_guess": inst.text_only_best_guess, "text_only_p": inst.text_only_p,
-                })
+                }
+                if boxes:  # glyph 0 is the focus pair's head, glyph 1 its tail; instance 1 is the reverse pair
+                    row["head_box"], row["tail_box"] = own_box(s, k), own_box(s, 1 - k)
+                    row["objects"] = objects(s.scene)
+                rows.append(row)
     return rows
 
 
