@@ -81,6 +81,12 @@ def print_summary(stats: dict) -> None:
             line += (f"; best text-only model on the ambiguous test items: {s['text_only_f1_test']:.1%} F1 "
                      f"(the ambiguous-subset metric; expected accuracy {s['text_only_ceiling_test']:.1%})")
         print(line)
+    if "world" in stats:
+        w = stats["world"]
+        print(f"[{JOB}] world v{w['version']}: the largest type colour is the focus type on "
+              f"{w['histogram_rule_accuracy']:.1%} of {w['items']} {w['split']} images that show it "
+              f"(focus glyph: median {w['median_focus_area_share']:.1%} of the pixels); weaken share "
+              f"{json.dumps(w['weaken_share'])}")
     for split, entry in stats.get("mde", {}).items():
         print(f"[{JOB}] mde {split}: {entry['rows']} rows {json.dumps(entry['labels'])}")
 

@@ -220,6 +220,11 @@ def test_v2_re_rows_box_the_head_and_tail_and_distractors_are_no_type(tiny_bench
         focus_row = rows[row_id[:-1] + "0"]
         head, tail = focus_row["objects"][0]["box"], focus_row["objects"][1]["box"]
         assert head[2] < 32 < tail[0]  # head left, tail right
+        image = np.asarray(Image.open(tiny_benchmark / "images" / f"{row_id[:-2]}.png").convert("RGB"))
+        for obj in row["objects"]:  # head and tail can be the same kind (peer, contain)
+            same_kind = np.any([_box_mask(o["box"]) for o in row["objects"] if o["kind"] == obj["kind"]], axis=0)
+            colour = _colour_mask(image, obj["kind"])
+            assert (colour & _box_mask(obj["box"])).any() and not (colour & ~same_kind).any(), (row_id, obj)
         expected = (head, tail) if row_id.endswith("-0") else (tail, head)
         assert (row["head_box"], row["tail_box"]) == expected
     assert 0.3 < distractors / len(rows) < 0.7
@@ -323,8 +328,75 @@ def test_job_writes_config_stats_and_rejects_bad_fractions(tmp_path, capsys):
     out = tmp_path / "bench"
     assert job.main(["--out", str(out), "--ner_sizes", "[8,4,4]", "--re_sizes", "[8,4,4]", "--mde_sizes", "[16,4,4,4]"]) == 0
     assert (out / "config.yaml").is_file() and json.loads((out / "stats.json").read_text())["ner"]["samples"]["train"] == 8
-    assert "best text-only model" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "best text-only model" in printed and "world v2: the largest type colour is the focus type on" in printed
     from jobs._config import ConfigError
 
     with pytest.raises(ConfigError, match="alignment_fractions"):
         job.main(["--out", str(out), "--alignment_fractions", "[0.5,0.6,0.1]"])
+
+
+def _histogram_rule_accuracy(bench_dir: Path) -> float:
+    """On NER test images that show the focus object: is the type whose colour covers most pixels the focus type?"""
+    hits = [
+        _glyph_pixel_counts(bench_dir / "images" / f"{row['id']}.png").most_common(1)[0][0] == _focus(row)["type"]
+        for row in _rows(bench_dir)
+        if row["task"] == "ner" and row["split"] == "test" and row["image_from"] is None
+    ]
+    return sum(hits) / len(hits)
+
+
+def test_a_global_colour_histogram_decides_version_1_but_not_version_2(tiny_benchmark, v1_benchmark):
+    v1, v2 = _histogram_rule_accuracy(v1_benchmark), _histogram_rule_accuracy(tiny_benchmark)
+    assert v1 == 1.0 and v2 < 0.7
+    world = json.loads((tiny_benchmark / "stats.json").read_text())["world"]
+    assert world["version"] == 2 and world["histogram_rule_accuracy"] == pytest.approx(v2)
+    assert world["median_focus_area_share"] < 0.06
+    assert syn.image_evidence(syn.generate_benchmark(syn.preset("tiny", seed=0, version=1)))["histogram_rule_accuracy"] == 1.0
+    assert all(share > 0 for task in ("ner", "re") for share in world["weaken_share"][task].values())
+
+
+def test_version_2_has_weaken_samples_in_every_split_even_where_rounding_gives_none():
+    import random
+
+    fractions = syn.PRESETS["tiny"].alignment_fractions
+    assert "weaken" not in syn._alignments(random.Random(0), 2, fractions)
+    assert "weaken" in syn._alignments(random.Random(0), 2, fractions, weaken_in_every_split=True)
+    bench = syn.generate_benchmark(syn.preset("tiny", seed=1, ner_sizes=(40, 8, 4), re_sizes=(40, 8, 4), mde_sizes=(8, 8, 8, 8)))
+    for task in (bench.ner, bench.re):
+        for split, samples in task.items():
+            assert any(s.alignment == "weaken" and s.image_from for s in samples), split
+
+
+def test_place_glyphs_puts_every_glyph_whole_and_apart():
+    import random
+
+    kinds = ["red circle", "green triangle", "purple cross", "orange bar", "blue square"]
+    for seed in range(50):
+        scene = syn.place_glyphs(random.Random(seed), kinds, 64)
+        assert [g.kind for g in scene.glyphs] == kinds
+        boxes = [syn.glyph_box(g, 64) for g in scene.glyphs]
+        for g, (x1, y1, x2, y2) in zip(scene.glyphs, boxes, strict=True):
+            assert 10 <= g.size <= 18 and 0 < x1 and 0 < y1 and x2 < 64 and y2 < 64
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert a[2] + 2 <= b[0] or b[2] + 2 <= a[0] or a[3] + 2 <= b[1] or b[3] + 2 <= a[1]
+    assert syn.place_glyphs(random.Random(3), kinds, 64) == syn.place_glyphs(random.Random(3), kinds, 64)
+    with pytest.raises(ValueError, match="cannot place"):
+        syn.place_glyphs(random.Random(0), ["red circle"] * 30, 64)
+    with pytest.raises(ValueError, match="not glyphs"):
+        syn.place_glyphs(random.Random(0), ["pink star"], 64)
+
+
+def test_version_is_checked_and_the_tokenizer_corpus_covers_both_versions(tmp_path):
+    from jobs._config import ConfigError
+
+    with pytest.raises(ValueError, match="version must be one of"):
+        syn.SyntheticConfig(version=3)
+    with pytest.raises(ConfigError, match="version"):
+        job.main(["--out", str(tmp_path), "--version", "3"])
+    corpus = set(syn.synthetic_corpus())
+    for version in syn.WORLD_VERSIONS:
+        bench = syn.generate_benchmark(syn.preset("tiny", version=version))
+        assert {" ".join(s.tokens) for split in bench.ner.values() for s in split} <= corpus, version
+        assert {r.caption for rows in bench.mde.values() for r in rows} <= corpus, version

@@ -9,11 +9,11 @@ small world with exactly those properties, written in the real on-disk formats (
 The world
 ---------
 * Entity types are drawn as coloured glyphs on a 64×64 image: PER = red circle, LOC = green
-  triangle, ORG = blue square, MISC = yellow diamond (two more glyphs appear only in the MDE
-  corpus). A sentence has one *focus* mention, drawn large, and 0–2 fixed-name mentions, drawn small.
+  triangle, ORG = blue square, MISC = yellow diamond; purple cross and orange bar are of no type
+  (distractors, and MDE objects).
 * Focus names are **ambiguous surface forms** ("Jordan", "Chelsea", "Green Bay", …): each allows
   2–3 types, and its type in a sentence is drawn uniformly from them. Fixed names ("NASA", "Oslo")
-  always have one type.
+  always have one type. A sentence has one *focus* mention and 0–2 fixed-name mentions.
 * Alignment (ground truth, never a model input), per sample:
 
   - *strengthen*: the text context decides the focus type ("Just landed in Jordan") and the image
@@ -28,11 +28,31 @@ The world
   types. The image shows the head glyph on the left, the tail glyph on the right, and a black link
   between them when they are related. Each image has two instances on consecutive lines: the focus
   pair (h, t) and its reverse (t, h), which is always ``None``.
+
 * MDE corpus (§3.4): caption-image pairs labelled strengthen / complement / weaken in the ratio
   1:1:2. In domain, the ``coco_like`` style (captions that list every object) supplies strengthen
   and the ``laion_like`` style (web titles naming a strict subset) supplies complement, so style is
   a learnable shortcut; weaken re-pairs a caption with another pair's image that shows none of the
   objects it names. The out-of-domain ``sbu_like`` style has both kinds (Table 3).
+
+Two versions of the pictures (``SyntheticConfig.version``). The texts use the same templates and
+posteriors in both (version 2 only keeps fixed names to types the focus name rules out, which the
+name already tells), so :func:`text_only_ceiling` holds for either:
+
+* **Version 1** (kept byte for byte): the focus glyph is drawn large (42 % of the side) and the
+  fixed names' glyphs small, in separate quadrants. The colour covering the most pixels is the
+  focus type on every non-weaken image, so a global colour histogram is all a model needs, and
+  grounding or back-translation cannot add anything.
+* **Version 2** (the default): every glyph is 10–18 px of 64 at a random position, none overlapping
+  (:func:`place_glyphs`); the fixed names' glyphs and 1–2 distractors (another type's colour where the
+  name leaves one free, or a purple cross / orange bar) share the image with the focus glyph. Fixed
+  names and distractors take types the focus name does *not* allow, so exactly one glyph has a type
+  the name allows: a phrase query for the name has one right box, and which colour decides depends
+  on the name, not on the image's colours overall (:func:`image_evidence` measures it). Weaken donors
+  show no glyph of the text's focus type, every split has weaken samples, and RE images have smaller,
+  varied glyphs plus, half the time, a no-type distractor clear of the link. ``ground_truth.jsonl``
+  gains boxes: ``objects`` (each glyph's kind and box), a ``box`` per NER mention, ``head_box`` /
+  ``tail_box`` per RE row (None where the image is another sample's).
 
 The best any text-only model can do on the ambiguous items is the Bayes rate of this generative
 process given the text, computed exactly by :func:`text_only_ceiling`.
@@ -607,8 +627,12 @@ def _ner_scene_v2(rng: random.Random, focus_type: str, allowed: tuple[str, ...],
     type the focus name allows: a phrase query for the name has one right box, and a colour
     histogram of the whole image no longer says which colour is the focus's.
     """
-    pool = [TYPE_GLYPH[t] for t in NER_TYPES if t not in allowed and t not in fixed_types] + list(NON_TYPE_KINDS)
-    distractors = rng.sample(pool, rng.randint(1, 2))
+    free_types = [TYPE_GLYPH[t] for t in NER_TYPES if t not in allowed and t not in fixed_types]
+    # the first distractor has an entity type's colour where the name leaves one free, so that colour
+    # is not a tell by itself; a second one, if any, is drawn from all that is left
+    first = rng.choice(free_types or list(NON_TYPE_KINDS))
+    rest = [k for k in free_types + list(NON_TYPE_KINDS) if k != first]
+    distractors = [first] + rng.sample(rest, rng.randint(0, 1))
     kinds = [TYPE_GLYPH[focus_type]] + [TYPE_GLYPH[t] for t in fixed_types] + distractors
     return place_glyphs(rng, kinds, size, glyph_sizes(size))
 
@@ -830,11 +854,14 @@ def generate_benchmark(cfg: SyntheticConfig) -> Benchmark:
 
 
 def synthetic_corpus(seed: int = 0, size: str = "tiny") -> list[str]:
-    """Every sentence and caption of a benchmark, one string each (for training tokenizers)."""
-    bench = generate_benchmark(preset(size, seed=seed))
-    texts = [" ".join(s.tokens) for split in SPLITS for s in bench.ner[split]]
-    texts += [" ".join(s.tokens) for split in SPLITS for s in bench.re[split]]
-    texts += [row.caption for split in MDE_SPLITS for row in bench.mde[split]]
+    """Every sentence and caption of a benchmark in each world version, one string each (for training
+    tokenizers): a tokenizer built from it knows the words of whichever version a run generates."""
+    texts = []
+    for version in WORLD_VERSIONS:
+        bench = generate_benchmark(preset(size, seed=seed, version=version))
+        texts += [" ".join(s.tokens) for split in SPLITS for s in bench.ner[split]]
+        texts += [" ".join(s.tokens) for split in SPLITS for s in bench.re[split]]
+        texts += [row.caption for split in MDE_SPLITS for row in bench.mde[split]]
     return texts
 
 
@@ -970,7 +997,8 @@ def write_benchmark(bench: Benchmark, out_dir: str | Path) -> dict:
 
     Layout: ``ner/{train,valid,test}.txt``, ``re/ours_{train,val,test}.txt``, ``re/ours_rel2id.json``,
     ``images/*.png``, ``trees/{ner,re}/{split}.txt``, ``ground_truth.jsonl``,
-    ``mde/{train,valid,test_in_domain,test_out_of_domain}.parquet``, ``mde_images/*.png``, ``stats.json``.
+    ``mde/{train,valid,test_in_domain,test_out_of_domain}.parquet``, ``mde_images/*.png``, ``stats.json``
+    (version 2 adds its ``world`` entry, :func:`image_evidence`).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -1012,6 +1040,8 @@ def write_benchmark(bench: Benchmark, out_dir: str | Path) -> dict:
         }, schema=mde_schema())
         pq.write_table(table, out / "mde" / f"{split}.parquet", compression="zstd")
     stats = benchmark_stats(rows, bench.mde, bench.config)
+    if bench.config.version >= 2:  # version 1's stats.json stays as it was, byte for byte
+        stats["world"] = image_evidence(bench)
     _write(out / "stats.json", json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return stats
 
@@ -1160,6 +1190,62 @@ def benchmark_stats(rows: list[dict], mde: dict[str, list[MDERow]] | None = None
     return stats
 
 
+def _type_colour_counts(png: bytes, tolerance: int = 24) -> dict[str, int]:
+    """Pixels within ``tolerance`` (per channel) of each entity type's glyph colour: a global colour histogram."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    return {etype: int((np.abs(pixels - np.array(GLYPHS[kind][1])).max(-1) <= tolerance).sum()) for etype, kind in TYPE_GLYPH.items()}
+
+
+def image_evidence(bench: Benchmark, split: str = "test") -> dict:
+    """How much of the type a global colour histogram gives away, and how often the image misleads.
+
+    * ``histogram_rule_accuracy``: on the NER items of ``split`` whose image shows the focus object
+      (not weaken), how often "the entity type whose glyph colour covers the most pixels" is the focus
+      type. Version 1 draws the focus glyph largest, so the rule is always right and nothing but
+      the colours matters; version 2 should leave it well below 1.
+    * ``median_focus_area_share``: on the same items, the focus glyph's painted pixels over the image's.
+    * ``weaken_share``: per task and split, the share of samples (RE: images) that are weaken.
+    """
+    size = bench.config.image_size
+    hits, areas = [], []
+    for sample in bench.ner[split]:
+        if sample.image_from is not None:
+            continue
+        png = render_scene(sample.scene, size)
+        counts = _type_colour_counts(png)
+        focus_type = _focus_type(sample)
+        hits.append(max(counts, key=counts.get) == focus_type)
+        # the focus glyph comes first in both versions' scenes, and no glyph shares its box
+        focus = sample.scene.glyphs[0]
+        areas.append(_painted_pixels(png, focus, size) / size**2)
+    weaken = {
+        task: {sp: sum(s.alignment == "weaken" for s in samples[sp]) / max(len(samples[sp]), 1) for sp in SPLITS}
+        for task, samples in (("ner", bench.ner), ("re", bench.re))
+    }
+    return {
+        "version": bench.config.version,
+        "split": split,
+        "items": len(hits),
+        "histogram_rule_accuracy": sum(hits) / max(len(hits), 1),
+        "median_focus_area_share": sorted(areas)[len(areas) // 2] if areas else 0.0,
+        "weaken_share": weaken,
+    }
+
+
+def _painted_pixels(png: bytes, glyph: Glyph, size: int) -> int:
+    """Pixels of the glyph's colour inside its box (the renderer paints the box's end coordinates too)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    x1, y1, x2, y2 = (math.floor(v) for v in glyph_box(glyph, size))
+    region = pixels[y1:y2 + 1, x1:x2 + 1]
+    return int((region == np.array(GLYPHS[glyph.kind][1])).all(-1).sum())
+
+
 def list_files(out_dir: str | Path) -> list[str]:
     """Every file under a benchmark dir, relative and sorted (for determinism checks)."""
     root = Path(out_dir)
@@ -1172,4 +1258,5 @@ __all__ = [
     "make_synthetic_benchmark", "mde_schema", "synthetic_corpus", "ground_truth_rows", "read_ground_truth",
     "text_only_ceiling", "text_only_accuracy", "text_only_f1", "majority_label_accuracy", "benchmark_stats",
     "ner_text_posterior", "re_text_posterior", "re_sample_id", "render_scene", "expand_template", "list_files",
+    "WORLD_VERSIONS", "NON_TYPE_KINDS", "GLYPH_SIZES_V2", "place_glyphs", "glyph_box", "glyph_sizes", "image_evidence",
 ]
