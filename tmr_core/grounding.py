@@ -5,6 +5,11 @@ phrases (Section 3.2, "regions are obtained using the visual grounding method", 
 a zero-shot detector from transformers (OWL-ViT / OWLv2 / Grounding DINO, loaded with
 ``AutoModelForZeroShotObjectDetection`` + ``AutoProcessor``) queried with the phrases, and keep the
 top-k boxes by score. The same grounder runs on the real image v and on its back-translation v'.
+
+The detector can be a trained one (``jobs.finetune_grounder``, :mod:`tmr_core.grounder_training`):
+its ``save_pretrained`` folder holds the model and its processor, as a hub checkpoint does.
+:func:`grounding_recall` is the probe that says whether the regions find the mentions' objects:
+recall@IoU ≥ 0.5 within the top-k boxes, and the share of zero-area boxes.
 """
 
 from __future__ import annotations
@@ -62,6 +67,21 @@ class PhraseGrounder:
         ).to(device).eval()
         self._post_process = self._pick_post_process()
 
+    @classmethod
+    def from_model(cls, model: Any, processor: Any, top_k: int = 3, threshold: float = 0.0,
+                   text_threshold: float = 0.25) -> PhraseGrounder:
+        """A grounder around a detector already in memory (a model being trained), on its device
+        and dtype; it is put in eval mode, and the caller switches it back to train mode."""
+        if top_k < 1:
+            raise ValueError(f"top_k: must be ≥ 1, got {top_k}")
+        grounder = cls.__new__(cls)
+        grounder.top_k, grounder.threshold, grounder.text_threshold = top_k, threshold, text_threshold
+        parameter = next(model.parameters())
+        grounder.device, grounder.dtype = parameter.device, parameter.dtype
+        grounder.processor, grounder.model = processor, model.eval()
+        grounder._post_process = grounder._pick_post_process()
+        return grounder
+
     def _pick_post_process(self) -> Any:
         for name in ("post_process_grounded_object_detection", "post_process_object_detection"):
             method = getattr(self.processor, name, None)
@@ -116,3 +136,80 @@ class PhraseGrounder:
                 phrase = phrases[int(indices[i])]
             regions.append(Region(box=boxes[i].tolist(), score=float(scores[i]), phrase=str(phrase or "")))
         return regions
+
+
+# --------------------------------------------------------------------------- the grounding probe
+
+
+def shown_boxes(truth: dict) -> list[tuple[str, list[float]]]:
+    """``(mention text, box)`` for each mention of a ground-truth row whose object its image shows.
+
+    A synthetic benchmark row (``ground_truth.jsonl``, version 2) gives an NER mention's ``box`` and
+    an RE row's ``head_box``/``tail_box``; null means the image does not show that object (a weaken
+    item's donor image), and such a mention is left out. Rows without boxes (version 1) give [].
+    """
+    if truth.get("task") == "re":
+        pairs = [(truth.get("head"), truth.get("head_box")), (truth.get("tail"), truth.get("tail_box"))]
+    else:
+        pairs = [(m.get("text"), m.get("box")) for m in truth.get("mentions") or []]
+    return [(str(text), [float(v) for v in box]) for text, box in pairs if box is not None]
+
+
+def is_zero_area(box: Sequence[float]) -> bool:
+    """A box less than one pixel wide or high: the extractor gets no crop from it (images.clamp_box)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return x2 - x1 < 1.0 or y2 - y1 < 1.0
+
+
+def grounding_recall(predicted: Sequence[Sequence[Sequence[float]]], gold: Sequence[Sequence[Sequence[float]]],
+                     iou_threshold: float = 0.5, top_k: int = 3) -> dict[str, float]:
+    """Recall of the mentions' objects within the top-k grounded boxes, and the zero-area share.
+
+    A gold box is found when any of its sample's first ``top_k`` predicted boxes has IoU ≥
+    ``iou_threshold`` with it (the regions TMR's coarse level pairs with phrases, §3.2).
+
+    Args:
+        predicted: per sample, its grounded boxes ``[x1, y1, x2, y2]`` (pixels), best first.
+        gold: per sample, the boxes of the mentions its image shows (:func:`shown_boxes`).
+        iou_threshold, top_k: what counts as found.
+
+    Returns:
+        ``recall`` (found / gold boxes; 0 without gold), ``found``, ``support`` (gold boxes),
+        ``zero_area_share`` (zero-area boxes / returned boxes; 0 when none was returned),
+        ``boxes`` (returned boxes, at most ``top_k`` per sample), ``samples``.
+
+    Raises:
+        ValueError: ``predicted`` and ``gold`` differ in length, or a box is not 4 numbers.
+    """
+    import torch
+    from transformers.loss.loss_for_object_detection import box_iou
+
+    if len(predicted) != len(gold):
+        raise ValueError(f"predicted: {len(predicted)} samples, gold: {len(gold)}; pass one list per sample to both")
+    if top_k < 1:
+        raise ValueError(f"top_k: must be ≥ 1, got {top_k}")
+    found = support = boxes = zero = 0
+    for index, (sample_boxes, sample_gold) in enumerate(zip(predicted, gold, strict=True)):
+        top = [list(box) for box in sample_boxes][:top_k]
+        for box in (*top, *sample_gold):
+            if len(box) != 4:
+                raise ValueError(f"sample {index}: box {list(box)} is not [x1, y1, x2, y2]")
+        boxes += len(top)
+        zero += sum(is_zero_area(box) for box in top)
+        support += len(sample_gold)
+        if top and sample_gold:
+            iou, _ = box_iou(torch.tensor(sample_gold, dtype=torch.float64), torch.tensor(top, dtype=torch.float64))
+            found += int((iou.nan_to_num(0.0) >= iou_threshold).any(dim=1).sum())
+    return {
+        "recall": found / support if support else 0.0, "found": float(found), "support": float(support),
+        "zero_area_share": zero / boxes if boxes else 0.0, "boxes": float(boxes), "samples": float(len(gold)),
+    }
+
+
+def ground_samples(grounder: PhraseGrounder, samples: Sequence[dict], open_image: Any) -> list[list[list[float]]]:
+    """The grounder's boxes (best first) for each ``{"image_uri", "queries"}`` sample.
+
+    ``open_image(uri)`` returns a PIL image (e.g. :func:`tmr_core.images.load_image` with storage
+    options); images are opened as they are needed, one at a time.
+    """
+    return [[region.box for region in grounder(open_image(s["image_uri"]), s["queries"])] for s in samples]
