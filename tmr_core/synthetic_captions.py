@@ -40,6 +40,7 @@ from tmr_core.synthetic import (
     AMBIGUOUS_NAMES,
     FIXED_NAMES,
     GLYPHS,
+    HANDLES,
     MDE_SOURCE_OUT_OF_DOMAIN,
     MDE_SOURCES_IN_DOMAIN,
     MDE_SPLITS,
@@ -55,180 +56,68 @@ DISTRACTOR_KINDS = tuple(kind for kind in sorted(GLYPHS) if kind not in TYPE_GLY
 GLYPH_SIZE_RANGE = (10 / 64, 18 / 64)  # glyph side as a share of the image side (version-2 style)
 PAIR_SHARE = 0.5  # share of captions with two mentions in a relation context (the rest: one mention)
 SUFFIX_PROBS = (0.55, 0.35, 0.10)  # P(0, 1, 2 fixed-name suffixes), as the NER sentences
+UNNAMED_OBJECT_PROB = 0.5  # an object of a type no mention names or allows (version 2's type-coloured distractor)
 COMPLEMENT_LINK_PROB = 0.75  # a neutral pair's image shows a link as often as an MNRE pair is related
 
 # --------------------------------------------------------------------------- templates
-# ``{E}`` one mention; ``{H}``/``{T}`` a head and a tail; suffixes hold ``{F}``, a fixed name.
-# Typed templates use the words that decide the type in the tasks' templates (birthday, final,
-# landed, snow, CEO, merger, tickets, ceremony, ...); neutral ones the words that decide nothing.
+# A caption is a style's frame around a body; the body joins the mention(s) to context fragments.
+# The fragments are the tasks' own contexts, re-cut: typed fragments carry the words that decide a
+# type in the NER/RE templates (birthday, final, snow, landed, CEO, merger, tickets, ceremony, ...),
+# neutral fragments the words that decide nothing. A body holds one or two fragments and the frame
+# adds words, so no caption is a benchmark sentence (tested).
 
-SINGLE_TYPED: dict[str, dict[str, tuple[str, ...]]] = {
-    "coco_like": {
-        "PER": (
-            "a photo of {E} with her fans after the final",
-            "{E} signed autographs for fans at the gym",
-            "a selfie of {E} with her teammate",
-            "{E} at an interview about her new album",
-            "{E} scored in the final and fans celebrate",
-            "the new mayor {E} at her birthday",
-        ),
-        "LOC": (
-            "the old streets of {E} in heavy snow",
-            "a photo of {E} at sunset , the weather is perfect",
-            "flights just landed in {E} in heavy snow",
-            "the old town of {E} at sunset",
-            "heavy snow in the streets of {E}",
-            "cheap flights to {E} landed at sunset",
-        ),
-        "ORG": (
-            "the board of {E} met in the new office",
-            "engineers at the new office of {E} downtown",
-            "the CEO of {E} announced the merger",
-            "a statement from the board of {E}",
-            "the headquarters of {E} opened downtown",
-            "{E} shares fell after the merger",
-        ),
-        "MISC": (
-            "fans at the opening ceremony of {E}",
-            "the music at {E} was amazing",
-            "sold out tickets for {E}",
-            "friends watching {E} tonight",
-            "the opening ceremony of {E} with friends",
-            "{E} starts next week and tickets are sold out",
-        ),
-    },
-    "laion_like": {
-        "PER": (
-            "{E} Birthday Selfie | Fans",
-            "{E} Interview - New Album",
-            "{E} Signed Autographs | Final",
-            "Mayor {E} Elected - Big News",
-            "{E} Scored Twice | Final Photo",
-            "{E} And Her Teammate - Gym Selfie",
-        ),
-        "LOC": (
-            "Heavy Snow In {E} | Weather News",
-            "{E} Streets At Sunset - Photo",
-            "Cheap Flights To {E} | This Week",
-            "{E} Old Town - Sunset Photo",
-            "Living In {E} | Perfect Weather",
-            "{E} Weather - Heavy Snow Expected",
-        ),
-        "ORG": (
-            "{E} Shares Fell | Big News",
-            "{E} CEO Statement - Merger News",
-            "{E} Is Hiring Engineers | Office",
-            "{E} Board Met - New CEO",
-            "{E} Headquarters | Downtown Office",
-            "{E} Merger Statement - News",
-        ),
-        "MISC": (
-            "{E} Tickets | Sold Out",
-            "{E} Opening Ceremony - Photo",
-            "{E} Music | Amazing Night",
-            "Watching {E} With Friends - Tonight",
-            "{E} Starts Next Week | Tickets",
-            "Ready For {E} ? | Tickets",
-        ),
-    },
-    "sbu_like": {
-        "PER": (
-            "i met {E} at the gym today !",
-            "{E} signed autographs for my kid !",
-            "my selfie with {E} after the final",
-            "{E} , happy birthday from my kid !",
-            "my interview with {E} about her album",
-            "{E} scored twice and my fans celebrate",
-        ),
-        "LOC": (
-            "just moved to {E} , the weather is perfect",
-            "my flights to {E} landed at sunset",
-            "heavy snow on my street in {E}",
-            "living in {E} since last year",
-            "my old town {E} at sunset",
-            "snow again in {E} tonight",
-        ),
-        "ORG": (
-            "my CEO at {E} announced a merger",
-            "{E} is hiring engineers , i joined !",
-            "just joined the board of {E} this season",
-            "my office at {E} opened downtown",
-            "the board of {E} met with my engineers",
-            "{E} shares fell again this morning",
-        ),
-        "MISC": (
-            "my tickets for {E} are sold out",
-            "watching {E} with friends tonight !",
-            "my favourite part of {E} was the music",
-            "ready for {E} next week !",
-            "the opening ceremony of {E} , amazing",
-            "my kid is watching {E} with friends",
-        ),
-    },
-}
-SINGLE_NEUTRAL: dict[str, tuple[str, ...]] = {
-    "coco_like": (
-        "a photo of {E}",
-        "a new photo of {E} today",
-        "this is {E} again",
-        "a big photo of {E} this week",
-        "{E} in a new post",
-        "a photo of {E} from last year",
+TYPED_FRAGMENTS: dict[str, tuple[str, ...]] = {
+    "PER": (
+        "happy birthday", "scored twice in the final", "signed autographs for her fans",
+        "an interview about her new album", "was elected mayor yesterday", "tweeted a selfie from the gym",
+        "with her teammate", "played in the final", "her fans celebrate",
     ),
-    "laion_like": (
-        "{E} | Photo Of The Day",
-        "{E} - New Post",
-        "{E} Photo | Trending",
-        "{E} - Big News Today",
-        "Throwback : {E} | Photo",
-        "{E} | Thoughts ?",
+    "LOC": (
+        "heavy snow expected tonight", "just landed", "the streets at sunset", "flights are cheap this week",
+        "living there since 2010", "the weather is perfect", "moved there last year", "the old town",
     ),
-    "sbu_like": (
-        "my photo of {E} today",
-        "i saw {E} again",
-        "look , {E} !",
-        "my new post about {E}",
-        "still thinking about {E} today",
-        "guess what , {E} again",
+    "ORG": (
+        "shares fell 5 % today", "announced a new CEO", "is hiring 200 engineers", "a statement on the merger",
+        "opened a new office downtown", "the board met this morning", "its headquarters",
+    ),
+    "MISC": (
+        "tickets are sold out", "watching with friends tonight", "starts next week", "who is ready ?",
+        "the opening ceremony was amazing", "my favourite part is the music", "performed at the opening ceremony",
     ),
 }
-PAIR_TYPED: dict[str, dict[str, tuple[str, ...]]] = {
-    "coco_like": {
-        "/per/per/peer": ("{H} and her teammate {T} after the final", "{H} played with {T} in the final"),
-        "/per/org/member_of": ("{H} signed a new contract with {T} this season", "{H} joined the board of {T}"),
-        "/per/loc/place_of_residence": ("{H} moved to the old town of {T}", "{H} , living in {T} since 2010"),
-        "/org/loc/locate_at": ("the headquarters of {H} in {T}", "the new office of {H} opened in {T}"),
-        "/loc/loc/contain": ("the old town of {T} in the region of {H}", "the region of {H} and its old town {T}"),
-        "/per/misc/present_in": ("{H} performed at the opening ceremony of {T}", "{H} spotted at {T} with fans"),
-    },
-    "laion_like": {
-        "/per/per/peer": ("{H} And Teammate {T} | Final", "{H} Played Alongside {T} - Photo"),
-        "/per/org/member_of": ("{H} Joined {T} | Big News", "{H} Signs With {T} - Contract News"),
-        "/per/loc/place_of_residence": ("{H} Moved To {T} | News", "{H} Lives In {T} - Photo"),
-        "/org/loc/locate_at": ("{H} Headquarters In {T} | Office", "{H} Opens Office In {T} - News"),
-        "/loc/loc/contain": ("{H} Region Includes {T} | Old Town", "{H} Region - {T} Old Town Photo"),
-        "/per/misc/present_in": ("{H} Performed At {T} | Photo", "{H} At {T} Opening Ceremony - Photo"),
-    },
-    "sbu_like": {
-        "/per/per/peer": ("my photo of {H} with her teammate {T}", "saw {H} and her teammate {T} at the gym"),
-        "/per/org/member_of": ("{H} just joined {T} , my fans celebrate", "my kid saw {H} sign with {T}"),
-        "/per/loc/place_of_residence": ("{H} moved to {T} , my town !", "{H} lives in my town , {T}"),
-        "/org/loc/locate_at": ("my office at {H} is in {T}", "{H} opened an office in my town , {T}"),
-        "/loc/loc/contain": ("my old town {T} in {H}", "from {H} , the old town of {T}"),
-        "/per/misc/present_in": ("i saw {H} perform at {T}", "{H} at {T} last night , amazing !"),
-    },
+NEUTRAL_FRAGMENTS: tuple[str, ...] = (
+    "is trending right now", "everyone is talking about it today", "photo of the day", "look at this !",
+    "what a week", "a new post is up", "throwback #tbt", "guess who ?", "thoughts ?", "still thinking about it",
+    "big news", "what a day", "again ...",
+)
+SINGLE_BODIES = ("{E} {A}", "{A} : {E}", "{E} - {A}", "{A} , {E}", "{E} {A} , {B}", "{A} : {E} , {B}")
+PAIR_BODIES: dict[str, tuple[str, ...]] = {  # the relation decides both types: the MNRE templates' words
+    "/per/per/peer": ("{H} celebrate with her teammate {T}", "{H} and {T} played alongside in the final",
+                      "her teammate {T} and {H} celebrate"),
+    "/per/org/member_of": ("{H} signs with {T} this season", "{H} joined {T} , a new contract",
+                           "{T} signs {H} this season"),
+    "/per/loc/place_of_residence": ("{H} lives in {T} since last year", "{H} moved to {T} , living there now",
+                                    "{H} now lives in {T}"),
+    "/org/loc/locate_at": ("{H} is based in {T} , its headquarters", "{H} opens a new office in {T}",
+                           "the headquarters of {H} in {T}"),
+    "/loc/loc/contain": ("{H} includes the old town of {T}", "the region of {H} contains {T}",
+                         "{T} , the old town in the region of {H}"),
+    "/per/misc/present_in": ("{H} performed at {T} last night", "{H} spotted at {T} with friends",
+                             "{H} at the opening ceremony of {T}"),
 }
-PAIR_NEUTRAL: dict[str, tuple[str, ...]] = {
-    "coco_like": ("a photo of {H} and {T}", "{H} and {T} in a new photo", "{H} with {T} this week"),
-    "laion_like": ("{H} And {T} | Photo Of The Day", "{H} x {T} - Trending", "{H} And {T} - Big News"),
-    "sbu_like": ("my photo of {H} and {T}", "i saw {H} and {T} today", "{H} and {T} again !"),
+PAIR_NEUTRAL_BODIES = ("{H} and {T} , {A}", "{H} with {T} : {A}", "{A} : {H} x {T}", "{H} , {T} - {A}")
+FRAMES: dict[str, tuple[str, ...]] = {  # the style: the same frames for every label
+    "coco_like": ("a photo of {body} .", "in this photo : {body} .", "the photo shows {body} ."),
+    "laion_like": ("{body} | Photo", "{body} - News Photo", "{body} | New Post"),
+    "sbu_like": ("my photo : {body}", "i saw this today : {body}", "look what my kid saw : {body}"),
 }
-SUFFIXES: dict[str, dict[str, tuple[str, ...]]] = {  # a fixed name decides its type by itself
-    "coco_like": {"PER": ("with {F}",), "LOC": ("in {F}",), "ORG": ("for {F}",), "MISC": ("at {F}",)},
-    "laion_like": {"PER": ("| {F}",), "LOC": ("| {F}",), "ORG": ("- {F}",), "MISC": ("- {F}",)},
-    "sbu_like": {"PER": ("with {F}",), "LOC": ("in {F}",), "ORG": ("via {F}",), "MISC": ("at {F}",)},
+SUFFIXES: dict[str, tuple[str, ...]] = {  # one fixed-name mention each: the name decides its type
+    "PER": ("with {F}", "photo by {F}", "cc {F}"),
+    "LOC": ("live from {F}", "in {F}", "#news from {F}"),
+    "ORG": ("via {F}", "- {F} reports"),
+    "MISC": ("ahead of {F}", "#countdown to {F}"),
 }
-ENDINGS = {"coco_like": " .", "laion_like": "", "sbu_like": ""}
+HANDLE_PROB = 0.2  # "RT @handle :" as in the tweets, in every style and label
 
 
 # --------------------------------------------------------------------------- captions
@@ -240,30 +129,45 @@ class _Caption:
     decided: list[str]  # entity types the caption decides (one per decided mention)
     undecided: list[tuple[str, ...]]  # allowed types of each undecided mention
     pair: bool  # a head and a tail in a relation context
-    related: bool  # the context states a relation (a link in the image)
+    related: bool  # the image links head and tail
 
 
 def _names_allowing(etype: str) -> list[str]:
     return [name for name, types in sorted(AMBIGUOUS_NAMES.items()) if etype in types]
 
 
-def _with_suffixes(rng: random.Random, source: str, body: str, decided: list[str]) -> str:
-    n_fixed = rng.choices((0, 1, 2), weights=SUFFIX_PROBS)[0]
-    for etype in rng.sample(NER_TYPES, n_fixed):
-        suffix = rng.choice(SUFFIXES[source][etype]).replace("{F}", rng.choice(FIXED_NAMES[etype]))
-        body += (" , " if source == "coco_like" else " ") + suffix
-        decided.append(etype)
-    return body + ENDINGS[source]
+def _fill(body: str, fragments: tuple[str, ...], rng: random.Random, **names: str) -> str:
+    first, second = rng.sample(fragments, 2)
+    body = body.replace("{A}", first).replace("{B}", second)
+    for slot, name in names.items():
+        body = body.replace("{" + slot + "}", name)
+    return body
+
+
+def _frame(rng: random.Random, source: str, body: str, decided: list[str], suffixes: bool) -> str:
+    if suffixes:
+        n_fixed = rng.choices((0, 1, 2), weights=SUFFIX_PROBS)[0]
+        for etype in rng.sample(NER_TYPES, n_fixed):
+            body += " " + rng.choice(SUFFIXES[etype]).replace("{F}", rng.choice(FIXED_NAMES[etype]))
+            decided.append(etype)
+    text = rng.choice(FRAMES[source]).replace("{body}", body)
+    if rng.random() < HANDLE_PROB:
+        text = f"RT {rng.choice(HANDLES)} : {text}"
+    return text
 
 
 def _single_caption(rng: random.Random, source: str, decide_all: bool) -> _Caption:
     name = rng.choice(sorted(AMBIGUOUS_NAMES))
+    body = rng.choice(SINGLE_BODIES)
     if decide_all:
         etype = rng.choice(AMBIGUOUS_NAMES[name])
-        body, decided, undecided = rng.choice(SINGLE_TYPED[source][etype]).replace("{E}", name), [etype], []
+        decided, undecided = [etype], []
+        body = _fill(body, TYPED_FRAGMENTS[etype], rng, E=name)
     else:
-        body, decided, undecided = rng.choice(SINGLE_NEUTRAL[source]).replace("{E}", name), [], [AMBIGUOUS_NAMES[name]]
-    return _Caption(_with_suffixes(rng, source, body, decided), decided, undecided, pair=False, related=decide_all)
+        decided, undecided = [], [AMBIGUOUS_NAMES[name]]
+        body = _fill(body, NEUTRAL_FRAGMENTS, rng, E=name)
+    text = _frame(rng, source, body, decided, suffixes=True)
+    return _Caption(text, decided, undecided, pair=False, related=False)
 
 
 def _pair_caption(rng: random.Random, source: str, decide_all: bool) -> _Caption:
@@ -272,13 +176,13 @@ def _pair_caption(rng: random.Random, source: str, decide_all: bool) -> _Caption
         head_type, tail_type = RELATIONS[relation]
         head = rng.choice(_names_allowing(head_type))
         tail = rng.choice([n for n in _names_allowing(tail_type) if n != head])
-        template = rng.choice(PAIR_TYPED[source][relation])
-        text = template.replace("{H}", head).replace("{T}", tail) + ENDINGS[source]
-        return _Caption(text, [head_type, tail_type], [], pair=True, related=True)
+        body = rng.choice(PAIR_BODIES[relation]).replace("{H}", head).replace("{T}", tail)
+        return _Caption(_frame(rng, source, body, [], suffixes=False), [head_type, tail_type], [],
+                        pair=True, related=True)
     head, tail = rng.sample(sorted(AMBIGUOUS_NAMES), 2)
-    text = rng.choice(PAIR_NEUTRAL[source]).replace("{H}", head).replace("{T}", tail) + ENDINGS[source]
-    return _Caption(text, [], [AMBIGUOUS_NAMES[head], AMBIGUOUS_NAMES[tail]], pair=True,
-                    related=rng.random() < COMPLEMENT_LINK_PROB)
+    body = _fill(rng.choice(PAIR_NEUTRAL_BODIES), NEUTRAL_FRAGMENTS, rng, H=head, T=tail)
+    return _Caption(_frame(rng, source, body, [], suffixes=False), [], [AMBIGUOUS_NAMES[head], AMBIGUOUS_NAMES[tail]],
+                    pair=True, related=rng.random() < COMPLEMENT_LINK_PROB)
 
 
 def _caption(rng: random.Random, source: str, decide_all: bool) -> _Caption:
@@ -307,8 +211,9 @@ def _place(rng: random.Random, kinds: list[str], size: int, taken: list[Glyph],
     return placed
 
 
-def _scene(rng: random.Random, caption: _Caption, shown_types: list[str], size: int) -> Scene:
-    """The caption's objects (``shown_types``, in mention order) and 0–2 distractors."""
+def _scene(rng: random.Random, caption: _Caption, shown_types: list[str], size: int, avoid: tuple[str, ...] = ()) -> Scene:
+    """The caption's objects (``shown_types``, in mention order), maybe one object of a type the caption
+    neither decides nor allows, and 0–2 distractors."""
     kinds = [TYPE_GLYPH[t] for t in shown_types]
     if caption.pair:  # head left, tail right, then any fixed names anywhere
         glyphs = _place(rng, kinds[:1], size, [], (0.0, 0.5))
@@ -317,6 +222,10 @@ def _scene(rng: random.Random, caption: _Caption, shown_types: list[str], size: 
         links = [(0, 1)] if caption.related else []
     else:
         glyphs, links = _place(rng, kinds, size, []), []
+    free = [t for t in NER_TYPES if t not in shown_types and t not in avoid
+            and not any(t in allowed for allowed in caption.undecided)]
+    if free and rng.random() < UNNAMED_OBJECT_PROB:
+        glyphs += _place(rng, [TYPE_GLYPH[rng.choice(free)]], size, glyphs)
     glyphs += _place(rng, rng.choices(DISTRACTOR_KINDS, k=rng.randint(0, 2)), size, glyphs)
     return Scene(glyphs, links=links, noise_seed=rng.getrandbits(32))
 
@@ -375,7 +284,8 @@ def generate_caption_split(cfg: SyntheticConfig, split: str, n_rows: int) -> tup
             others = [t for t in NER_TYPES if TYPE_GLYPH[t] not in decided]
             image = f"mde_{split}_{len(scenes):06d}.png"
             scenes[image] = _scene(rng, _Caption("", [], [], pair=False, related=False),
-                                   rng.sample(others, rng.randint(1, min(2, len(others)))), cfg.image_size)
+                                   rng.sample(others, rng.randint(1, min(2, len(others)))), cfg.image_size,
+                                   avoid=tuple(caption.decided))
         rows.append(("weaken", caption, image, source))
     rng.shuffle(rows)
     return [
