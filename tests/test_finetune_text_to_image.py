@@ -1,0 +1,182 @@
+"""The back-translator's training job, its pipeline identity in the cache key, and the v' fidelity probe.
+
+The job runs end to end in Ray Train local mode on the tiny pipeline and a few benchmark pairs:
+it writes a diffusers pipeline folder that ``DiffusionPipeline.from_pretrained`` loads, metrics
+with the fidelity probe, one checkpoint per epoch that a resubmission continues, and a registered
+``tmr-t2i@champion`` whose content hash equals the folder's (the back-translation cache key).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+# 16 agreeing pairs, 8 valid pairs, 8 probe texts per split, 2 VAE steps: seconds, not the demo's minute
+FAST = ["--data.max_train_rows", "16", "--debug.max_eval_rows", "8", "--optim.batch_size", "8",
+        "--optim.vae_steps", "2", "--probe.max_rows", "8", "--probe.steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def ner_pairs(tiny_benchmark, tmp_path_factory) -> Path:
+    from jobs import prepare_dataset
+
+    out = tmp_path_factory.mktemp("t2i-pairs") / "ner"
+    assert prepare_dataset.main(["--format", "synthetic", "--task", "ner", "--data_dir", str(tiny_benchmark),
+                                 "--output", str(out)]) == 0
+    return out
+
+
+def job_args(tiny_models, pairs: Path, benchmark: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["--config", "configs/finetune_text_to_image.tiny.yaml",
+            "--model.base", tiny_models["text_to_image"], "--data.datasets", f"[{pairs}]",
+            "--data.ground_truth", str(benchmark / "ground_truth.jsonl"), "--output", str(tmp_path / "out"),
+            "--ray.storage_path", str(tmp_path / "ray"), "--ray.name", "t2i-run",
+            "--tracking.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *FAST, *extra]
+
+
+def test_job_trains_exports_a_loadable_pipeline_registers_and_resumes(ray_local, tiny_models, tiny_benchmark, ner_pairs,
+                                                                     tmp_path, repo_root, monkeypatch):
+    from diffusers import DiffusionPipeline
+    from mlflow import MlflowClient
+
+    from jobs import finetune_text_to_image
+    from tmr_core.back_translation import pipeline_identity
+
+    monkeypatch.chdir(repo_root)
+    args = job_args(tiny_models, ner_pairs, tiny_benchmark, tmp_path)
+    assert finetune_text_to_image.main([*args, "--optim.epochs", "1"]) == 0
+
+    folder = tmp_path / "ray" / "t2i-run"
+    first = folder / "checkpoint_epoch_0001"
+    assert sorted(p.name for p in folder.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0001"]
+    state = json.loads((first / "train_state.json").read_text())
+    assert (state["epoch"], state["global_step"], state["attempts"]) == (1, 2, 1)  # 16 pairs / 8 per step
+    saved = json.loads((first / "model" / "config.json").read_text())
+    assert saved["latent_scale"] != pytest.approx(0.18215)  # calibrated after the VAE phase
+
+    model_dir = tmp_path / "out" / "model"
+    pipeline = DiffusionPipeline.from_pretrained(model_dir)  # a plain diffusers folder
+    assert type(pipeline).__name__ == "StableDiffusionPipeline"
+    assert pipeline.vae.config.scaling_factor == pytest.approx(saved["latent_scale"])
+    base = DiffusionPipeline.from_pretrained(tiny_models["text_to_image"])
+    assert not torch.equal(pipeline.unet.conv_in.weight, base.unet.conv_in.weight)  # it trained
+
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    for prefix in ("", "base_"):
+        for split in ("valid", "test"):
+            assert 0.0 <= metrics[f"{prefix}{split}_bt_fidelity_deciding"] <= 1.0
+            assert metrics[f"{prefix}{split}_bt_fidelity_deciding_n"] + metrics[f"{prefix}{split}_bt_fidelity_undecided_n"] == 8
+    assert metrics["best_epoch"] == 1 and metrics["train_pairs"] == 16
+
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    version = MlflowClient(tracking_uri=tracking_uri).get_model_version_by_alias("tmr-t2i", "champion")
+    assert version.tags["tmr.content_hash"] == pipeline_identity(str(model_dir))
+
+    # resubmitted with more epochs: epoch 2 only, continuing the step count
+    assert finetune_text_to_image.main([*args, "--optim.epochs", "2"]) == 0
+    assert sorted(p.name for p in folder.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0001", "checkpoint_epoch_0002"]
+    state = json.loads((folder / "checkpoint_epoch_0002" / "train_state.json").read_text())
+    assert (state["epoch"], state["global_step"], state["attempts"]) == (2, 4, 2)
+    # the VAE trained once, in the first run: the resumed run kept its weights and scale
+    resumed = json.loads((folder / "checkpoint_epoch_0002" / "model" / "config.json").read_text())
+    assert resumed["latent_scale"] == pytest.approx(saved["latent_scale"])
+
+
+def test_lora_trains_only_adapters_saves_them_alone_and_fuses_into_the_export(tiny_models, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from tmr_core.text_to_image_training import TextToImageModel, TextToImageTrainingConfig
+
+    torch.manual_seed(0)
+    config = TextToImageTrainingConfig(base=tiny_models["text_to_image"], resolution=32, train_unet=False, lora_rank=4)
+    model = TextToImageModel(config)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name and name.startswith("unet.") for name in trainable)
+    assert set(model.state_dict()) == set(trainable) | {"latent_scale"}  # a checkpoint holds the adapters only
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    pixels, ids = torch.rand(2, 3, 32, 32) * 2 - 1, model.tokenize(["Just landed in Jordan !", "Happy birthday to Paris !"])
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(pixels, ids).loss.backward()
+        optimizer.step()
+
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    reloaded = TextToImageModel.from_pretrained(str(tmp_path / "ckpt"))
+    latents = torch.randn(1, 4, 8, 8)
+    hidden = model.text_encoder(ids[:1])[0]
+    with torch.no_grad():
+        expected = model.unet(latents, 500, hidden).sample
+        assert torch.allclose(reloaded.unet(latents, 500, hidden).sample, expected, atol=1e-5)
+        model.to_pipeline().save_pretrained(tmp_path / "export")
+        exported = DiffusionPipeline.from_pretrained(tmp_path / "export")
+        assert not any("lora" in name for name, _ in exported.unet.named_parameters())  # fused, plain UNet
+        assert torch.allclose(exported.unet(latents, 500, hidden).sample, expected, atol=1e-4)
+        base = DiffusionPipeline.from_pretrained(tiny_models["text_to_image"])
+        assert not torch.allclose(base.unet(latents, 500, hidden).sample, expected, atol=1e-4)
+
+
+def test_cache_key_follows_the_pipeline_weights_not_its_path(tiny_models, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from tmr_core.back_translation import GenerationSettings, cache_key, pipeline_identity, with_identity
+
+    folder, copy = tmp_path / "t2i", tmp_path / "elsewhere"
+    shutil.copytree(tiny_models["text_to_image"], folder)
+    shutil.copytree(tiny_models["text_to_image"], copy)
+    settings = with_identity(GenerationSettings(model=str(folder), steps=2, height=32, width=32))
+    before = cache_key(settings, 0, "Just landed in Jordan !")
+    assert before == cache_key(with_identity(GenerationSettings(model=str(copy), steps=2, height=32, width=32)),
+                               0, "Just landed in Jordan !")  # same weights by another path: same images
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    with torch.no_grad():
+        unet.conv_in.weight.add_(0.01)
+    unet.save_pretrained(folder / "unet")  # retrained in place
+    after = cache_key(with_identity(GenerationSettings(model=str(folder), steps=2, height=32, width=32)),
+                      0, "Just landed in Jordan !")
+    assert after != before
+    assert pipeline_identity("stabilityai/stable-diffusion-2", "abc") == "hub:stabilityai/stable-diffusion-2@abc"
+
+
+@pytest.mark.parametrize("etype", ["PER", "LOC", "ORG", "MISC"])
+def test_glyph_reader_reads_the_type_of_a_rendered_glyph_among_distractors(etype):
+    import io
+
+    from PIL import Image
+
+    from tmr_core.probes import GlyphReader
+    from tmr_core.synthetic import TYPE_GLYPH, Glyph, Scene, render_scene
+
+    others = [t for t in TYPE_GLYPH if t != etype]
+    # the type's glyph is small (12 px of 64) next to a larger other-type glyph and a purple cross
+    scene = Scene([Glyph(TYPE_GLYPH[etype], 14, 14, 12), Glyph(TYPE_GLYPH[others[0]], 44, 44, 18),
+                   Glyph("purple cross", 46, 14, 16)], noise_seed=3)
+    image = Image.open(io.BytesIO(render_scene(scene, 64)))
+    reader = GlyphReader()
+    assert reader.read(image, candidates=[etype, others[1]]) == etype  # the name allows etype, not the big one
+    assert reader.read(image) == others[0]  # unrestricted: the largest type colour
+    assert reader.read(image.resize((32, 32), Image.Resampling.BILINEAR), candidates=[etype, others[1]]) == etype
+    blank = Image.open(io.BytesIO(render_scene(Scene([Glyph("orange bar", 30, 30, 16)], noise_seed=1), 64)))
+    assert reader.read(blank) is None  # no type colour: nothing read
+
+
+def test_fidelity_is_one_for_the_real_images_of_strengthen_texts_and_zero_for_weaken_donors(tiny_benchmark, ner_pairs):
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from tmr_core.probes import back_translation_fidelity, probe_items
+    from tmr_core.synthetic import read_ground_truth
+
+    items = probe_items(read_ground_truth(tiny_benchmark / "ground_truth.jsonl"), "valid")
+    images = {row["id"]: Image.open(row["image_uri"]) for row in pq.read_table(ner_pairs / "valid.parquet").to_pylist()}
+    by_alignment = {a: [i for i in items if i.alignment == a] for a in ("strengthen", "weaken", "complement")}
+    # a back-translator that drew the real image: faithful where the image agrees with the text ...
+    assert back_translation_fidelity(by_alignment["strengthen"], images)["deciding"] == 1.0
+    assert back_translation_fidelity(by_alignment["complement"], images)["undecided_gold_match"] == 1.0
+    # ... and never where the image is a donor's that shows another type
+    assert back_translation_fidelity(by_alignment["weaken"], images)["deciding"] == 0.0

@@ -1,0 +1,153 @@
+"""Probes that show a TMR mechanism works in the synthetic world (DESIGN.md, "Evidence").
+
+Back-translation fidelity (Eq. 3): v' should show what the text says. In the synthetic world an
+entity type is a coloured glyph (:data:`tmr_core.synthetic.TYPE_GLYPH`), so a *reader* that knows
+the glyph colours can say which type an image shows, and a back-translation is faithful when, for
+a text whose context decides the focus mention's type ("Just landed in Jordan"), the reader reads
+that type in v'. For a text that decides nothing ("Everyone is talking about Jordan"), a faithful
+back-translator can only guess, so the reader's agreement with the gold type is near chance
+(1 / number of types the name allows): higher would mean v' leaks the answer from elsewhere.
+
+The reader looks at colours, not at the largest blob: in the revised world the deciding glyph is
+small (10–18 px of 64) and distractor glyphs of other kinds share the image. Each pixel goes to
+the nearest colour of the world's palette (every glyph colour, black links, the light background)
+when it is close enough; the type whose colour covers the most pixels, among the candidate types,
+is read, provided it covers at least ``min_fraction`` of the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+DECIDING_ALIGNMENTS = ("strengthen", "weaken")  # the focus mention's context is a type
+UNDECIDED_ALIGNMENTS = ("complement",)  # the context is neutral
+
+
+@dataclass(frozen=True)
+class GlyphReader:
+    """Reads the entity type a synthetic-world image shows from its glyph colours.
+
+    Args:
+        max_distance: RGB distance within which a pixel counts as a palette colour (a blurry
+            generated glyph is off its exact colour).
+        min_fraction: the read type must cover at least this share of the image's pixels;
+            below it the reader reads nothing (``None``).
+    """
+
+    max_distance: float = 90.0
+    min_fraction: float = 0.01
+
+    def type_fractions(self, image: Any) -> dict[str, float]:
+        """Share of the image's pixels nearest to each type's glyph colour (within ``max_distance``).
+
+        Args:
+            image: a PIL image or an [H, W, 3] uint8 array.
+        """
+        from tmr_core.synthetic import GLYPHS, TYPE_GLYPH
+
+        pixels = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.float32)
+        pixels = pixels.reshape(-1, 3)  # [N, 3]
+        names = list(GLYPHS) + ["black", "background"]
+        palette = np.array([GLYPHS[k][1] for k in GLYPHS] + [(0, 0, 0), (238, 238, 238)], dtype=np.float32)  # [P, 3]
+        distance = np.linalg.norm(pixels[:, None, :] - palette[None, :, :], axis=-1)  # [N, P]
+        nearest = distance.argmin(axis=1)
+        close = distance[np.arange(len(pixels)), nearest] <= self.max_distance
+        counts = np.bincount(nearest[close], minlength=len(names))
+        return {etype: float(counts[names.index(kind)]) / len(pixels) for etype, kind in TYPE_GLYPH.items()}
+
+    def read(self, image: Any, candidates: Sequence[str] | None = None) -> str | None:
+        """The type (among ``candidates``, default all four) whose colour covers the most pixels,
+        or ``None`` when none covers ``min_fraction`` of the image."""
+        fractions = self.type_fractions(image)
+        pool = {t: f for t, f in fractions.items() if candidates is None or t in candidates}
+        if not pool:
+            return None
+        best = max(pool, key=lambda t: pool[t])
+        return best if pool[best] >= self.min_fraction else None
+
+
+def focus_mention(truth_row: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """A ground-truth NER row's focus mention: the one whose name is not a fixed name."""
+    for mention in truth_row.get("mentions") or []:
+        if mention.get("context") != "fixed":
+            return mention
+    return None
+
+
+@dataclass(frozen=True)
+class ProbeItem:
+    """One text of the probe: its id, the gold focus type, the types its name allows, the type its
+    context decides (``None`` when neutral) and its alignment label."""
+
+    id: str
+    gold_type: str
+    allowed: tuple[str, ...]
+    decided_type: str | None
+    alignment: str
+
+
+def probe_items(truth_rows: Iterable[Mapping[str, Any]], split: str | None = None) -> list[ProbeItem]:
+    """The NER rows of ``split`` (all splits if None) with a focus mention, as :class:`ProbeItem`."""
+    from tmr_core.schema import NER_TYPES
+    from tmr_core.synthetic import AMBIGUOUS_NAMES
+
+    items = []
+    for row in truth_rows:
+        if row.get("task") != "ner" or (split is not None and row.get("split") != split):
+            continue
+        mention = focus_mention(row)
+        if mention is None:
+            continue
+        context = mention.get("context")
+        items.append(ProbeItem(
+            id=row["id"], gold_type=mention["type"],
+            allowed=tuple(AMBIGUOUS_NAMES.get(mention["text"], NER_TYPES)),
+            decided_type=context if context in NER_TYPES else None, alignment=row.get("alignment", ""),
+        ))
+    return items
+
+
+def back_translation_fidelity(items: Sequence[ProbeItem], images: Mapping[str, Any],
+                              reader: GlyphReader | None = None) -> dict[str, float]:
+    """How often v' shows the type its text decides (Eq. 3 fidelity).
+
+    Args:
+        items: probe texts (:func:`probe_items`).
+        images: back-translation per item id (PIL image or array); items without one are skipped.
+        reader: the glyph reader; a default one if None.
+
+    Returns:
+        ``deciding``: share of deciding texts (strengthen/weaken) whose v' reads as the decided type;
+        ``undecided_gold_match``: share of neutral texts (complement) whose v' reads as the gold type
+        (faithful ≈ ``undecided_chance``, the mean of 1/|allowed types|);
+        ``unread``: share of all v' the reader reads nothing in; and the counts ``deciding_n``,
+        ``undecided_n``.
+    """
+    reader = reader or GlyphReader()
+    hits = deciding = matches = undecided = unread = seen = 0
+    chance = 0.0
+    for item in items:
+        if item.id not in images:
+            continue
+        seen += 1
+        read = reader.read(images[item.id], item.allowed)
+        unread += read is None
+        if item.decided_type is not None:
+            deciding += 1
+            hits += read == item.decided_type
+        else:
+            undecided += 1
+            matches += read == item.gold_type
+            chance += 1.0 / len(item.allowed)
+    return {
+        "deciding": hits / deciding if deciding else float("nan"),
+        "undecided_gold_match": matches / undecided if undecided else float("nan"),
+        "undecided_chance": chance / undecided if undecided else float("nan"),
+        "unread": unread / seen if seen else float("nan"),
+        "deciding_n": float(deciding),
+        "undecided_n": float(undecided),
+    }
