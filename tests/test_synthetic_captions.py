@@ -53,8 +53,9 @@ def _pair_pattern(body: str) -> re.Pattern:
     return re.compile("^" + re.escape(body).replace(re.escape("{H}"), AMBIGUOUS).replace(re.escape("{T}"), AMBIGUOUS) + "$")
 
 
-def parse(caption: str, source: str) -> tuple[str, list[str], list[str]]:
-    """(``typed``/``neutral``, the types the caption decides, its undecided names), read back from the
+def parse(caption: str, source: str) -> tuple[str, list[str], list[str], bool]:
+    """(``typed``/``neutral``, the types the caption decides, its undecided names, whether it is a typed
+    pair), read back from the
     frame, fragment and body tables alone."""
     text = HANDLE.sub("", caption)
     bodies = [m["body"] for f in cap.FRAMES[source] if (m := _frame_pattern(f).match(text))]
@@ -69,14 +70,13 @@ def parse(caption: str, source: str) -> tuple[str, list[str], list[str]]:
     relations = [r for r, bs in cap.PAIR_BODIES.items() for b in bs if _pair_pattern(b).match(core)]
     if relations:
         assert len(relations) == 1 and not fixed, caption
-        return "typed", list(syn.RELATIONS[relations[0]]) + decided, []
+        return "typed", list(syn.RELATIONS[relations[0]]) + decided, [], True
     types = {t for t, fragments in cap.TYPED_FRAGMENTS.items() for f in fragments if f in core}
     assert len(types) <= 1, f"{caption!r}: fragments of {types}"
     names = re.findall(AMBIGUOUS, core)
     if types:
-        return "typed", [types.pop()] + decided, []
-    assert any(f in core for f in cap.NEUTRAL_FRAGMENTS), caption
-    return "neutral", decided, names
+        return "typed", [types.pop()] + decided, [], False
+    return "neutral", decided, names, False
 
 
 # --------------------------------------------------------------------------- tests
@@ -85,7 +85,7 @@ def parse(caption: str, source: str) -> tuple[str, list[str], list[str]]:
 def test_labels_follow_the_alignment_rules(corpus):
     for split, (rows, scenes) in corpus.items():
         for row in rows:
-            kind, decided, undecided = parse(row.caption, row.source)
+            kind, decided, undecided, _pair = parse(row.caption, row.source)
             shown = {g.kind for g in scenes[row.image_name].glyphs}
             named = {syn.TYPE_GLYPH[t] for t in decided}
             assert set(row.named) == named, row
