@@ -381,7 +381,6 @@ def register_pipeline(tracking_uri: str, run_id: str, folder: str, name: str, al
     (``tmr.content_hash``), so a back-translation cache key needs no download."""
     from mlflow import MlflowClient
 
-    from jobs._tracking import ensure_experiment  # noqa: F401  (same MLflow conventions as register_model)
     from tmr_core.back_translation import pipeline_identity
 
     if not os.path.isfile(os.path.join(folder, "model_index.json")):

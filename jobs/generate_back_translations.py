@@ -7,7 +7,11 @@ Reads each split table, prompts the pipeline with ``' '.join(tokens)`` and the b
 ``generation.seed_per_sample``, a seed derived from the sample id), and adds
 ``back_translation_uri`` / ``back_translation_error``. Images are content-addressed under
 ``cache_uri`` (see :mod:`tmr_core.back_translation`), so a rerun, a resumed job and the server
-reuse what exists. A cached file that does not decode (truncated, half-copied) is not reused: it
+reuse what exists. The pipeline is a hub name, a folder (e.g. ``jobs.finetune_text_to_image``'s
+``<output>/model``) or ``models:/tmr-t2i@champion``; its identity (a content hash of its files, see
+:func:`tmr_core.back_translation.pipeline_identity`) is in every cache key and in the stage's
+fingerprint, computed once here in the driver, so a retrained pipeline never reuses the old one's
+images or output. A cached file that does not decode (truncated, half-copied) is not reused: it
 is regenerated over and counted in the summary as ``regenerated_corrupt``.
 
 Two passes: Ray tasks first look every row up in the cache (no model); only when some image is
@@ -47,7 +51,10 @@ LOOK_UP_ROWS_PER_TASK = 1024
 class GenerationConfig:
     """The diffusion pipeline and its sampling settings (all but dtype/device are in the cache key)."""
 
-    model: str = opt("stabilityai/stable-diffusion-2", "diffusers pipeline: hub name or folder with model_index.json.")
+    model: str = opt(
+        "stabilityai/stable-diffusion-2",
+        "diffusers pipeline: hub name, folder with model_index.json, or models:/tmr-t2i@champion (jobs.finetune_text_to_image).",
+    )
     revision: str | None = opt(None, "Hub revision (branch, tag or commit).")
     scheduler: str | None = opt("EulerDiscreteScheduler", "diffusers scheduler class; null keeps the pipeline's.")
     steps: int = opt(50, "Denoising steps.")
@@ -74,13 +81,55 @@ class Config:
     generation: GenerationConfig = opt(GenerationConfig, "The diffusion pipeline.")
     compute: ComputeConfig = opt(ComputeConfig, "Actor pool, batch size and accelerators.")
     storage: StorageConfig = opt(StorageConfig, "Where s3:// URIs are served.")
+    tracking_uri: str | None = opt(
+        None, "MLflow tracking URI for a models:/ generation.model; null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."
+    )
 
 
-def _settings(generation: GenerationConfig) -> Any:
+CONTENT_HASH_TAG = "tmr.content_hash"  # set by jobs.finetune_text_to_image on the registered version
+
+
+def resolve_registered(uri: str, tracking_uri: str | None) -> str:
+    """A ``models:/`` pipeline downloaded to a local folder (``jobs._tracking.resolve_model_uri``)."""
+    import mlflow
+
+    from jobs._tracking import resolve_model_uri, resolve_tracking_uri
+
+    resolved = resolve_tracking_uri(tracking_uri)
+    # download_artifacts resolves models:/ with the global registry URI, not its tracking_uri argument
+    mlflow.set_tracking_uri(resolved)
+    mlflow.set_registry_uri(resolved)
+    return resolve_model_uri(uri, tracking_uri=resolved)
+
+
+def model_identity(generation: GenerationConfig, tracking_uri: str | None) -> str:
+    """The pipeline's cache identity, once per job: a folder's content hash, a hub name@revision, or
+    for ``models:/`` the registered version's ``tmr.content_hash`` tag (the files' hash, no
+    download), else the hash of its downloaded files."""
+    from tmr_core.back_translation import pipeline_identity
+
+    if not generation.model.startswith("models:/"):
+        return pipeline_identity(generation.model, generation.revision)
+    from mlflow import MlflowClient
+
+    from jobs._tracking import resolve_tracking_uri
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    name_ref = generation.model[len("models:/"):]
+    if "@" in name_ref:
+        version = client.get_model_version_by_alias(*name_ref.split("@", 1))
+    else:
+        version = client.get_model_version(*name_ref.split("/", 1))
+    tag = (version.tags or {}).get(CONTENT_HASH_TAG)
+    return tag or pipeline_identity(resolve_registered(generation.model, tracking_uri))
+
+
+def _settings(generation: GenerationConfig, identity: str | None = None, model: str | None = None) -> Any:
     from tmr_core.back_translation import GenerationSettings
 
     return GenerationSettings(
-        model=generation.model,
+        model=model or generation.model,
+        model_identity=identity,
         revision=generation.revision,
         scheduler=generation.scheduler,
         steps=generation.steps,
@@ -118,12 +167,13 @@ def _with_results(batch: Any, results: list, node_id: str | None = None) -> Any:
     })
 
 
-def look_up_cached(batch: Any, generation: GenerationConfig, cache_uri: str, storage: StorageConfig) -> Any:
+def look_up_cached(batch: Any, generation: GenerationConfig, cache_uri: str, storage: StorageConfig,
+                   identity: str, tracking_uri: str | None = None) -> Any:
     """Ray Data task: fill in the rows whose image is already cached and decodes (or whose prompt
     is bad); a cached file that does not decode leaves its row to the generators."""
     from tmr_core.back_translation import BackTranslator
 
-    translator = BackTranslator(_settings(generation), cache_uri, storage.options())
+    translator = BackTranslator(_settings(generation, identity), cache_uri, storage.options())
     return _with_results(batch, translator.look_up(*_prompts_and_seeds(batch, generation)))
 
 
@@ -143,14 +193,18 @@ class GenerateBackTranslations:
     """Ray Data callable: one pipeline per actor, a batch of rows in, the same rows plus
     ``back_translation_uri``/``back_translation_error`` out."""
 
-    def __init__(self, generation: GenerationConfig, cache_uri: str, storage: StorageConfig):
+    def __init__(self, generation: GenerationConfig, cache_uri: str, storage: StorageConfig, identity: str,
+                 tracking_uri: str | None = None):
         import ray
 
         from tmr_core.back_translation import BackTranslator
 
         self.generation = generation
+        # a registered pipeline is downloaded by each actor (the pool only starts when an image is
+        # missing); the cache key keeps the driver's identity, so it does not depend on the path
+        model = resolve_registered(generation.model, tracking_uri) if generation.model.startswith("models:/") else None
         # the pipeline loads on the first cache miss, once per actor
-        self.translator = BackTranslator(_settings(generation), cache_uri, storage.options())
+        self.translator = BackTranslator(_settings(generation, identity, model), cache_uri, storage.options())
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: Any) -> Any:
@@ -165,14 +219,17 @@ def main(argv: list[str] | None = None) -> int:
     print_config(cfg, JOB)
     options = cfg.storage.options()
     splits = present_splits(cfg.input, cfg.splits, options, output=cfg.output)
-    stage_fingerprint = fingerprint(JOB, cfg, cfg.input, splits, options)
+    identity = model_identity(cfg.generation, cfg.tracking_uri)
+    print(f"[{JOB}] pipeline {cfg.generation.model}: identity {identity}")
+    stage_fingerprint = fingerprint(JOB, cfg, cfg.input, splits, options, extra={"pipeline": identity})
     if not cfg.force and is_up_to_date(cfg.output, stage_fingerprint, options):
         print(f"[{JOB}] {cfg.output} is up to date (same config and input); nothing to do. --force true reruns it.")
         return 0
 
     init_ray()
     start = time.perf_counter()
-    worker_kwargs = {"generation": cfg.generation, "cache_uri": cfg.cache_uri, "storage": cfg.storage}
+    worker_kwargs = {"generation": cfg.generation, "cache_uri": cfg.cache_uri, "storage": cfg.storage,
+                     "identity": identity, "tracking_uri": cfg.tracking_uri}
     looked_up = read_splits(cfg.input, splits, options, rows_per_block=LOOK_UP_ROWS_PER_TASK).map_batches(
         look_up_cached, fn_kwargs=worker_kwargs, batch_format="pyarrow", batch_size=None,
         **worker_env(cfg.input, cfg.cache_uri),

@@ -11,8 +11,11 @@ job (``jobs.generate_back_translations``) and the server share one code path and
   (:func:`sample_seed`, from the sample id) are an option; they add per-sample noise the text does
   not explain, which an extractor can memorise (an untrained tiny pipeline's images differ almost
   only by their seed);
-- :func:`cache_key` hashes (model, revision, scheduler, steps, guidance, size, seed, prompt); the
-  image lives at ``<cache_uri>/<key[:2]>/<key>.png`` and an existing file that decodes
+- :func:`cache_key` hashes (pipeline identity, scheduler, steps, guidance, size, seed, prompt); the
+  pipeline's identity (:func:`pipeline_identity`) is a content hash of a local pipeline folder's
+  files, so a pipeline retrained into the same folder (``jobs.finetune_text_to_image``) never
+  reuses the old pipeline's images, and a hub name with its revision otherwise; the image lives
+  at ``<cache_uri>/<key[:2]>/<key>.png`` and an existing file that decodes
   (:func:`cached_image_decodes`) is reused, never regenerated; one that does not (a truncated
   upload, a disk full mid-copy) is a miss and is regenerated over, atomically;
 - :class:`BackTranslator` loads a diffusers pipeline by name or path and turns a batch of
@@ -22,9 +25,11 @@ job (``jobs.generate_back_translations``) and the server share one code path and
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +53,10 @@ class GenerationSettings:
         height, width: output size in pixels (multiples of 8 for Stable Diffusion).
         dtype, device: where the pipeline runs; not part of the cache key (fp16 and fp32 images
             of one prompt are the same back-translation for the method).
+        model_identity: what the cache key holds for the pipeline (:func:`pipeline_identity`);
+            ``None``: computed from ``model`` by :class:`BackTranslator` (once) or :func:`cache_key`.
+            A caller that resolved ``model`` from elsewhere (``models:/``) passes the identity of
+            the files it resolved to.
 
     Raises:
         ValueError: naming the field that is out of range.
@@ -62,6 +71,7 @@ class GenerationSettings:
     width: int = 512
     dtype: str = "float32"
     device: str = "cpu"
+    model_identity: str | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -106,11 +116,53 @@ def generation_seed(sample_id: str | None, prompt: str, base_seed: int = 0, per_
     return sample_seed(sample_id or prompt, base_seed) if per_sample else int(base_seed)
 
 
+# the files of a diffusers pipeline folder that shape its images (weights, configs, tokenizer)
+_PIPELINE_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model", ".pt", ".pth", ".msgpack")
+
+
+def pipeline_identity(model: str, revision: str | None = None) -> str:
+    """What a pipeline is, for the cache key: ``sha256:<hex>`` over a local folder's weight,
+    config and tokenizer files (relative path and content of each), or ``hub:<name>@<revision>``.
+
+    A folder's content, not its path, names it: retraining into the same folder gives new keys,
+    and the same weights reached by another path (a ``models:/`` download) share the cached
+    images. Hashing reads every file once (~1 s per GB); call it once per process.
+
+    Raises:
+        ValueError: a local folder holds no pipeline file.
+    """
+    if not os.path.isdir(model):
+        return f"hub:{model}@{revision}"
+    digest = hashlib.sha256()
+    files = sorted(os.path.relpath(os.path.join(root, name), model).replace(os.sep, "/")
+                   for root, _, names in os.walk(model) for name in names
+                   if name.endswith(_PIPELINE_FILE_SUFFIXES) and not name.startswith("."))
+    if not files:
+        raise ValueError(f"model: {model} holds no pipeline file (model_index.json, *.safetensors, …)")
+    for relative in files:
+        file_digest = hashlib.sha256()
+        with open(os.path.join(model, relative), "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                file_digest.update(chunk)
+        digest.update(f"{relative}\0{file_digest.hexdigest()}\n".encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def with_identity(settings: GenerationSettings) -> GenerationSettings:
+    """``settings`` with ``model_identity`` filled in (computed from ``model`` when missing)."""
+    if settings.model_identity is not None:
+        return settings
+    return dataclasses.replace(settings, model_identity=pipeline_identity(settings.model, settings.revision))
+
+
 def cache_key(settings: GenerationSettings, seed: int, prompt: str) -> str:
-    """The content address of one generated image: sha256 over everything that shapes it."""
+    """The content address of one generated image: sha256 over everything that shapes it.
+
+    The pipeline enters by its identity (:func:`pipeline_identity`), not its path; settings
+    without ``model_identity`` hash the folder on every call (use :func:`with_identity` first).
+    """
     fields = {
-        "model": settings.model,
-        "revision": settings.revision,
+        "model": settings.model_identity or pipeline_identity(settings.model, settings.revision),
         "scheduler": settings.scheduler,
         "steps": settings.steps,
         "guidance_scale": float(settings.guidance_scale),
@@ -185,7 +237,8 @@ class BackTranslator:
     """Back-translates batches of prompts into cached PNG files (Eq. 3).
 
     Args:
-        settings: the pipeline and sampling settings (part of every cache key).
+        settings: the pipeline and sampling settings (part of every cache key); a missing
+            ``model_identity`` is computed here, once.
         cache_uri: folder (local or ``s3://``) holding ``<key[:2]>/<key>.png``.
         storage_options: endpoint for S3-compatible stores.
         pipeline: an already-built diffusers pipeline (tests, the server); loaded lazily from
@@ -199,7 +252,7 @@ class BackTranslator:
         storage_options: storage.StorageOptions | None = None,
         pipeline: Any = None,
     ):
-        self.settings = settings
+        self.settings = with_identity(settings)
         self.cache_uri = cache_uri
         self.storage_options = storage_options
         self._pipeline = pipeline
