@@ -214,16 +214,21 @@ class Grounder:
     """The top-k regions of an image for the sentence's phrases (V^r), batched per image.
 
     Args:
-        model: zero-shot detector name or folder (OWL-ViT, OWLv2, Grounding DINO).
+        model: zero-shot detector name or folder (OWL-ViT, OWLv2, Grounding DINO), or the MLflow URI
+            of a fine-tuned one (``models:/tmr-grounder@champion``, jobs.finetune_grounder).
         top_k, threshold: regions kept and the detector's score threshold.
         batching: ``{"max_batch_size", "batch_wait_timeout_s"}``.
+        tracking_uri: MLflow tracking URI for ``models:/`` URIs; null: ``$MLFLOW_TRACKING_URI``.
     """
 
     def __init__(self, model: str, top_k: int = 3, threshold: float = 0.0, device: str = "cpu",
-                 dtype: str = "float32", batching: dict | None = None, storage: dict | None = None):
+                 dtype: str = "float32", batching: dict | None = None, storage: dict | None = None,
+                 tracking_uri: str | None = None):
         from tmr_core.grounding import PhraseGrounder
 
-        self.source = model
+        self.source, self.version = model, None
+        if model.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+            model, self.version = resolve_model(model, tracking_uri)
         self.grounder = PhraseGrounder(model, top_k=top_k, threshold=threshold, device=device, dtype=dtype)
         self.storage_options = _storage_options(storage)
         _configure_batching(self._ground_batch, batching or {})
@@ -249,7 +254,7 @@ class Grounder:
         return results
 
     async def info(self) -> dict:
-        return {"name": "grounder", "version": None, "source_uri": self.source,
+        return {"name": "grounder", "version": self.version, "source_uri": self.source,
                 "kind": type(self.grounder.model).__name__}
 
 
@@ -270,17 +275,25 @@ class BackTranslator:
     reused by the next request with the same text.
 
     Args:
-        generation: :class:`tmr_core.back_translation.GenerationSettings` fields.
+        generation: :class:`tmr_core.back_translation.GenerationSettings` fields; ``model`` may be
+            ``models:/tmr-t2i@champion`` (jobs.finetune_text_to_image), downloaded here. The cache
+            key holds the pipeline's content hash, not its path, so the job's images are reused.
         cache_uri: the shared image cache (local folder or ``s3://``).
         batching: ``{"max_batch_size", "batch_wait_timeout_s"}``.
+        tracking_uri: MLflow tracking URI for ``models:/`` URIs; null: ``$MLFLOW_TRACKING_URI``.
     """
 
-    def __init__(self, generation: dict, cache_uri: str, batching: dict | None = None, storage: dict | None = None):
+    def __init__(self, generation: dict, cache_uri: str, batching: dict | None = None, storage: dict | None = None,
+                 tracking_uri: str | None = None):
         from tmr_core.back_translation import BackTranslator as Core
         from tmr_core.back_translation import GenerationSettings
 
+        self.version = None
+        if str(generation.get("model", "")).startswith("models:/"):
+            folder, self.version = resolve_model(generation["model"], tracking_uri)
+            generation = {**generation, "model": folder}
         self.settings = GenerationSettings(**generation)
-        self.core = Core(self.settings, cache_uri, _storage_options(storage))
+        self.core = Core(self.settings, cache_uri, _storage_options(storage))  # hashes the pipeline's files once
         _ = self.core.pipeline  # load now: the first request should not pay for it
         _configure_batching(self._generate_batch, batching or {})
 
@@ -302,7 +315,7 @@ class BackTranslator:
         return [{"uri": r.uri, "error": r.error, "cached": r.cached} for r in results]
 
     async def info(self) -> dict:
-        return {"name": "back_translator", "version": self.settings.revision, "source_uri": self.settings.model,
+        return {"name": "back_translator", "version": self.version or self.settings.revision, "source_uri": self.settings.model,
                 "kind": type(self.core.pipeline).__name__}
 
 
