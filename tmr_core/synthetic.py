@@ -848,9 +848,18 @@ def generate_benchmark(cfg: SyntheticConfig) -> Benchmark:
         re_[split] = generate_re_split(cfg, split, n_re, first_re)
         first_ner, first_re = first_ner + n_ner, first_re + n_re
     for split, n_rows in zip(MDE_SPLITS, cfg.mde_sizes, strict=True):
-        mde[split], scenes = generate_mde_split(cfg, split, n_rows)
+        mde[split], scenes = _mde_split_generator(cfg.version)(cfg, split, n_rows)
         mde_scenes.update(scenes)
     return Benchmark(cfg, ner, re_, mde, mde_scenes)
+
+
+def _mde_split_generator(version: int):
+    """Version 1 captions name glyphs; version 2's speak the tasks' own words (tmr_core.synthetic_captions)."""
+    if version == 1:
+        return generate_mde_split
+    from tmr_core.synthetic_captions import generate_caption_split
+
+    return generate_caption_split
 
 
 def synthetic_corpus(seed: int = 0, size: str = "tiny") -> list[str]:
