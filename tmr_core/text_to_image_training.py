@@ -301,6 +301,11 @@ class TextToImageModel(nn.Module):
             self.unet.unload_lora()
         self.vae.register_to_config(scaling_factor=float(self.latent_scale))
         pipeline = self._pipeline
+        prediction_type = self.config.prediction_type
+        if prediction_type and prediction_type != pipeline.scheduler.config.get("prediction_type"):
+            # the sampler must read the UNet's output as what it was trained to predict
+            pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config,
+                                                                      prediction_type=prediction_type)
         for name in MODULES:
             setattr(pipeline, name, getattr(self, name))
         pipeline.register_modules(unet=self.unet, text_encoder=self.text_encoder, vae=self.vae)
