@@ -248,6 +248,7 @@ def ambiguous_ner_scores(rows: list[dict], pred: list, truth: dict[str, dict]) -
 def ground_truth_scores(task: str, rows: list[dict], gold: list, pred: list, truth: dict[str, dict],
                         none_label: str) -> dict[str, float]:
     """Scores on the ambiguous subset and per alignment category (synthetic benchmark)."""
+    from tmr_core.probes import alpha_alignment_scores
     from tmr_core.schema import ALIGNMENT_CATEGORIES
 
     scorer = score_fn(task, none_label)
@@ -263,26 +264,8 @@ def ground_truth_scores(task: str, rows: list[dict], gold: list, pred: list, tru
         keep = [i for i, row in enumerate(rows) if truth.get(row["id"], {}).get("alignment") == category]
         if keep:
             metrics[f"test_align_{category}_f1"] = float(scorer([gold[i] for i in keep], [pred[i] for i in keep])["f1"])
-    return metrics | alpha_alignment_scores(rows, truth)
-
-
-def alpha_alignment_scores(rows: list[dict], truth: dict[str, dict]) -> dict[str, float]:
-    """Probe of the estimator's transfer: the MDE's argmax α on the test pairs against the
-    benchmark's alignment labels (macro F1; chance ≈ 0.33, always *weaken* ≈ 0.15–0.22).
-
-    Ground truth is only read here, after the fact; it never reaches the model.
-    """
-    from tmr_core.metrics import classification_scores
-    from tmr_core.schema import ALIGNMENT_CATEGORIES
-
-    pairs = [(truth[row["id"]]["alignment"], row["divergence"]) for row in rows
-             if row.get("id") in truth and row.get("divergence") is not None and len(row["divergence"]) == 3]
-    if not pairs:
-        return {}
-    guessed = [ALIGNMENT_CATEGORIES[max(range(3), key=lambda i: alpha[i])] for _, alpha in pairs]
-    scores = classification_scores([gold for gold, _ in pairs], guessed, labels=list(ALIGNMENT_CATEGORIES))
-    return {"test_alpha_alignment_macro_f1": float(scores["macro_f1"]),
-            "test_alpha_alignment_accuracy": float(scores["accuracy"])}
+    alpha = alpha_alignment_scores(rows, truth)
+    return metrics | {f"test_alpha_alignment_{k}": v for k, v in alpha.items() if k != "support"}
 
 
 # --------------------------------------------------------------------------- train loop (every worker)

@@ -317,12 +317,11 @@ def test_shard_rows_streams_once_then_replays_every_row_reshuffled_per_epoch():
 
 
 def test_alpha_alignment_probe_scores_the_estimators_argmax_against_the_ground_truth():
-    from jobs.finetune_extractor import alpha_alignment_scores
+    from tmr_core.probes import alpha_alignment_scores
 
     truth = {"a": {"alignment": "strengthen"}, "b": {"alignment": "complement"}, "c": {"alignment": "weaken"}}
     right = [{"id": "a", "divergence": [0.8, 0.1, 0.1]}, {"id": "b", "divergence": [0.1, 0.8, 0.1]},
              {"id": "c", "divergence": [0.1, 0.1, 0.8]}, {"id": "d", "divergence": None}]
-    assert alpha_alignment_scores(right, truth) == {"test_alpha_alignment_macro_f1": 1.0,
-                                                    "test_alpha_alignment_accuracy": 1.0}
+    assert alpha_alignment_scores(right, truth) == {"macro_f1": 1.0, "accuracy": 1.0, "support": 3.0}
     always_weaken = [dict(r, divergence=[0.1, 0.2, 0.7]) for r in right[:3]]
-    assert alpha_alignment_scores(always_weaken, truth)["test_alpha_alignment_macro_f1"] == pytest.approx(1 / 6)
+    assert alpha_alignment_scores(always_weaken, truth)["macro_f1"] == pytest.approx(1 / 6)

@@ -151,3 +151,26 @@ def back_translation_fidelity(items: Sequence[ProbeItem], images: Mapping[str, A
         "deciding_n": float(deciding),
         "undecided_n": float(undecided),
     }
+
+
+def alpha_alignment_scores(rows: Iterable[Mapping[str, Any]], truth: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Probe of the estimator's transfer (§3.4): argmax α of each pair against the benchmark's
+    alignment label (macro F1; chance ≈ 0.33, always *weaken* ≈ 0.15–0.22).
+
+    Args:
+        rows: stage rows with ``id`` and ``divergence`` (α = strengthen, complement, weaken).
+        truth: ground-truth rows by id (``ground_truth.jsonl``); read only here, never by a model.
+
+    Returns:
+        ``macro_f1``, ``accuracy`` and ``support``; {} when no row has both α and a label.
+    """
+    from tmr_core.metrics import classification_scores
+    from tmr_core.schema import ALIGNMENT_CATEGORIES
+
+    pairs = [(truth[row["id"]]["alignment"], row["divergence"]) for row in rows
+             if row.get("id") in truth and row.get("divergence") is not None and len(row["divergence"]) == 3]
+    if not pairs:
+        return {}
+    guessed = [ALIGNMENT_CATEGORIES[max(range(3), key=lambda i: alpha[i])] for _, alpha in pairs]
+    scores = classification_scores([gold for gold, _ in pairs], guessed, labels=list(ALIGNMENT_CATEGORIES))
+    return {"macro_f1": float(scores["macro_f1"]), "accuracy": float(scores["accuracy"]), "support": float(len(pairs))}
