@@ -6,7 +6,10 @@
 A zero-shot detector from transformers (``AutoModelForZeroShotObjectDetection`` + its processor:
 OWL-ViT, OWLv2 or Grounding DINO) is queried with the ``phrases`` column; the top ``top_k`` regions
 (3 in the paper) of the real image go to ``regions`` and those of the back-translation to
-``back_translation_regions``. A missing or unreadable image follows ``on_missing_image``: every
+``back_translation_regions``. ``--detector.model`` is a hub name, a folder (e.g. ``finetune_grounder``'s
+``<output>/model``) or an MLflow URI (``models:/tmr-grounder@champion``, ``runs:/…``), which each
+actor downloads; the fingerprint covers the folder's files or the registry version, so a retrained
+detector reruns the stage. A missing or unreadable image follows ``on_missing_image``: every
 valid and test row is kept whatever the policy (empty regions, the reason in ``image_error``;
 the extractor reads it as a zero image), so a test set never shrinks; ``skip`` drops training
 rows only and says how many.
@@ -25,6 +28,7 @@ from jobs._data import (
     ComputeConfig,
     actor_pool_args,
     add_columns,
+    file_infos,
     fingerprint,
     init_ray,
     is_up_to_date,
@@ -35,14 +39,21 @@ from jobs._data import (
 )
 
 JOB = "ground_phrases"
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
 @dataclass
 class DetectorConfig:
     """The zero-shot detector."""
 
-    model: str = opt("google/owlv2-base-patch16-ensemble", "Detector: hub name or folder (model + processor).")
+    model: str = opt(
+        "google/owlv2-base-patch16-ensemble",
+        "Detector: hub name, folder (model + processor) or MLflow URI (models:/tmr-grounder@champion, runs:/…).",
+    )
     revision: str | None = opt(None, "Hub revision (branch, tag or commit).")
+    tracking_uri: str | None = opt(
+        None, "MLflow tracking URI for a models:/ or runs:/ detector; null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."
+    )
     threshold: float = opt(0.0, "Minimum detection score kept before taking the top_k.")
     text_threshold: float = opt(0.25, "Grounding DINO only: token score threshold.")
     dtype: Literal["float32", "float16", "bfloat16"] = opt("float32", "Detector dtype.")
@@ -82,7 +93,7 @@ class GroundPhrases:
         self.cfg = cfg
         self.options = cfg.storage.options()
         self.grounder = PhraseGrounder(
-            d.model, revision=d.revision, top_k=cfg.top_k, threshold=d.threshold,
+            local_detector(d.model, d.tracking_uri), revision=d.revision, top_k=cfg.top_k, threshold=d.threshold,
             text_threshold=d.text_threshold, device=d.device, dtype=d.dtype,
         )
 
@@ -133,12 +144,52 @@ class GroundPhrases:
         })
 
 
+def local_detector(model: str, tracking_uri: str | None) -> str:
+    """A folder for an MLflow URI (downloaded, as jobs._tracking resolves models:/ for every job);
+    a hub name or a folder is returned as it is."""
+    if not model.startswith(MLFLOW_SCHEMES):
+        return model
+    import mlflow
+
+    from jobs._tracking import resolve_model_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    # download_artifacts looks models:/ up with the global registry URI, not its argument; an actor owns its process
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return resolve_model_uri(model, tracking_uri=uri)
+
+
+def detector_identity(cfg: Config, options: Any) -> Any:
+    """What identifies the detector's weights in the stage fingerprint: a folder's files, or the
+    version a registry alias points at now (a hub name and its revision are in the config already)."""
+    model = cfg.detector.model
+    if model.startswith("models:/") and "@" in model:
+        from mlflow import MlflowClient
+
+        from jobs._tracking import resolve_tracking_uri
+
+        name, alias = model[len("models:/"):].split("@", 1)
+        client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg.detector.tracking_uri))
+        return {"registered": model, "version": str(client.get_model_version_by_alias(name, alias).version)}
+    if model.startswith(MLFLOW_SCHEMES):
+        return {"uri": model}  # a run's artifacts and a numbered version do not change
+    return file_infos(model, options)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(Config, argv, prog=f"jobs.{JOB}")
     print_config(cfg, JOB)
     options = cfg.storage.options()
+    if cfg.detector.model.startswith(MLFLOW_SCHEMES):
+        from jobs._tracking import resolve_tracking_uri
+
+        # actors run in another working directory: a relative sqlite path must reach them absolute
+        cfg.detector.tracking_uri = resolve_tracking_uri(cfg.detector.tracking_uri)
     splits = present_splits(cfg.input, cfg.splits, options, output=cfg.output)
-    stage_fingerprint = fingerprint(JOB, cfg, cfg.input, splits, options)
+    # a retrained detector at the same folder, or a newly registered champion, must not look up to date
+    stage_fingerprint = fingerprint(JOB, cfg, cfg.input, splits, options,
+                                    extra={"detector": detector_identity(cfg, options)})
     if not cfg.force and is_up_to_date(cfg.output, stage_fingerprint, options):
         print(f"[{JOB}] {cfg.output} is up to date (same config and input); nothing to do. --force true reruns it.")
         return 0

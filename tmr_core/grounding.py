@@ -213,3 +213,20 @@ def ground_samples(grounder: PhraseGrounder, samples: Sequence[dict], open_image
     options); images are opened as they are needed, one at a time.
     """
     return [[region.box for region in grounder(open_image(s["image_uri"]), s["queries"])] for s in samples]
+
+
+def regions_recall(rows: Sequence[dict], truth: dict[str, dict], iou_threshold: float = 0.5,
+                   top_k: int = 3) -> dict[str, float]:
+    """:func:`grounding_recall` of a ``ground_phrases`` table: each row's ``regions`` against the
+    boxes its ground-truth row shows. Rows with the same image and phrases (an MNRE sentence's two
+    instances) count once, with the union of their boxes; rows without a ground-truth row are skipped.
+    """
+    samples: dict[tuple, tuple[list, list]] = {}
+    for row in rows:
+        if row.get("id") not in truth or not row.get("image_uri"):
+            continue
+        key = (row["image_uri"], tuple(p["text"] for p in row.get("phrases") or []))
+        predicted, gold = samples.setdefault(key, ([r["box"] for r in row.get("regions") or []], []))
+        gold.extend(box for _, box in shown_boxes(truth[row["id"]]) if box not in gold)
+    predicted_boxes = [predicted for predicted, _ in samples.values()]
+    return grounding_recall(predicted_boxes, [gold for _, gold in samples.values()], iou_threshold, top_k)
