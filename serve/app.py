@@ -63,7 +63,7 @@ class AppArgs(BaseModel):
     re_model: str | None = Field("models:/tmr-re@champion", description="RE extractor; null serves NER only.")
     mde_model: str = Field("models:/tmr-mde@champion", description="Divergence estimator (MDE).")
     mde_max_length: int = Field(40, ge=1, description="Word pieces per caption for the MDE (ViLT: 40).")
-    grounder_model: str = Field("google/owlv2-base-patch16-ensemble", description="Zero-shot detector name or folder.")
+    grounder_model: str = Field("google/owlv2-base-patch16-ensemble", description="Detector: hub name, folder or models:/tmr-grounder@champion.")
     grounder_top_k: int = Field(3, ge=1, description="Regions per image (3 in the paper).")
     grounder_threshold: float = Field(0.0, description="Detector score threshold.")
     phrase_parser: Literal["stanza", "tiny"] = Field(
@@ -115,9 +115,9 @@ def _steps(args: AppArgs) -> dict[str, tuple[Any, str | None, tuple, dict]]:
                                              "max_phrase_len": args.max_phrase_len, "device": args.device}),
         "grounder": (Grounder, None, (args.grounder_model,), {
             "top_k": args.grounder_top_k, "threshold": args.grounder_threshold, "device": args.device,
-            "batching": batching, "storage": storage}),
+            "batching": batching, "storage": storage, "tracking_uri": args.tracking_uri}),
         "back_translator": (BackTranslator, None, (args.generation.model_dump(), args.back_translation_cache),
-                            {"batching": batching, "storage": storage}),
+                            {"batching": batching, "storage": storage, "tracking_uri": args.tracking_uri}),
         "mde": (DivergenceEstimator, None, (args.mde_model,), {"max_length": args.mde_max_length, **models}),
         "ner": (Extractor, "NERExtractor", (args.ner_model, "ner"), models),
         "re": (Extractor, "REExtractor", (args.re_model, "re"), models) if args.re_model is not None else None,

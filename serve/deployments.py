@@ -314,6 +314,10 @@ class BackTranslator:
         results = self.core([p for p, _ in items], [s for _, s in items])
         return [{"uri": r.uri, "error": r.error, "cached": r.cached} for r in results]
 
+    async def identity(self) -> str:
+        """The pipeline's identity in the cache key (its content hash), for fast-mode lookups."""
+        return self.core.settings.model_identity
+
     async def info(self) -> dict:
         return {"name": "back_translator", "version": self.version or self.settings.revision, "source_uri": self.settings.model,
                 "kind": type(self.core.pipeline).__name__}

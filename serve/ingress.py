@@ -154,7 +154,7 @@ class Pipeline:
         self.mde, self.ner, self.re = mde, ner, re
         self.settings = settings
         self.storage_options = settings.storage_options()
-        self._generation = settings.generation_settings()
+        self._generation = None  # filled from the BackTranslator on the first fast-mode lookup
 
     async def models(self) -> list[dict]:
         targets = [self.ner, self.re, self.mde, self.grounder, self.back_translator, self.phrases]
@@ -205,7 +205,8 @@ class Pipeline:
             if mode == "full":
                 back_translation = await call(self.back_translator, "generate", prompt, seed)
             else:
-                back_translation = await asyncio.to_thread(self._cached_back_translation, prompt, seed)
+                generation = await self._generation_settings()
+                back_translation = await asyncio.to_thread(self._cached_back_translation, generation, prompt, seed)
         bt_uri = back_translation["uri"]
         phrase_texts = [p["text"] for p in phrases]
         with timer.step("grounding"):
@@ -234,14 +235,25 @@ class Pipeline:
         }
         return row, extras
 
-    def _cached_back_translation(self, prompt: str, seed: int) -> dict:
+    async def _generation_settings(self):
+        """The generation settings with the pipeline identity the BackTranslator computed: the
+        cache key names a pipeline by its content, which only the replica that loaded it knows
+        (a ``models:/`` URI names no folder here)."""
+        if self._generation is None:
+            import dataclasses
+
+            identity = await call(self.back_translator, "identity")
+            self._generation = dataclasses.replace(self.settings.generation_settings(), model_identity=identity)
+        return self._generation
+
+    def _cached_back_translation(self, generation, prompt: str, seed: int) -> dict:
         """Fast mode: the batch job's image for this prompt and seed if it exists and decodes;
         never generate. A cached file that does not decode is a miss (the grounder and the
         extractor would fail on it); full mode, or the batch job's next run, regenerates it."""
         from tmr_core import storage
         from tmr_core.back_translation import cache_key, cache_uri_for, cached_image_decodes
 
-        uri = cache_uri_for(self.settings.cache_uri, cache_key(self._generation, seed, prompt))
+        uri = cache_uri_for(self.settings.cache_uri, cache_key(generation, seed, prompt))
         if storage.exists(uri, self.storage_options):
             if cached_image_decodes(uri, self.storage_options):
                 return {"uri": uri, "error": None, "cached": True}
