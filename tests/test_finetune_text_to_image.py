@@ -180,3 +180,57 @@ def test_fidelity_is_one_for_the_real_images_of_strengthen_texts_and_zero_for_we
     assert back_translation_fidelity(by_alignment["complement"], images)["undecided_gold_match"] == 1.0
     # ... and never where the image is a donor's that shows another type
     assert back_translation_fidelity(by_alignment["weaken"], images)["deciding"] == 0.0
+
+
+def test_focus_object_crop_fills_the_training_image_with_the_focus_glyph(tiny_benchmark, ner_pairs, tiny_models):
+    """data.crop_to focus_object: each kept pair's image is cut to a square around the object its text
+    is about (ground-truth box), so the type colour the text decides covers most of the training image."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from tmr_core.probes import GlyphReader
+    from tmr_core.synthetic import read_ground_truth
+    from tmr_core.text_to_image_training import (TextImageCollator, agreeing_rows, crop_rows, focus_box,
+                                                 prompt_and_image_rows, square_crop)
+
+    truth = {row["id"]: row for row in read_ground_truth(tiny_benchmark / "ground_truth.jsonl")}
+    rows = prompt_and_image_rows(pq.read_table(ner_pairs / "train.parquet").to_pylist())
+    kept, _ = agreeing_rows(rows, truth, ["strengthen", "complement"])
+    cropped, dropped = crop_rows(kept, truth, "focus_object")
+    assert dropped == 0 and len(cropped) == len(kept)  # agreeing NER images show their focus object
+    assert crop_rows(kept, truth, None)[0] == kept
+    donors = [row for row in rows if truth[row["id"]]["alignment"] == "weaken"]
+    assert donors and crop_rows(donors, truth, "focus_object")[0] == []  # a donor's image has no focus box
+
+    assert square_crop([50, 50, 62, 60], 64, 64, 0.25) == (46, 46, 64, 64)  # shifted inside, not shrunk
+    for left, top, right, bottom in [square_crop(row["crop"], 64, 64, 0.25) for row in cropped]:
+        assert right - left == bottom - top and 0 <= left < right <= 64 and 0 <= top < bottom <= 64
+
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(f"{tiny_models['text_to_image']}/tokenizer")
+    collate = TextImageCollator(tokenizer, 32, crop_margin=0.25)
+    reader = GlyphReader()
+    gains = []
+    for row in cropped[:24]:
+        etype = next(m["type"] for m in truth[row["id"]]["mentions"] if m.get("context") != "fixed")
+        box = focus_box(truth[row["id"]])
+        x0, y0, x1, y1 = square_crop(box, 64, 64, 0.25)
+        assert x0 <= box[0] and y0 <= box[1] and box[2] <= x1 and box[3] <= y1  # the crop holds the whole object
+        pixels = ((collate.image_tensor(row["image_uri"], row["crop"]) + 1) * 127.5).round().clamp(0, 255)
+        crop = pixels.byte().permute(1, 2, 0).numpy()
+        assert reader.read(crop) == etype  # unrestricted: the focus type dominates the crop
+        full = reader.type_fractions(Image.open(row["image_uri"]))[etype]
+        gains.append(reader.type_fractions(crop)[etype] / full)
+    assert min(gains) > 3.0  # the glyph's share of the pixels grows several-fold
+
+
+def test_crop_needs_the_ground_truth(tiny_models):
+    from jobs import finetune_text_to_image
+    from jobs._config import ConfigError, parse_config
+
+    cfg = parse_config(finetune_text_to_image.Config, [
+        "--config", "configs/finetune_text_to_image.tiny.yaml", "--model.base", tiny_models["text_to_image"],
+        "--data.ground_truth", "null", "--data.crop_to", "focus_object"], prog="t")
+    with pytest.raises(ConfigError, match="crop_to"):
+        finetune_text_to_image.check_config(cfg)

@@ -344,47 +344,104 @@ def agreeing_rows(rows: Sequence[Mapping[str, Any]], truth: Mapping[str, Mapping
     return kept, counts
 
 
+CROP_CHOICES = (None, "focus_object")
+
+
+def focus_box(truth_row: Mapping[str, Any]) -> list[float] | None:
+    """The box ``[x0, y0, x1, y1]`` (image pixels) of the object a ground-truth row's text is about.
+
+    NER: the focus mention's (the one whose context is not ``fixed``); RE: the union of the head's
+    and the tail's boxes (both must be drawn). ``None`` when the image does not show it (a weaken
+    donor's image, a missing glyph). Ground truth, so a training-time label only: real data has
+    no boxes, and sampling never sees one.
+    """
+    if truth_row.get("task") == "re":
+        head, tail = truth_row.get("head_box"), truth_row.get("tail_box")
+        if not head or not tail:
+            return None
+        return [min(head[0], tail[0]), min(head[1], tail[1]), max(head[2], tail[2]), max(head[3], tail[3])]
+    for mention in truth_row.get("mentions") or []:
+        if mention.get("context") != "fixed":
+            return list(mention["box"]) if mention.get("box") else None
+    return None
+
+
+def square_crop(box: Sequence[float], width: int, height: int, margin: float) -> tuple[int, int, int, int]:
+    """A square pixel window around ``box`` with ``margin`` × its longer side added on each side,
+    shifted (not shrunk) to stay inside the ``width`` × ``height`` image where it fits."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    side = max(x1 - x0, y1 - y0) * (1.0 + 2.0 * margin)
+    side = int(round(min(max(side, 1.0), width, height)))
+    cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+    left = int(round(min(max(cx - side / 2.0, 0.0), width - side)))
+    top = int(round(min(max(cy - side / 2.0, 0.0), height - side)))
+    return left, top, left + side, top + side
+
+
+def crop_rows(rows: Sequence[Mapping[str, Any]], truth: Mapping[str, Mapping[str, Any]],
+              crop_to: str | None) -> tuple[list[dict], int]:
+    """Rows with ``crop`` (the focus object's box, :func:`focus_box`) for ``crop_to="focus_object"``;
+    rows without a box are dropped. Returns ``(rows, dropped)``; ``crop_to=None`` keeps rows as they are."""
+    if crop_to not in CROP_CHOICES:
+        raise ValueError(f"crop_to: one of {CROP_CHOICES}, got {crop_to!r}")
+    if crop_to is None:
+        return [dict(row) for row in rows], 0
+    kept = []
+    for row in rows:
+        box = focus_box(truth.get(row["id"], {}))
+        if box is not None:
+            kept.append({**row, "crop": box})
+    return kept, len(rows) - len(kept)
+
+
 class TextImageCollator:
-    """Rows ``{prompt, image_uri}`` → ``{pixel_values [B, 3, R, R] in [-1, 1], input_ids [B, L]}``.
+    """Rows ``{prompt, image_uri[, crop]}`` → ``{pixel_values [B, 3, R, R] in [-1, 1], input_ids [B, L]}``.
 
     Args:
         tokenizer: the pipeline's tokenizer (padded to its ``model_max_length``, as at sampling).
-        resolution: square training size; images are resized (bilinear, antialiased).
+        resolution: square training size; images are resized (bilinear, antialiased). A row's
+            ``crop`` box (:func:`crop_rows`) first cuts a square window around it
+            (:func:`square_crop` with ``crop_margin``).
         caption_dropout: probability that a prompt is replaced by "" (for classifier-free guidance).
         seed: seeds the caption dropout, so a batch's inputs do not depend on global RNG state.
     """
 
     def __init__(self, tokenizer: Any, resolution: int, storage_options: storage.StorageOptions | None = None,
-                 caption_dropout: float = 0.0, seed: int = 0):
+                 caption_dropout: float = 0.0, seed: int = 0, crop_margin: float = 0.25):
         import random
 
         self.tokenizer = tokenizer
+        self.crop_margin = crop_margin
         self.resolution = resolution
         self.storage_options = storage_options
         self.caption_dropout = caption_dropout
         self.rng = random.Random(seed)
         self._images: dict[str, torch.Tensor] = {}
 
-    def image_tensor(self, uri: str) -> torch.Tensor:
-        """[3, R, R] in [-1, 1]; decoded once per collator (the training set is re-read each epoch)."""
-        if uri not in self._images:
+    def image_tensor(self, uri: str, crop: Sequence[float] | None = None) -> torch.Tensor:
+        """[3, R, R] in [-1, 1] of the image (or of its window around ``crop``); decoded once per
+        collator (the training set is re-read each epoch)."""
+        key = f"{uri}#{tuple(crop)}" if crop else uri
+        if key not in self._images:
             from PIL import Image
 
             from tmr_core.images import load_image
 
-            image = load_image(uri, self.storage_options).resize((self.resolution, self.resolution),
-                                                                 Image.Resampling.BILINEAR)
+            image = load_image(uri, self.storage_options)
+            if crop:
+                image = image.crop(square_crop(crop, image.width, image.height, self.crop_margin))
+            image = image.resize((self.resolution, self.resolution), Image.Resampling.BILINEAR)
             pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
             pixels = pixels.view(self.resolution, self.resolution, 3).permute(2, 0, 1).float()
-            self._images[uri] = pixels / 127.5 - 1.0
-        return self._images[uri]
+            self._images[key] = pixels / 127.5 - 1.0
+        return self._images[key]
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         prompts = [("" if self.caption_dropout and self.rng.random() < self.caption_dropout else row["prompt"])
                    for row in rows]
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
-        return {"pixel_values": torch.stack([self.image_tensor(row["image_uri"]) for row in rows]),
+        return {"pixel_values": torch.stack([self.image_tensor(row["image_uri"], row.get("crop")) for row in rows]),
                 "input_ids": ids}
 
 
