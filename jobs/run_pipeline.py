@@ -65,6 +65,14 @@ class Config:
     tracking_uri: str | None = opt(None, "MLflow tracking URI for every job; null: MLFLOW_TRACKING_URI or sqlite:///mlflow.db.")
     force: list[str] = opt([], "Stage ids to rerun even when up to date (e.g. [finetune_extractor.ner.full]); [all]: every stage.")
     stop_after: str | None = opt(None, "Stop after this stage id (inclusive); null: run everything.")
+    train_back_translator: bool | None = opt(
+        None, "Fine-tune the text-to-image model on the training pairs (finetune_text_to_image) and back-translate "
+        "with it; null: on for synthetic data (its tiny pipeline starts random), off for real data."
+    )
+    train_grounder: bool | None = opt(
+        None, "Fine-tune the detector on the benchmark's boxes (finetune_grounder) and ground with it; "
+        "needs ground-truth boxes, so synthetic data only; null: on for synthetic data."
+    )
     job_args: dict[str, list[str]] = opt(
         {}, "Extra --key value arguments per job, after the pipeline's own (e.g. {finetune_extractor: [--optim.epochs, '2']})."
     )
@@ -96,8 +104,17 @@ def _job_config(cfg: Config, job: str, variant: str = "") -> str:
 
 
 PIPELINE_JOBS = frozenset({"make_tiny_models", "make_synthetic_benchmark", "prepare_dataset", "extract_phrases",
-                           "generate_back_translations", "ground_phrases", "pretrain_mde", "score_divergence",
-                           "finetune_extractor", "compare_runs"})
+                           "finetune_text_to_image", "generate_back_translations", "finetune_grounder",
+                           "ground_phrases", "pretrain_mde", "score_divergence", "finetune_extractor",
+                           "probe_mechanisms", "compare_runs"})
+
+
+def trains_back_translator(cfg: Config) -> bool:
+    return cfg.source == "synthetic" if cfg.train_back_translator is None else cfg.train_back_translator
+
+
+def trains_grounder(cfg: Config) -> bool:
+    return cfg.source == "synthetic" if cfg.train_grounder is None else cfg.train_grounder
 
 
 def check_config(cfg: Config) -> None:
@@ -116,6 +133,9 @@ def check_config(cfg: Config) -> None:
         task = "re" if cfg.source == "mnre" else "ner"
         if list(cfg.tasks) != [task]:
             problems.append(f"--source {cfg.source} is a {task} dataset: set --tasks [{task}]")
+        if cfg.train_grounder:
+            problems.append(f"--train_grounder needs ground-truth boxes, which --source {cfg.source} has not: "
+                            "set --train_grounder false (the job configs' detector grounds zero-shot)")
     if problems:
         raise ConfigError(problems)
 
@@ -149,11 +169,13 @@ def plan(cfg: Config) -> list[Stage]:
     def model_args(key: str, name: str) -> list[str]:
         return [key, os.path.join(models, name)] if models else []
 
+    def task_dir(task: str, stage: str) -> str:
+        return os.path.join(wd, "stages", task, stage)
 
+    truth = os.path.join(bench, "ground_truth.jsonl")
+    storage_args = ["--ray.storage_path", os.path.join(wd, "ray_results")]
     for task in cfg.tasks:
-        base = os.path.join(wd, "stages", task)
-        dataset, phrases, bt, regions, div = (os.path.join(base, s) for s in
-                                              ("dataset", "phrases", "back_translations", "regions", "divergence"))
+        dataset, phrases = task_dir(task, "dataset"), task_dir(task, "phrases")
         stages += [
             Stage(f"prepare_dataset.{task}", "prepare_dataset",
                   ["--config", _job_config(cfg, "prepare_dataset"), "--format", cfg.source, "--task", task,
@@ -161,37 +183,65 @@ def plan(cfg: Config) -> list[Stage]:
             Stage(f"extract_phrases.{task}", "extract_phrases",
                   ["--config", _job_config(cfg, "extract_phrases"), "--input", dataset, "--output", phrases,
                    *phrase_args(task), "--max_phrase_len", "4" if task == "ner" else "6"], phrases, [f"prepare_dataset.{task}"]),
-            Stage(f"generate_back_translations.{task}", "generate_back_translations",
-                  ["--config", _job_config(cfg, "generate_back_translations"), "--input", phrases, "--output", bt,
-                   "--cache_uri", os.path.join(wd, "cache", "back_translations"),
-                   *model_args("--generation.model", "text-to-image")], bt, [f"extract_phrases.{task}"]),
-            Stage(f"ground_phrases.{task}", "ground_phrases",
-                  ["--config", _job_config(cfg, "ground_phrases"), "--input", bt, "--output", regions,
-                   *model_args("--detector.model", "detector")], regions, [f"generate_back_translations.{task}"]),
         ]
+    generator = model_args("--generation.model", "text-to-image")
+    if trains_back_translator(cfg):
+        t2i = os.path.join(wd, "t2i")
+        stages.append(Stage("finetune_text_to_image", "finetune_text_to_image",
+                            ["--config", _job_config(cfg, "finetune_text_to_image"),
+                             "--data.datasets", json.dumps([task_dir(t, "dataset") for t in cfg.tasks]),
+                             "--data.dataset_name", cfg.source, *(["--data.ground_truth", truth] if synthetic else []),
+                             "--output", t2i, *storage_args, *model_args("--model.base", "text-to-image"), *tracking],
+                            t2i, [f"prepare_dataset.{t}" for t in cfg.tasks], summary="metrics"))
+        generator = ["--generation.model", os.path.join(t2i, "model")]
+    for task in cfg.tasks:
+        stages.append(Stage(f"generate_back_translations.{task}", "generate_back_translations",
+                            ["--config", _job_config(cfg, "generate_back_translations"), "--input", task_dir(task, "phrases"),
+                             "--output", task_dir(task, "back_translations"),
+                             "--cache_uri", os.path.join(wd, "cache", "back_translations"), *generator],
+                            task_dir(task, "back_translations"),
+                            [f"extract_phrases.{task}", *(["finetune_text_to_image"] if trains_back_translator(cfg) else [])]))
+    detector = model_args("--detector.model", "detector")
+    if trains_grounder(cfg):
+        grounder = os.path.join(wd, "grounder")
+        stages.append(Stage("finetune_grounder", "finetune_grounder",
+                            ["--config", _job_config(cfg, "finetune_grounder"),
+                             "--data.datasets", json.dumps([task_dir(t, "phrases") for t in cfg.tasks]),
+                             "--data.ground_truth", truth, "--data.dataset_name", cfg.source,
+                             "--output", grounder, *storage_args, *model_args("--model.detector", "detector"), *tracking],
+                            grounder, [f"extract_phrases.{t}" for t in cfg.tasks], summary="metrics"))
+        detector = ["--detector.model", os.path.join(grounder, "model")]
+    for task in cfg.tasks:
+        stages.append(Stage(f"ground_phrases.{task}", "ground_phrases",
+                            ["--config", _job_config(cfg, "ground_phrases"), "--input", task_dir(task, "back_translations"),
+                             "--output", task_dir(task, "regions"), *detector], task_dir(task, "regions"),
+                            [f"generate_back_translations.{task}", *(["finetune_grounder"] if trains_grounder(cfg) else [])]))
     mde = os.path.join(wd, "mde")
     stages.append(Stage("pretrain_mde", "pretrain_mde",
                         ["--config", _job_config(cfg, "pretrain_mde"),
                          "--data.corpus", os.path.join(bench, "mde") if synthetic else cfg.mde_corpus,
-                         "--output", mde, "--ray.storage_path", os.path.join(wd, "ray_results"),
+                         "--output", mde, *storage_args,
                          *model_args("--model.backbone", "mde-backbone"), *tracking],
                         mde, needs_data, summary="metrics"))
     for task in cfg.tasks:
-        base = os.path.join(wd, "stages", task)
-        regions, div = os.path.join(base, "regions"), os.path.join(base, "divergence")
         stages.append(Stage(f"score_divergence.{task}", "score_divergence",
-                            ["--config", _job_config(cfg, "score_divergence"), "--input", regions, "--output", div,
-                             "--checkpoint", os.path.join(mde, "model")], div, [f"ground_phrases.{task}", "pretrain_mde"]))
-        ablations = ["full", "text_only"] if cfg.text_only_baseline else ["full"]
-        for ablation in ablations:
+                            ["--config", _job_config(cfg, "score_divergence"), "--input", task_dir(task, "regions"),
+                             "--output", task_dir(task, "divergence"), "--checkpoint", os.path.join(mde, "model")],
+                            task_dir(task, "divergence"), [f"ground_phrases.{task}", "pretrain_mde"]))
+    if synthetic:
+        probes = os.path.join(wd, "probes")
+        stages.append(Stage("probe_mechanisms", "probe_mechanisms",
+                            ["--config", _job_config(cfg, "probe_mechanisms"), "--workdir", wd, "--tasks", json.dumps(list(cfg.tasks)), "--output", probes],
+                            probes, [f"score_divergence.{t}" for t in cfg.tasks], summary="metrics"))
+    for task in cfg.tasks:
+        for ablation in ["full", "text_only"] if cfg.text_only_baseline else ["full"]:
             out = os.path.join(wd, "extractor", task, ablation)
             register = [] if ablation == "full" else ["--tracking.register_as", "null"]
-            truth = ["--data.ground_truth", os.path.join(bench, "ground_truth.jsonl")] if synthetic else []
             stages.append(Stage(f"finetune_extractor.{task}.{ablation}", "finetune_extractor",
                                 ["--config", _job_config(cfg, "finetune_extractor", "" if task == "ner" else "re"),
                                  "--task", task, "--ablation", ablation, "--output", out,
-                                 "--data.dataset", div, "--data.dataset_name", cfg.source, *truth,
-                                 "--ray.storage_path", os.path.join(wd, "ray_results"),
+                                 "--data.dataset", task_dir(task, "divergence"), "--data.dataset_name", cfg.source,
+                                 *(["--data.ground_truth", truth] if synthetic else []), *storage_args,
                                  *model_args("--model.text_encoder", "text-encoder"),
                                  *model_args("--model.image_encoder", "image-encoder"), *register, *tracking],
                                 out, [f"score_divergence.{task}"], summary="metrics"))
@@ -346,11 +396,18 @@ def read_metrics(output: str) -> dict:
         return json.load(handle)
 
 
+HEADLINE_METRICS = {
+    "pretrain_mde": ("in_domain_macro_f1", "out_of_domain_macro_f1"),
+    "finetune_text_to_image": ("test_bt_fidelity_deciding", "base_test_bt_fidelity_deciding"),
+    "finetune_grounder": ("test_recall", "test_zero_area_share"),
+    "probe_mechanisms": ("bt_fidelity_deciding", "ner_grounding_recall", "re_grounding_recall",
+                         "ner_alpha_macro_f1", "re_alpha_macro_f1"),
+    "finetune_extractor": ("test_f1", "test_ambiguous_f1"),
+}
+
+
 def _headline(stage: Stage, metrics: dict) -> str:
-    if stage.job == "pretrain_mde":
-        keys = ("in_domain_macro_f1", "out_of_domain_macro_f1")
-    else:
-        keys = ("test_f1", "test_ambiguous_f1")
+    keys = HEADLINE_METRICS.get(stage.job, ())
     shown = [f"{k}={metrics[k]:.3f}" for k in keys if isinstance(metrics.get(k), (int, float))]
     return " ".join(shown)
 
@@ -465,6 +522,12 @@ def execute(cfg: Config) -> tuple[list[Stage], dict[str, float | None], float]:
 def print_summary(cfg: Config, stages: list[Stage], ran: dict[str, float | None], total: float) -> None:
     print("\n## Pipeline summary\n")
     print(summary_table(cfg, stages, ran))
+    probes = next((s for s in stages if s.job == "probe_mechanisms" and s.id in ran), None)
+    if probes is not None:
+        from jobs.probe_mechanisms import probe_table
+
+        print("\n## TMR's mechanisms, probed\n")
+        print(probe_table(read_metrics(probes.output), "test"))
     if any(s.job == "finetune_extractor" and s.id in ran for s in stages):
         print("\n## NER / RE: full model vs text only (test split)\n")
         print(f1_table(cfg, [s for s in stages if s.id in ran]))

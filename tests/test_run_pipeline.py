@@ -32,6 +32,23 @@ def test_plan_orders_stages_and_wires_outputs_to_inputs():
             source = stage.argv[stage.argv.index("--input") + 1]
             assert any(by_id[n].output == source for n in stage.needs), stage.id
     assert "--ablation" in by_id["finetune_extractor.ner.text_only"].argv
+    # the trained back-translator and grounder are what the stages generate and ground with
+    def arg(stage_id, flag):
+        argv = by_id[stage_id].argv
+        return argv[argv.index(flag) + 1]
+
+    assert arg("generate_back_translations.re", "--generation.model") == by_id["finetune_text_to_image"].output + "/model"
+    assert arg("ground_phrases.ner", "--detector.model") == by_id["finetune_grounder"].output + "/model"
+    assert "finetune_text_to_image" in by_id["generate_back_translations.ner"].needs
+    assert "finetune_grounder" in by_id["ground_phrases.re"].needs
+    assert ids.index("probe_mechanisms") < ids.index("finetune_extractor.ner.full")
+    # real data has no boxes: no grounder training, and the configs' back-translator unless asked
+    real = dataclasses.replace(cfg, source="twitter2017", data_dir="d", mde_corpus="m", tasks=["ner"])
+    real_ids = [s.id for s in run_pipeline.plan(real)]
+    assert "finetune_grounder" not in real_ids and "finetune_text_to_image" not in real_ids
+    assert "probe_mechanisms" not in real_ids
+    with pytest.raises(ConfigError, match="train_grounder"):
+        run_pipeline.check_config(dataclasses.replace(real, train_grounder=True))
 
 
 def test_real_dataset_needs_its_files():
@@ -202,6 +219,9 @@ def test_two_pipelines_from_scratch_with_one_seed_give_the_same_scores(ray_local
                                          "--mde_sizes", "[96, 16, 16, 16]"],
             "pretrain_mde": ["--optim.epochs", "1", "--optim.head_fit_epochs", "3", "--tracking.register_as", "null"],
             "finetune_extractor": ["--optim.epochs", "2", "--tracking.register_as", "null"],
+            "finetune_text_to_image": ["--optim.epochs", "1", "--optim.vae_steps", "5", "--probe.enabled", "false",
+                                       "--tracking.register_as", "null"],
+            "finetune_grounder": ["--optim.epochs", "1", "--eval_untrained", "false", "--tracking.register_as", "null"],
         },
     }))
     scores = []
