@@ -45,8 +45,8 @@ class Config:
     iou_threshold: float = opt(0.5, "Grounding: IoU at which a box finds a mention's object.")
     top_k: int = opt(3, "Grounding: boxes per image that count (the paper's 3 regions).")
     min_fidelity: float | None = opt(None, "Fail when v' fidelity on deciding texts is below this (goal 0.8).")
-    min_grounding_recall: float | None = opt(None, "Fail when recall@IoU within top_k is below this (goal 0.8).")
-    max_zero_area_share: float | None = opt(None, "Fail when the share of zero-area boxes is above this (goal 0.05).")
+    min_grounding_recall: float | None = opt(None, "Fail when recall@IoU within top_k, all tasks' mentions together, is below this (goal 0.8).")
+    max_zero_area_share: float | None = opt(None, "Fail when the share of zero-area boxes, all tasks together, is above this (goal 0.05).")
     min_alpha_macro_f1: float | None = opt(None, "Fail when argmax-α macro F1 of any task is below this (goal 0.6).")
     storage: StorageConfig = opt(StorageConfig, "Where s3:// URIs are served.")
 
@@ -85,7 +85,17 @@ def grounding(cfg: Config, task: str, truth: dict[str, dict]) -> dict[str, float
     from tmr_core.grounding import regions_recall
 
     scores = regions_recall(_table(cfg, task, "regions"), truth, cfg.iou_threshold, cfg.top_k)
-    return {f"{task}_grounding_{k}": float(scores[k]) for k in ("recall", "support", "zero_area_share", "boxes")}
+    return {f"{task}_grounding_{k}": float(scores[k]) for k in ("recall", "found", "support", "zero_area_share", "boxes")}
+
+
+def pooled_grounding(metrics: dict[str, float], tasks: list[str]) -> dict[str, float]:
+    """Recall and zero-area share over every task's mentions and boxes together (the goal's unit)."""
+    found = sum(metrics[f"{t}_grounding_found"] for t in tasks)
+    support = sum(metrics[f"{t}_grounding_support"] for t in tasks)
+    boxes = sum(metrics[f"{t}_grounding_boxes"] for t in tasks)
+    zero = sum(metrics[f"{t}_grounding_zero_area_share"] * metrics[f"{t}_grounding_boxes"] for t in tasks)
+    return {"grounding_recall": found / support if support else 0.0,
+            "grounding_zero_area_share": zero / boxes if boxes else 0.0}
 
 
 def estimator_transfer(cfg: Config, task: str, truth: dict[str, dict]) -> dict[str, float]:
@@ -104,16 +114,15 @@ def probe(cfg: Config) -> dict[str, float]:
     for task in cfg.tasks:
         metrics |= grounding(cfg, task, truth)
         metrics |= estimator_transfer(cfg, task, truth)
-    return metrics
+    return metrics | pooled_grounding(metrics, list(cfg.tasks))
 
 
 def shortfalls(cfg: Config, metrics: dict[str, float]) -> list[str]:
     """Every goal the metrics miss, as one line each."""
-    checks = [("bt_fidelity_deciding", cfg.min_fidelity, "min")]
-    for task in cfg.tasks:
-        checks += [(f"{task}_grounding_recall", cfg.min_grounding_recall, "min"),
-                   (f"{task}_grounding_zero_area_share", cfg.max_zero_area_share, "max"),
-                   (f"{task}_alpha_macro_f1", cfg.min_alpha_macro_f1, "min")]
+    checks = [("bt_fidelity_deciding", cfg.min_fidelity, "min"),
+              ("grounding_recall", cfg.min_grounding_recall, "min"),
+              ("grounding_zero_area_share", cfg.max_zero_area_share, "max")]
+    checks += [(f"{task}_alpha_macro_f1", cfg.min_alpha_macro_f1, "min") for task in cfg.tasks]
     missed = []
     for key, goal, kind in checks:
         if goal is None or key not in metrics:
@@ -129,14 +138,14 @@ def probe_table(metrics: dict[str, float], split: str) -> str:
     def cell(key: str) -> str:
         return f"{metrics[key]:.3f}" if key in metrics else "–"
 
-    lines = [f"| probe ({split} split) | NER | RE | goal |", "|---|---|---|---|",
-             f"| v' fidelity, texts that decide a type | {cell('bt_fidelity_deciding')} | – | ≥ 0.8 |",
+    lines = [f"| probe ({split} split) | NER | RE | both | goal |", "|---|---|---|---|---|",
+             f"| v' fidelity, texts that decide a type | {cell('bt_fidelity_deciding')} | – | – | ≥ 0.8 |",
              f"| v' reads the gold type, neutral texts (chance {cell('bt_fidelity_undecided_chance')}) "
-             f"| {cell('bt_fidelity_undecided_gold_match')} | – | ≈ chance |"]
+             f"| {cell('bt_fidelity_undecided_gold_match')} | – | – | ≈ chance |"]
     for label, key, goal in (("grounding recall@IoU0.5, top 3", "grounding_recall", "≥ 0.8"),
                              ("zero-area boxes", "grounding_zero_area_share", "≤ 0.05"),
                              ("argmax α vs alignment, macro F1", "alpha_macro_f1", "≥ 0.6")):
-        lines.append(f"| {label} | {cell('ner_' + key)} | {cell('re_' + key)} | {goal} |")
+        lines.append(f"| {label} | {cell('ner_' + key)} | {cell('re_' + key)} | {cell(key)} | {goal} |")
     return "\n".join(lines)
 
 

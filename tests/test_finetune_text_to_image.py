@@ -190,8 +190,14 @@ def test_focus_object_crop_fills_the_training_image_with_the_focus_glyph(tiny_be
 
     from tmr_core.probes import GlyphReader
     from tmr_core.synthetic import read_ground_truth
-    from tmr_core.text_to_image_training import (TextImageCollator, agreeing_rows, crop_rows, focus_box,
-                                                 prompt_and_image_rows, square_crop)
+    from tmr_core.text_to_image_training import (
+        TextImageCollator,
+        agreeing_rows,
+        crop_rows,
+        focus_box,
+        prompt_and_image_rows,
+        square_crop,
+    )
 
     truth = {row["id"]: row for row in read_ground_truth(tiny_benchmark / "ground_truth.jsonl")}
     rows = prompt_and_image_rows(pq.read_table(ner_pairs / "train.parquet").to_pylist())
