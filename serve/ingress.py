@@ -242,8 +242,14 @@ class Pipeline:
         if self._generation is None:
             import dataclasses
 
-            identity = await call(self.back_translator, "identity")
-            self._generation = dataclasses.replace(self.settings.generation_settings(), model_identity=identity)
+            from tmr_core.back_translation import with_identity
+
+            settings = self.settings.generation_settings()
+            if self.back_translator is None:  # no generator to ask: hash the folder here, once
+                self._generation = with_identity(settings)
+            else:
+                identity = await call(self.back_translator, "identity")
+                self._generation = dataclasses.replace(settings, model_identity=identity)
         return self._generation
 
     def _cached_back_translation(self, generation, prompt: str, seed: int) -> dict:

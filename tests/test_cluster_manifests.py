@@ -416,6 +416,8 @@ def test_the_expected_manifests_exist():
         "rayjob-pretrain-mde.yaml",
         "rayjob-finetune-ner.yaml",
         "rayjob-finetune-re.yaml",
+        "rayjob-finetune-text-to-image.yaml",
+        "rayjob-finetune-grounder.yaml",
         "rayjob-pipeline.yaml",
         "outputs-pvc.yaml",
         "settings.example.yaml",

@@ -235,8 +235,13 @@ def test_synthetic_corpus_lists_its_objects_and_the_collator_reads_them(processo
     make_synthetic_benchmark(tmp_path, SyntheticConfig(ner_sizes=(4, 2, 2), re_sizes=(4, 2, 2), mde_sizes=(40, 8, 8, 8)))
     rows = pq.read_table(tmp_path / "mde" / "train.parquet").to_pylist()
     for row in rows:
-        overlap = set(row["objects_named"]) & set(row["objects_shown"])
-        assert bool(overlap) == (row["label"] != "weaken"), row
+        # the objects a caption decides: none shown (weaken), all shown (strengthen, complement;
+        # a complement caption may leave every name undecided)
+        named, shown = set(row["objects_named"]), set(row["objects_shown"])
+        if row["label"] == "weaken":
+            assert named and not named & shown, row
+        else:
+            assert named <= shown and (named or row["label"] == "complement"), row
     batch = MDECollator(processor, max_length=12)(rows[:6])
     assert batch["named_objects"].shape == batch["shown_objects"].shape and batch["named_objects"].shape[0] == 6
 
