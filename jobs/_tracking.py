@@ -220,18 +220,22 @@ def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None
 
 def register_model(
     tracking_uri: str, run_id: str, model_dir: str, name: str, alias: str = "champion",
-    tags: dict[str, str] | None = None,
+    tags: dict[str, str] | None = None, required_files: tuple[str, ...] | None = None,
 ) -> str:
-    """Log ``model_dir`` (config.json + model.safetensors) as the run's ``model`` artifacts (``model-2``
+    """Log ``model_dir`` as the run's ``model`` artifacts (``model-2``
     and so on when the run already registered one) and
     register it as a new version of ``name`` carrying ``alias``; returns the version number.
 
+    Args:
+        required_files: files ``model_dir`` must hold; None: config.json + model.safetensors
+            (a ``save_pretrained`` folder); a diffusers pipeline passes ``("model_index.json",)``.
+
     Raises:
-        FileNotFoundError: ``model_dir`` lacks config.json or model.safetensors.
+        FileNotFoundError: ``model_dir`` lacks one of ``required_files``.
     """
     from tmr_core.modeling import CONFIG_NAME, WEIGHTS_NAME
 
-    for file_name in (CONFIG_NAME, WEIGHTS_NAME):
+    for file_name in required_files or (CONFIG_NAME, WEIGHTS_NAME):
         if not os.path.isfile(os.path.join(model_dir, file_name)):
             raise FileNotFoundError(f"{model_dir}: missing {file_name}; register a save_pretrained folder")
     client = _client(tracking_uri)

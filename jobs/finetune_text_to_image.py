@@ -436,31 +436,6 @@ def save_pipeline(pipeline: Any, uri: str, options) -> str:
     return local
 
 
-def register_pipeline(tracking_uri: str, run_id: str, folder: str, name: str, alias: str, tags: dict) -> str:
-    """Log a pipeline folder as the run's ``model`` artifacts (``model-2``… if taken) and register it
-    as a new version of ``name`` with ``alias``; the version carries the folder's content hash
-    (``tmr.content_hash``), so a back-translation cache key needs no download."""
-    from mlflow import MlflowClient
-
-    from tmr_core.back_translation import pipeline_identity
-
-    if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        raise FileNotFoundError(f"{folder}: no model_index.json; register a diffusers pipeline folder")
-    client = MlflowClient(tracking_uri=tracking_uri)
-    taken = {os.path.basename(a.path) for a in client.list_artifacts(run_id)}
-    artifact_path = next(p for p in ("model", *(f"model-{k}" for k in range(2, 10**6))) if p not in taken)
-    client.log_artifacts(run_id, folder, artifact_path)
-    try:
-        client.get_registered_model(name)
-    except Exception:  # noqa: BLE001 - MlflowException RESOURCE_DOES_NOT_EXIST
-        client.create_registered_model(name)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
-    version = client.create_model_version(name, source=source, run_id=run_id,
-                                          tags={**tags, CONTENT_HASH_TAG: pipeline_identity(folder)})
-    client.set_registered_model_alias(name, alias, version.version)
-    return str(version.version)
-
-
 def finalize(cfg: Config, folder: str, tracking_uri: str | None, run_id: str | None, train_time_s: float,
              truth: dict[str, dict], train_rows: int) -> dict:
     """Best epoch → diffusers pipeline folder → fidelity probe → metrics, log, register."""
@@ -496,8 +471,12 @@ def finalize(cfg: Config, folder: str, tracking_uri: str | None, run_id: str | N
                 json.dump(metrics, handle, indent=2)
             _tracking.log_artifacts(tracking_uri, run_id, tmp, "outputs")
         if cfg.tracking.register_as:
-            version = register_pipeline(tracking_uri, run_id, local_model, cfg.tracking.register_as,
-                                        cfg.tracking.alias, tags={"kind": run_name(cfg).split("/")[2]})
+            from tmr_core.back_translation import pipeline_identity
+
+            # the version carries the folder's content hash: a back-translation cache key needs no download
+            tags = {"kind": run_name(cfg).split("/")[2], CONTENT_HASH_TAG: pipeline_identity(local_model)}
+            version = _tracking.register_model(tracking_uri, run_id, local_model, cfg.tracking.register_as,
+                                               cfg.tracking.alias, tags=tags, required_files=("model_index.json",))
             print(f"[{JOB}] registered models:/{cfg.tracking.register_as}@{cfg.tracking.alias} (v{version})", flush=True)
         elif cfg.tracking.log_checkpoint:
             _tracking.log_artifacts(tracking_uri, run_id, local_model, "model")
