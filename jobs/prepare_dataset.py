@@ -3,10 +3,11 @@
     python -m jobs.prepare_dataset --format twitter2017 --data_dir data/twitter2017 \
         --image_dir data/twitter2017_images --output s3://bucket/tmr/twitter2017
 
-Formats: Twitter-2015 and Twitter-2017 (NER), MNRE (RE), and the synthetic benchmark
-(``--format synthetic --task ner|re``). The rows follow ``tmr_core.schema.base_schema``; every
-later stage adds columns to these tables. No Ray is needed: reading text files is quick, and
-the heavy per-sample work starts in the next stages.
+Formats: Twitter-2015 and Twitter-2017 (NER), MNRE (RE), the synthetic benchmark
+(``--format synthetic --task ner|re``), and your own annotated data (``--format jsonl``:
+``<data_dir>/{train,valid,test}.jsonl``, see ``tmr_core.readers.read_jsonl``). The rows
+follow ``tmr_core.schema.base_schema``; every later stage adds columns to these tables. No Ray
+is needed: reading text files is quick, and the heavy per-sample work starts in the next stages.
 """
 
 from __future__ import annotations
@@ -23,17 +24,17 @@ from jobs._data import file_infos, retire_success_marker, write_success_marker
 
 @dataclass
 class Config:
-    """Read Twitter-2015/2017, MNRE or the synthetic benchmark into Parquet tables, one per split."""
+    """Read Twitter-2015/2017, MNRE, the synthetic benchmark or your own JSONL into Parquet tables, one per split."""
 
-    format: Literal["twitter2015", "twitter2017", "mnre", "synthetic"] = opt(
-        "synthetic", "Dataset file format: twitter2015|twitter2017 (NER), mnre (RE), synthetic (both)."
+    format: Literal["twitter2015", "twitter2017", "mnre", "synthetic", "jsonl"] = opt(
+        "synthetic", "Dataset file format: twitter2015|twitter2017 (NER), mnre (RE), synthetic (both), jsonl (your own, either)."
     )
     task: Literal["ner", "re"] | None = opt(
-        None, "ner|re; required for --format synthetic, implied by the real formats."
+        None, "ner|re; required for --format synthetic, implied by the real formats, for jsonl read from the first row."
     )
     data_dir: str = opt("outputs/benchmark", "Folder with the dataset's text files.")
     image_dir: str | None = opt(
-        None, "Folder (or s3:// URI) with the images; null: <data_dir>/images (synthetic only)."
+        None, "Folder (or s3:// URI) with the images; null: <data_dir>/images (synthetic) or <data_dir> (jsonl)."
     )
     output: str = opt("outputs/dataset", "Local folder or s3://bucket/prefix for <split>.parquet and config.yaml.")
     splits: list[Literal["train", "valid", "test"]] = opt(
@@ -56,7 +57,7 @@ def check_config(cfg: Config) -> None:
     real_task = {"twitter2015": "ner", "twitter2017": "ner", "mnre": "re"}.get(cfg.format)
     if real_task and cfg.task not in (None, real_task):
         problems.append(f"--task {cfg.task}: --format {cfg.format} is a {real_task} dataset")
-    if cfg.format != "synthetic" and not cfg.image_dir:
+    if cfg.format not in ("synthetic", "jsonl") and not cfg.image_dir:
         problems.append(f"--image_dir: --format {cfg.format} needs the folder of its images")
     if not cfg.splits:
         problems.append("--splits: name at least one of train, valid, test")
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     check_config(cfg)
     from tmr_core import readers, storage
 
+    if cfg.format == "jsonl" and cfg.task is None:
+        cfg.task = readers.infer_jsonl_task(cfg.data_dir, cfg.splits[0])  # every other row must then agree
     task = cfg.task = readers.task_of(cfg.format, cfg.task)  # saved resolved, so a rerun needs no guess
     print_config(cfg, "prepare_dataset")
     options = cfg.storage.options()

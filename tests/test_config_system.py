@@ -245,7 +245,7 @@ def test_job_help_via_subprocess_lists_every_field():
     assert result.stdout.startswith("usage: python -m jobs.prepare_dataset")
     for key, (_, f) in field_paths(Config).items():
         assert f"--{key} " in result.stdout and f.metadata["doc"] in result.stdout, key
-    assert "--format one of twitter2015|twitter2017|mnre|synthetic  (default: 'synthetic')" in result.stdout
+    assert "--format one of twitter2015|twitter2017|mnre|synthetic|jsonl  (default: 'synthetic')" in result.stdout
     assert "--storage.endpoint_url str or null  (default: None)" in result.stdout
 
 

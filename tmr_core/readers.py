@@ -6,6 +6,9 @@
   they are; :func:`chunk_entities` follows conlleval, so an orphan ``I-`` starts an entity.
 * MNRE (multimodal RE): one Python dict literal per line with ``token``, ``h``, ``t``,
   ``img_id``, ``relation`` (spans are ``[start, end)`` token offsets) and ``ours_rel2id.json``.
+* JSONL (a user's own NER or RE data): one JSON object per line, spans as character offsets into
+  ``text`` (tokenised by :func:`tokenize_with_offsets`) or token offsets into ``tokens``; see
+  :func:`read_jsonl`.
 
 The readers are lenient where real files vary (CRLF, a UTF-8 BOM, a missing final blank line)
 and strict where a line is wrong: every problem is a :class:`~tmr_core.errors.DataFormatError`
@@ -19,6 +22,7 @@ import ast
 import json
 import posixpath
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +30,10 @@ from typing import Literal
 
 from tmr_core import storage
 from tmr_core.errors import DataFormatError
-from tmr_core.schema import NER_TYPES
+from tmr_core.schema import NER_TAGS, NER_TYPES
 
 NER_FORMATS = ("twitter2015", "twitter2017")
-FORMATS = ("twitter2015", "twitter2017", "mnre", "synthetic")
+FORMATS = ("twitter2015", "twitter2017", "mnre", "synthetic", "jsonl")
 RE_KEYS = ("token", "h", "t", "img_id", "relation")
 ImagePolicy = Literal["error", "skip", "keep"]
 
@@ -88,6 +92,12 @@ def _read_lines(path: str | Path) -> list[str]:
 
 def _shorten(text: str, limit: int = 80) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """A value as an error quotes it: its repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 # --------------------------------------------------------------------------- Twitter NER
@@ -300,6 +310,319 @@ def read_mnre(path: str | Path, relations: set[str] | dict[str, int] | None = No
     return instances
 
 
+# --------------------------------------------------------------------------- JSONL (a user's own data)
+
+JSONL_FILES = {"train": "train.jsonl", "valid": "valid.jsonl", "test": "test.jsonl"}
+# The keys that say which task a JSONL row holds; a row holds one task's keys, never both.
+JSONL_TASK_KEYS = {"ner": ("entities", "tags"), "re": ("head", "tail", "relation")}
+_JSONL_COMMON_KEYS = ("id", "text", "tokens", "image")
+
+
+@dataclass
+class JsonlSample:
+    """One row of a JSONL file in the shared schema's terms; ``line`` is 1-based.
+
+    ``columns`` holds ``tokens`` and ``tags`` (NER) or ``tokens, head, tail, relation`` (RE);
+    ``image`` is the row's image as written (``None``: the sample has no image).
+    """
+
+    id: str
+    columns: dict
+    image: str | None
+    line: int
+    labels: list[str]
+
+
+def _is_mark(char: str) -> bool:
+    return unicodedata.category(char).startswith("M")
+
+
+def _is_word_char(char: str) -> bool:
+    # Combining marks belong to the word they modify: Devanagari vowel signs and a decomposed "é"
+    # would otherwise split a word in two.
+    return char.isalnum() or char == "_" or _is_mark(char)
+
+
+def tokenize_with_offsets(text: str) -> list[tuple[str, int, int]]:
+    """Split ``text`` into ``(token, start, end)`` with character offsets (``end`` exclusive).
+
+    The one tokeniser of the JSONL format: a token is a maximal run of letters, digits and
+    underscores, or any other single non-space character; combining marks (accents, vowel signs,
+    the emoji selector U+FE0F) stay with the character before them; whitespace separates tokens
+    and is dropped. So ``"Obama's visit to New-York!"`` gives ``Obama ' s visit to New - York !``.
+    Offsets count Python ``str`` characters (Unicode code points), not bytes or UTF-16 units.
+    """
+    tokens = []
+    position = 0
+    while position < len(text):
+        if text[position].isspace():
+            position += 1
+            continue
+        start = position
+        position += 1
+        continues = _is_word_char if _is_word_char(text[start]) else _is_mark
+        while position < len(text) and continues(text[position]):
+            position += 1
+        tokens.append((text[start:position], start, position))
+    return tokens
+
+
+def _parse_json_object(path: Path, number: int, line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(
+            path, number, f"not valid JSON ({exc.msg} at column {exc.colno}); expected one JSON object per line"
+        ) from None
+    if not isinstance(record, dict):
+        raise DataFormatError(path, number, f"found a JSON {type(record).__name__}; expected one JSON object per line")
+    return record
+
+
+def jsonl_row_task(path: Path, number: int, record: dict) -> str:
+    """``ner`` or ``re``, from which task's keys the row holds (``entities``/``tags`` or ``head``/``tail``)."""
+    found = {task: [key for key in keys if key in record] for task, keys in JSONL_TASK_KEYS.items()}
+    if found["ner"] and found["re"]:
+        raise DataFormatError(
+            path, number, f"found NER keys {found['ner']} and RE keys {found['re']} in one row; "
+            "expected a row of one task: 'entities' or 'tags' (NER), or 'head', 'tail', 'relation' (RE)"
+        )
+    if not (found["ner"] or found["re"]):
+        raise DataFormatError(
+            path, number, f"found keys {sorted(record)}; expected 'entities' or 'tags' (NER), "
+            "or 'head', 'tail', 'relation' (RE)"
+        )
+    return "ner" if found["ner"] else "re"
+
+
+def _check_keys(path: Path, number: int, record: dict, task: str) -> None:
+    """Unknown keys are errors: a misspelt ``image`` would otherwise silently mean "no image"."""
+    allowed = _JSONL_COMMON_KEYS + JSONL_TASK_KEYS[task]
+    unknown = sorted(key for key in record if key not in allowed)
+    if unknown:
+        raise DataFormatError(path, number, f"found unknown key(s) {unknown}; expected only {', '.join(allowed)}")
+    if ("text" in record) == ("tokens" in record):
+        found = "both 'text' and 'tokens'" if "text" in record else "neither 'text' nor 'tokens'"
+        raise DataFormatError(
+            path, number, f"found {found}; expected exactly one: 'text' (character spans) or 'tokens' (token spans)"
+        )
+
+
+def _row_tokens(path: Path, number: int, record: dict) -> tuple[list[str], list[tuple[int, int]] | None]:
+    """The row's tokens, and each token's character span when they come from ``text``."""
+    if "text" in record:
+        text = record["text"]
+        pieces = tokenize_with_offsets(text) if isinstance(text, str) else []
+        if not pieces:
+            raise DataFormatError(path, number, f"found 'text': {_shown(text)}; expected a string with words")
+        return [token for token, _, _ in pieces], [(start, end) for _, start, end in pieces]
+    tokens = record["tokens"]
+    if not (isinstance(tokens, list) and tokens and all(isinstance(t, str) and t for t in tokens)):
+        raise DataFormatError(path, number, f"found 'tokens': {_shown(tokens)}; expected a list of non-empty strings")
+    return tokens, None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _row_span(
+    path: Path, number: int, what: str, value: object, record: dict,
+    tokens: list[str], offsets: list[tuple[int, int]] | None, extra_keys: tuple[str, ...] = (),
+) -> tuple[int, int]:
+    """A ``{"start", "end"}`` span of the row as a token span ``[start, end)``.
+
+    With ``text`` (``offsets`` given) the span is in characters and must start at a token's
+    start and end at a token's end; with ``tokens`` it is already in tokens. An optional
+    ``"text"`` key must equal the span's text, which catches offsets counted in another unit.
+    """
+    unit = "characters" if offsets is not None else "tokens"
+    keys = ("start", "end", "text") + extra_keys
+    if not (isinstance(value, dict) and _is_int(value.get("start")) and _is_int(value.get("end"))
+            and all(key in keys for key in value)):
+        shape = ", ".join(['"start": int', '"end": int'] + [f'"{key}": str' for key in extra_keys] + ['"text"?: str'])
+        raise DataFormatError(
+            path, number, f"found {what} {_shown(value)}; expected {{{shape}}} in {unit}, end exclusive"
+        )
+    start, end = value["start"], value["end"]
+    limit = len(record["text"]) if offsets is not None else len(tokens)
+    if not 0 <= start < end <= limit:
+        raise DataFormatError(
+            path, number, f"{what} span [{start}, {end}) is empty or outside the sentence of {limit} {unit}; "
+            f"expected 0 <= start < end <= {limit}"
+        )
+    surface = record["text"][start:end] if offsets is not None else " ".join(tokens[start:end])
+    if "text" in value and value["text"] != surface:
+        raise DataFormatError(
+            path, number, f"{what} text {_shown(value['text'])} disagrees with its span [{start}, {end}) = "
+            f"{_shorten(surface)}; expected "
+            + ("the character offsets of that text (Python str indices: Unicode code points)" if offsets is not None
+               else "the token offsets of that text (its tokens joined by one space)")
+        )
+    if offsets is None:
+        return start, end
+    starts = {s: i for i, (s, _) in enumerate(offsets)}
+    ends = {e: i + 1 for i, (_, e) in enumerate(offsets)}
+    if start not in starts or end not in ends:
+        around = ", ".join(f"{token!r} [{s}, {e})" for token, (s, e) in zip(tokens, offsets, strict=True)
+                           if s < end and e > start)
+        raise DataFormatError(
+            path, number, f"{what} span [{start}, {end}) = {_shorten(surface)} does not fall on token boundaries "
+            f"(tokens there: {around}); expected a span from a token's start to a token's end (tokens are runs of "
+            "letters, digits, _ and marks, or single other characters), or give 'tokens' instead of 'text'"
+        )
+    return starts[start], ends[end]
+
+
+def _ner_columns(path: Path, number: int, record: dict) -> tuple[dict, list[str]]:
+    """``{tokens, tags}`` of a NER row, and its entity types."""
+    tokens, offsets = _row_tokens(path, number, record)
+    if offsets is None:
+        if "entities" in record:
+            raise DataFormatError(
+                path, number, "found 'entities' with 'tokens'; expected 'entities' with 'text' or 'tags' with 'tokens'"
+            )
+        tags = record.get("tags")
+        if not (isinstance(tags, list) and len(tags) == len(tokens)):
+            raise DataFormatError(
+                path, number, f"found 'tags': {_shown(tags)}; expected a list of {len(tokens)} BIO tags, one per token"
+            )
+        for i, tag in enumerate(tags):
+            if tag not in NER_TAGS:
+                raise DataFormatError(
+                    path, number, f"found tag {tag!r} at token {i} ({tokens[i]!r}); expected one of {' '.join(NER_TAGS)}"
+                )
+        return {"tokens": tokens, "tags": list(tags)}, [chunk[0] for chunk in chunk_entities(tags)]
+    if "tags" in record:
+        raise DataFormatError(
+            path, number, "found 'tags' with 'text'; expected 'entities' with 'text' or 'tags' with 'tokens'"
+        )
+    entities = record.get("entities")
+    if not isinstance(entities, list):
+        raise DataFormatError(
+            path, number, f"found 'entities': {_shown(entities)}; expected a list of {{start, end, type}} objects"
+        )
+    tags = ["O"] * len(tokens)
+    owner: dict[int, int] = {}  # token -> the entity that tagged it, to name both in an overlap
+    for k, entity in enumerate(entities):
+        what = f"entity {k}"
+        start, end = _row_span(path, number, what, entity, record, tokens, offsets, extra_keys=("type",))
+        kind = entity.get("type")
+        if kind not in NER_TYPES:
+            raise DataFormatError(path, number, f"{what} has type {kind!r}; expected one of {', '.join(NER_TYPES)}")
+        clash = next((owner[i] for i in range(start, end) if i in owner), None)
+        if clash is not None:
+            raise DataFormatError(
+                path, number, f"{what} [{entity['start']}, {entity['end']}) overlaps entity {clash} "
+                f"[{entities[clash]['start']}, {entities[clash]['end']}); expected entities that do not overlap (BIO)"
+            )
+        for i in range(start, end):
+            tags[i] = ("B-" if i == start else "I-") + kind
+            owner[i] = k
+    return {"tokens": tokens, "tags": tags}, [entity["type"] for entity in entities]
+
+
+def _re_columns(path: Path, number: int, record: dict) -> tuple[dict, list[str]]:
+    """``{tokens, head, tail, relation}`` of an RE row (spans as the MNRE reader gives them)."""
+    tokens, offsets = _row_tokens(path, number, record)
+    spans = {}
+    for key in ("head", "tail"):
+        if key not in record:
+            raise DataFormatError(path, number, f"missing '{key}'; expected 'head', 'tail' and 'relation'")
+        start, end = _row_span(path, number, f"'{key}'", record[key], record, tokens, offsets)
+        spans[key] = vars(Span(name=" ".join(tokens[start:end]), start=start, end=end))
+    relation = record.get("relation")
+    if not (isinstance(relation, str) and relation):
+        raise DataFormatError(path, number, f"found 'relation': {relation!r}; expected a non-empty label string")
+    return {"tokens": tokens, **spans, "relation": relation}, [relation]
+
+
+def _row_image(path: Path, number: int, record: dict) -> str | None:
+    image = record.get("image")
+    if image is not None and not (isinstance(image, str) and image.strip()):
+        raise DataFormatError(
+            path, number, f"found 'image': {_shown(image)}; expected a file name, path or s3:// URI, or null"
+        )
+    return image
+
+
+def _row_id(path: Path, number: int, record: dict) -> str:
+    sample_id = record.get("id")
+    if sample_id is None:
+        return f"{path.stem}-{number}"  # stable across reruns while the line stays where it is
+    if not (isinstance(sample_id, str) and sample_id):
+        raise DataFormatError(path, number, f"found 'id': {_shown(sample_id)}; expected a non-empty string or no id")
+    return sample_id
+
+
+def read_jsonl(path: str | Path, task: str) -> list[JsonlSample]:
+    """Read a JSONL file of a user's own NER or RE data: every row, in order.
+
+    One JSON object per line (blank lines are skipped):
+
+    * NER: ``{"id"?, "text", "entities": [{"start", "end", "type"}], "image"?}`` with character
+      offsets (``end`` exclusive) and types PER|LOC|ORG|MISC, or ``{"id"?, "tokens", "tags",
+      "image"?}`` with one BIO tag per token.
+    * RE: ``{"id"?, "text" | "tokens", "head": {"start", "end"}, "tail": {...}, "relation",
+      "image"?}``: character offsets with ``text``, token offsets with ``tokens``.
+
+    ``text`` is split by :func:`tokenize_with_offsets`, and a character span must fall on its
+    token boundaries. A span may carry ``"text"``, which must equal the text it covers. ``id``
+    defaults to ``<file stem>-<line>``; ``image`` (a name under the image folder, an absolute
+    path or a URI) may be absent or null for a sample without an image.
+
+    Args:
+        task: ``ner`` or ``re``; a row of the other task is an error.
+
+    Raises:
+        DataFormatError: ``path:line`` for the first line that is not a JSON object, holds an
+            unknown key or the other task, has a span off the sentence or off token boundaries,
+            overlapping entities, an unknown type or tag, or an id an earlier line holds.
+    """
+    if task not in JSONL_TASK_KEYS:
+        raise ValueError(f"task must be 'ner' or 're', got {task!r}")
+    path = Path(path)
+    samples: list[JsonlSample] = []
+    first_seen: dict[str, int] = {}
+    for number, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            continue
+        record = _parse_json_object(path, number, line)
+        row_task = jsonl_row_task(path, number, record)
+        if row_task != task:
+            raise DataFormatError(
+                path, number, f"found a {row_task} row (keys {sorted(record)}); expected a {task} row: the dataset's "
+                "task is set by --task or by the first row of the first split, and every row holds it"
+            )
+        _check_keys(path, number, record, task)
+        sample_id = _row_id(path, number, record)
+        if sample_id in first_seen:
+            raise DataFormatError(
+                path, number, f"id {sample_id!r} repeats line {first_seen[sample_id]}; expected each id once per file"
+            )
+        first_seen[sample_id] = number
+        columns, labels = (_ner_columns if task == "ner" else _re_columns)(path, number, record)
+        samples.append(JsonlSample(sample_id, columns, _row_image(path, number, record), number, labels))
+    return samples
+
+
+def infer_jsonl_task(data_dir: str | Path, split: str) -> str:
+    """The task (``ner`` or ``re``) of the first row of ``split``'s JSONL file, for a dataset
+    read without ``--task``; :func:`read_jsonl` then holds every row of every split to it.
+
+    Raises:
+        DataFormatError: the file is missing or empty, or its first row is malformed.
+    """
+    path = Path(data_dir) / JSONL_FILES[split]
+    for number, line in enumerate(_read_lines(path), start=1):
+        if line.strip():
+            return jsonl_row_task(path, number, _parse_json_object(path, number, line))
+    raise DataFormatError(
+        path, None, "holds no samples; expected one JSON object per line (the first row sets the task unless "
+        "--task is given)"
+    )
+
+
 # --------------------------------------------------------------------------- dataset layouts
 
 
@@ -314,6 +637,7 @@ class SplitSource:
     split_dir: str  # TMR keeps MNRE images in img_org/{train,val,test}/
     misc_alias: str | None = None
     rel2id_path: Path | None = None
+    format: str = ""  # jsonl rows name their own image (or none); the other formats derive it from an id
 
 
 _NER_FILES = {
@@ -326,14 +650,15 @@ _TMR_SPLIT_DIRS = {"train": "train", "valid": "val", "test": "test"}
 
 
 def task_of(format: str, task: str | None = None) -> str:
-    """The task a format holds; ``synthetic`` holds both, so it needs ``task``."""
+    """The task a format holds; ``synthetic`` and ``jsonl`` may hold either, so they need ``task``
+    (for ``jsonl``, :func:`infer_jsonl_task` reads it from the data)."""
     if format in NER_FORMATS:
         return "ner"
     if format == "mnre":
         return "re"
-    if format == "synthetic":
+    if format in ("synthetic", "jsonl"):
         if task not in ("ner", "re"):
-            raise ValueError(f"format 'synthetic' needs task 'ner' or 're', got {task!r}")
+            raise ValueError(f"format {format!r} needs task 'ner' or 're', got {task!r}")
         return task
     raise ValueError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
 
@@ -341,7 +666,8 @@ def task_of(format: str, task: str | None = None) -> str:
 def split_source(format: str, task: str | None, data_dir: str | Path, image_dir: str | None, split: str) -> SplitSource:
     """The text file and image folder of ``split`` (``train``|``valid``|``test``) in a layout.
 
-    ``image_dir`` may be ``None`` for ``synthetic`` (images are in ``<data_dir>/images``).
+    ``image_dir`` may be ``None`` for ``synthetic`` (images are in ``<data_dir>/images``) and
+    for ``jsonl`` (image names are relative to ``<data_dir>``).
     """
     task = task_of(format, task)
     if split not in _MNRE_FILES:
@@ -350,9 +676,14 @@ def split_source(format: str, task: str | None, data_dir: str | Path, image_dir:
     if format == "synthetic":
         data_dir = data_dir / task
         image_dir = image_dir or str(data_dir.parent / "images")
+    if format == "jsonl":
+        image_dir = image_dir or str(data_dir)
     if not image_dir:
         raise ValueError(f"format {format!r} needs an image folder")
     image_dir = image_dir if storage.is_remote(image_dir) else str(Path(image_dir).expanduser().resolve())
+    if format == "jsonl":
+        return SplitSource(task=task, text_path=data_dir / JSONL_FILES[split], image_dir=image_dir, image_suffix="",
+                           split_dir=split, format="jsonl")
     if task == "ner":
         return SplitSource(
             task="ner",
@@ -410,10 +741,18 @@ def image_name_escapes(name: str) -> bool:
     return normal == ".." or normal.startswith("../")
 
 
+def names_own_location(source: SplitSource, image: str) -> bool:
+    """Whether a jsonl row's image is an absolute path or a URI, used as written: the user chose
+    that location. Any other name is relative to the image folder and must stay inside it."""
+    return source.format == "jsonl" and (storage.is_remote(image) or Path(image).is_absolute())
+
+
 def image_candidates(source: SplitSource, image_id: str) -> list[str]:
+    if names_own_location(source, image_id):
+        return [image_id]
     name = image_id + source.image_suffix
     candidates = [storage.join(source.image_dir, name)]
-    if source.task == "re":
+    if source.task == "re" and source.format != "jsonl":
         candidates.append(storage.join(source.image_dir, source.split_dir, name))
     return candidates
 
@@ -467,8 +806,10 @@ def rows_for_split(
 ) -> tuple[list[dict], SplitStats]:
     """Read one split into rows of :func:`tmr_core.schema.base_schema` and count what happened.
 
-    Sample ids: NER uses the IMGID; RE uses ``<img_id stem>-<k>`` (see :func:`re_sample_ids`).
-    Both are stable across reruns and unique within the split.
+    Sample ids: NER uses the IMGID; RE uses ``<img_id stem>-<k>`` (see :func:`re_sample_ids`);
+    jsonl uses the row's ``id`` or ``<file stem>-<line>``. All are stable across reruns and unique
+    within the split. A jsonl row without an image gets ``image_id`` ``""`` and a null ``image_uri``,
+    and is not counted as missing.
 
     Args:
         on_missing_image: a missing or unreadable image raises (``error``), drops the row
@@ -483,7 +824,9 @@ def rows_for_split(
         raise ValueError(f"on_missing_image must be error, skip or keep, got {on_missing_image!r}")
     source = split_source(format, task, data_dir, image_dir, split)
     stats = SplitStats(split=split, source=str(source.text_path))
-    if source.task == "ner":
+    if source.format == "jsonl":
+        samples = [(s.id, s.image, s.line, s.columns, s.labels) for s in read_jsonl(source.text_path, source.task)]
+    elif source.task == "ner":
         sentences = read_twitter_ner(source.text_path, source.misc_alias)
         samples = [
             (s.image_id, s.image_id, s.line, {"tokens": s.tokens, "tags": s.tags}, [c[0] for c in chunk_entities(s.tags)])
@@ -504,16 +847,19 @@ def rows_for_split(
         ]
 
     if not samples:
+        what = "JSON lines" if source.format == "jsonl" else "IMGID blocks" if source.task == "ner" else "dict lines"
         raise DataFormatError(
-            source.text_path, None, f"holds no samples; expected the {split} split's "
-            f"{'IMGID blocks' if source.task == 'ner' else 'dict lines'} (an empty file is a failed copy or "
-            "download; leave the split out of --splits to skip it)"
+            source.text_path, None, f"holds no samples; expected the {split} split's {what} (an empty file is a "
+            "failed copy or download; leave the split out of --splits to skip it)"
         )
     for _, image_id, line, _, _ in samples:
+        if image_id is None or names_own_location(source, image_id):
+            continue
         if image_name_escapes(image_id + source.image_suffix):
             raise DataFormatError(
                 source.text_path, line, f"image {_shorten(image_id)} resolves outside --image_dir "
                 f"{source.image_dir}; expected a file name inside it"
+                + (", an absolute path or a URI" if source.format == "jsonl" else "")
             )
 
     checks: dict[str, ImageCheck] = {}  # MNRE has up to 21 lines per image: look once
@@ -521,9 +867,12 @@ def rows_for_split(
     rows: list[dict] = []
     for sample_id, image_id, line, columns, labels in samples:
         stats.rows_read += 1
-        if image_id not in checks:
-            checks[image_id] = check_image(image_candidates(source, image_id), storage_options)
-        check = checks[image_id]
+        if image_id is None:  # a jsonl sample without an image: text only, by design
+            check = ImageCheck(uri=None)
+        elif image_id not in checks:
+            checks[image_id] = check = check_image(image_candidates(source, image_id), storage_options)
+        else:
+            check = checks[image_id]
         if check.problem is not None:
             stats.images_missing += check.problem == "missing"
             stats.images_corrupt += check.problem == "corrupt"
@@ -531,7 +880,8 @@ def rows_for_split(
             if on_missing_image == "skip" and split == "train":  # valid and test are never thinned
                 continue
         rows.append(
-            {"id": sample_id, "split": split, "task": source.task, **columns, "image_id": image_id, "image_uri": check.uri}
+            {"id": sample_id, "split": split, "task": source.task, **columns, "image_id": image_id or "",
+             "image_uri": check.uri}
         )
         stats.labels.update(labels)
     if failures and on_missing_image == "error":
