@@ -61,17 +61,18 @@ class Config:
 
 
 class ExtractPhrases:
-    """Ray Data callable: rows in, rows plus ``phrases`` out. The parser (or the tree files) is
-    loaded once per actor."""
+    """Ray Data callable: rows in, rows plus ``phrases`` out. The parser
+    (:class:`tmr_core.inference.PhraseStep`, as jobs.predict and Serve parse) or the tree files
+    are loaded once per actor."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self._trees: dict[str, dict] = {}  # split -> image_id -> tree, read on first use
-        self._parser = None
+        self._step = None
         if cfg.parser == "stanza":
-            from tmr_core.phrases import StanzaConstituencyParser
+            from tmr_core.inference import PhraseStep
 
-            self._parser = StanzaConstituencyParser(model_dir=cfg.stanza_dir, use_gpu=cfg.use_gpu)
+            self._step = PhraseStep("stanza", cfg.max_phrase_len, cfg.stanza_dir, use_gpu=cfg.use_gpu)
 
     def _gold_tree(self, split: str, image_id: str, sample_id: str) -> Any:
         import os
@@ -90,15 +91,13 @@ class ExtractPhrases:
     def __call__(self, batch: Any) -> Any:
         from tmr_core.phrases import noun_phrases
 
-        if self._parser is not None:
-            trees = self._parser.parse(batch.column("tokens").to_pylist())
+        if self._step is not None:
+            phrases = self._step.phrases(batch.column("tokens").to_pylist())
         else:
             keys = zip(*(batch.column(c).to_pylist() for c in ("split", "image_id", "id")), strict=True)
             trees = [self._gold_tree(split, image_id, sample_id) for split, image_id, sample_id in keys]
-        phrases = [
-            [{"text": p.text, "start": p.start, "end": p.end} for p in noun_phrases(tree, self.cfg.max_phrase_len)]
-            for tree in trees
-        ]
+            phrases = [[{"text": p.text, "start": p.start, "end": p.end}
+                        for p in noun_phrases(tree, self.cfg.max_phrase_len)] for tree in trees]
         return add_columns(batch, JOB, {
             "phrases": phrases,
             "_stat_phrases": [len(p) for p in phrases],

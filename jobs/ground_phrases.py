@@ -84,53 +84,39 @@ class Config:
 
 
 class GroundPhrases:
-    """Ray Data callable: one detector per actor; rows in, rows plus both region columns out."""
+    """Ray Data callable around :class:`tmr_core.inference.GroundingStep` (one detector per actor):
+    rows in, rows plus both region columns out, with the stage's missing-image policy."""
 
     def __init__(self, cfg: Config):
         from tmr_core.grounding import PhraseGrounder
+        from tmr_core.inference import GroundingStep
 
         d = cfg.detector
         self.cfg = cfg
-        self.options = cfg.storage.options()
-        self.grounder = PhraseGrounder(
+        grounder = PhraseGrounder(
             local_detector(d.model, d.tracking_uri), revision=d.revision, top_k=cfg.top_k, threshold=d.threshold,
             text_threshold=d.text_threshold, device=d.device, dtype=d.dtype,
         )
-
-    def _regions(self, sample_id: str, uri: str | None, phrases: list[str], column: str) -> tuple[list, str | None]:
-        """(regions, why the image was unusable or None); no image at all is not an error."""
-        from tmr_core.images import load_image
-
-        if uri is None:
-            return [], None
-        try:
-            image = load_image(uri, self.options)
-        except (FileNotFoundError, ValueError, OSError) as exc:
-            if self.cfg.on_missing_image == "error":
-                raise FileNotFoundError(
-                    f"sample {sample_id!r}: {column} {uri!r} is missing or unreadable ({exc}); "
-                    "set --on_missing_image keep|skip to go on without it"
-                ) from exc
-            return [], f"{column} {uri!r}: {exc}"
-        return [r.to_dict() for r in self.grounder(image, phrases)], None
+        self.step = GroundingStep(grounder, cfg.storage.options())
 
     def __call__(self, batch: Any) -> Any:
         n = batch.num_rows
-        ids = batch.column("id").to_pylist()
+        columns = ["id", "image_uri", "back_translation_uri", "phrases"]
+        values = {c: batch.column(c).to_pylist() if c in batch.column_names else [None] * n for c in columns}
         splits = batch.column("split").to_pylist()
-        image_uris = batch.column("image_uri").to_pylist()
-        bt_uris = (batch.column("back_translation_uri").to_pylist()
-                   if "back_translation_uri" in batch.column_names else [None] * n)
-        phrase_rows = batch.column("phrases").to_pylist() if "phrases" in batch.column_names else [[]] * n
         regions, bt_regions, errors, bt_missing = [], [], [], []
-        for sample_id, image_uri, bt_uri, phrases in zip(ids, image_uris, bt_uris, phrase_rows, strict=True):
-            texts = [p["text"] for p in phrases or []]
-            real, error = self._regions(sample_id, image_uri, texts, "image_uri")
-            back, back_error = self._regions(sample_id, bt_uri, texts, "back_translation_uri")
+        for i in range(n):
+            row = {c: values[c][i] for c in columns}
+            real, error, back, back_error = self.step.ground(row)
+            if error and row["image_uri"] is not None and self.cfg.on_missing_image == "error":
+                raise FileNotFoundError(
+                    f"sample {row['id']!r}: image_uri {row['image_uri']!r} is missing or unreadable ({error}); "
+                    "set --on_missing_image keep|skip to go on without it"
+                )
             regions.append(real)
             bt_regions.append(back)
-            errors.append(error if image_uri is not None else "no image")
-            bt_missing.append(int(back_error is not None or bt_uri is None))
+            errors.append(error)
+            bt_missing.append(int(back_error is not None))
         unusable = [error is not None for error in errors]
         return add_columns(batch, JOB, {
             "regions": regions,

@@ -88,20 +88,23 @@ def local_checkpoint(uri: str) -> str:
 
 
 class ScoreDivergence:
-    """Ray Data callable: one MDE per actor; rows in, rows plus ``divergence`` out."""
+    """Ray Data callable around :class:`tmr_core.inference.DivergenceStep` (one MDE per actor):
+    rows in, rows plus ``divergence`` out, with the stage's missing-image policy."""
 
     def __init__(self, cfg: Config):
         from transformers import AutoProcessor
 
+        from tmr_core.inference import DivergenceStep
         from tmr_core.mde import MDECollator, MultimodalDivergenceEstimator
 
         self.cfg = cfg
-        self.options = cfg.storage.options()
+        options = cfg.storage.options()
         checkpoint = local_checkpoint(cfg.checkpoint)
-        self.model = MultimodalDivergenceEstimator.from_pretrained(checkpoint, device=cfg.device, options=self.options)
+        self.model = MultimodalDivergenceEstimator.from_pretrained(checkpoint, device=cfg.device, options=options)
         self.model.eval()
-        self.collator = MDECollator(AutoProcessor.from_pretrained(self._processor_source(checkpoint)),
-                                    cfg.max_length, self.options)
+        collator = MDECollator(AutoProcessor.from_pretrained(self._processor_source(checkpoint)), cfg.max_length, options)
+        self.step = DivergenceStep(self.model, collator, device=cfg.device, micro_batch_size=cfg.micro_batch_size,
+                                   score_back_translations=cfg.score_back_translations, options=options)
 
     def _processor_source(self, checkpoint: str) -> str:
         """``processor`` if set; else the checkpoint folder when it holds processor files; else
@@ -116,76 +119,31 @@ class ScoreDivergence:
             return checkpoint
         return self.model.config.backbone
 
-    def _image_or_none(self, sample_id: str, uri: str | None, column: str = "image_uri") -> Any:
-        """The image at ``uri``; None when there is none or it is unreadable and the policy allows
-        it. A back-translation that cannot be read is never an error: its row simply has no α'."""
-        from tmr_core.images import load_image
-
-        if uri is None:
-            return None
-        try:
-            return load_image(uri, self.options)
-        except (FileNotFoundError, ValueError, OSError) as exc:
-            if self.cfg.on_missing_image == "error" and column == "image_uri":
-                raise FileNotFoundError(
-                    f"sample {sample_id!r}: {column} {uri!r} is missing or unreadable ({exc}); "
-                    "set --on_missing_image skip|keep to go on without it"
-                ) from exc
-            return None
-
-    def _scores(self, ids: list[str], tokens: list, images: list, strict: bool = True) -> list[list[float] | None]:
-        """(s, c, w) per row with an image, None without; ``micro_batch_size`` rows per forward.
-
-        A chunk that fails is scored row by row; a row the MDE cannot read (e.g. an image too
-        thin for ViLT's resize) follows ``on_missing_image`` like an unreadable file (``strict``;
-        back-translations are scored with ``strict=False``: no α' for such a row, never an error).
-        """
-        scored = [i for i, image in enumerate(images) if image is not None]
-        divergence: list[list[float] | None] = [None] * len(ids)
-        step = self.cfg.micro_batch_size
-        for start in range(0, len(scored), step):
-            chunk = scored[start:start + step]
-            try:
-                values = self._forward(ids, tokens, images, chunk)
-            except Exception:  # noqa: BLE001 - retried row by row to find the bad one
-                values = [self._score_alone(ids, tokens, images, row, strict) for row in chunk]
-            for row, value in zip(chunk, values, strict=True):
-                divergence[row] = value
-        return divergence
-
-    def _forward(self, ids: list[str], tokens: list, images: list, rows: list[int]) -> list[list[float]]:
-        inputs = self.collator([{"id": ids[i], "tokens": tokens[i], "image": images[i]} for i in rows])
-        inputs = {k: v.to(self.cfg.device) for k, v in inputs.items()}
-        return self.model.score(**inputs).float().cpu().tolist()  # (B, 3): strengthen, complement, weaken
-
-    def _score_alone(self, ids: list[str], tokens: list, images: list, row: int, strict: bool) -> list[float] | None:
-        try:
-            return self._forward(ids, tokens, images, [row])[0]
-        except Exception as exc:  # noqa: BLE001 - the policy decides, naming the sample
-            if strict and self.cfg.on_missing_image == "error":
-                raise ValueError(f"sample {ids[row]!r}: the MDE cannot score its image ({exc}); "
-                                 "set --on_missing_image keep|skip to go on without it") from exc
-            return None
+    def _check_policy(self, row: dict, scored: dict) -> None:
+        """``on_missing_image: error``: an image that could not be read or scored stops the job,
+        naming the sample (ground_phrases already applied the policy to rows it flagged)."""
+        if self.cfg.on_missing_image != "error" or row["image_error"] or row["image_uri"] is None:
+            return
+        error = scored["image_error"]
+        if error and error.startswith("the MDE cannot score"):
+            raise ValueError(f"sample {row['id']!r}: {error}; set --on_missing_image keep|skip to go on without it")
+        if error:
+            raise FileNotFoundError(f"sample {row['id']!r}: image_uri {row['image_uri']!r} is missing or unreadable "
+                                    f"({error}); set --on_missing_image skip|keep to go on without it")
 
     def __call__(self, batch: Any) -> Any:
         n = batch.num_rows
-        ids = batch.column("id").to_pylist()
-        tokens = batch.column("tokens").to_pylist()
+        columns = ["id", "tokens", "image_uri", "back_translation_uri", "image_error"]
+        values = {c: batch.column(c).to_pylist() if c in batch.column_names else [None] * n for c in columns}
+        rows = [{c: values[c][i] for c in columns} for i in range(n)]
+        scored = self.step(rows)
+        for row, result in zip(rows, scored, strict=True):
+            self._check_policy(row, result)
         splits = batch.column("split").to_pylist()
-        # ground_phrases already applied the image policy to a row it flagged in image_error
-        flagged = batch.column("image_error").to_pylist() if "image_error" in batch.column_names else [None] * n
-        images = [None if error else self._image_or_none(i, u)
-                  for i, u, error in zip(ids, batch.column("image_uri").to_pylist(), flagged, strict=True)]
-        back_divergence: list = [None] * n
-        if self.cfg.score_back_translations and "back_translation_uri" in batch.column_names:
-            back_uris = batch.column("back_translation_uri").to_pylist()
-            back_images = [self._image_or_none(i, u, "back_translation_uri") for i, u in zip(ids, back_uris, strict=True)]
-            back_divergence = self._scores(ids, tokens, back_images, strict=False)
-        divergence = self._scores(ids, tokens, images)
-        missing = [score is None for score in divergence]
+        missing = [result["divergence"] is None for result in scored]
         return add_columns(batch, JOB, {
-            "divergence": divergence,
-            "back_translation_divergence": back_divergence,
+            "divergence": [result["divergence"] for result in scored],
+            "back_translation_divergence": [result["back_translation_divergence"] for result in scored],
             "_stat_scored": [int(not m) for m in missing],
             "_stat_missing_images": [int(m) for m in missing],
             DROP_COLUMN: [m and split == "train" and self.cfg.on_missing_image == "skip"

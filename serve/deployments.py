@@ -8,31 +8,33 @@ batching) → ``<step>_many`` (plain code on a list, what the in-process baselin
 One bad request never fails its batch mates, in two ways: a request's own problems (too long
 for the model, an image the models cannot take) are found before it joins a batch (here and in
 the ingress) and come back as :class:`serve.schemas.InputError`; and whatever still fails inside
-a batch is isolated by :func:`answer_each` (the batch again item by item), so every good item gets
+a batch is isolated by :func:`tmr_core.inference.answer_each` (the batch again item by item), so every good item gets
 its answer and the bad one's exception is raised to its own caller only.
+
+Each wraps the step of :mod:`tmr_core.inference` that ``jobs.predict`` and the stage jobs wrap
+too, so a request, a prediction and a table row get the same answer.
 
 Models load from an MLflow model URI (``models:/tmr-ner@champion``), a checkpoint folder or an
 ``s3://`` prefix, always through ``from_pretrained`` (config + safetensors, nothing unpickled).
 
 | deployment          | wraps                                   | paper          |
 |---------------------|-----------------------------------------|----------------|
-| PhraseParser        | tmr_core.phrases (stanza / tiny parser) | §3.2, T^p      |
-| Grounder            | tmr_core.grounding.PhraseGrounder       | §3.2, V^r      |
+| PhraseParser        | tmr_core.inference.PhraseStep           | §3.2, T^p      |
+| Grounder            | tmr_core.inference.GroundingStep        | §3.2, V^r      |
 | BackTranslator      | tmr_core.back_translation.BackTranslator| Eq. 3          |
-| DivergenceEstimator | tmr_core.mde (MDE)                      | Eq. 4-6        |
-| Extractor (NER, RE) | tmr_core.extractor.TMRExtractor         | Eq. 1-2, 7-11  |
+| DivergenceEstimator | tmr_core.inference.DivergenceStep       | Eq. 4-6        |
+| Extractor (NER, RE) | tmr_core.inference.ExtractionStep       | Eq. 1-2, 7-11  |
 """
 
 from __future__ import annotations
 
-import io
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from ray import serve
 
 from serve.schemas import InputError
+from tmr_core.inference import answer_each, open_image
 
 logger = logging.getLogger("ray.serve")
 
@@ -73,44 +75,10 @@ def _registry_version(name_ref: str, tracking_uri: str) -> str | None:
     return version or None
 
 
-def open_image(source: bytes | str, storage_options: Any = None):
-    """An RGB PIL image from encoded bytes (checked by the ingress) or a storage URI (the cache)."""
-    from PIL import Image
-
-    from tmr_core import storage
-
-    data = source if isinstance(source, (bytes, bytearray)) else storage.read_bytes(source, storage_options)
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
-
-
 def _storage_options(storage: dict | None):
     from tmr_core.storage import StorageOptions
 
     return StorageOptions(**(storage or {}))
-
-
-def answer_each(run_batch: Callable[[list], list], items: list) -> list:
-    """``run_batch(items)``; if it raises, each item again on its own, so one bad item cannot
-    fail its batch mates. Returns a result per item, or the exception where that item failed
-    (a batched step's ``<step>`` method raises it to the item's own caller: :func:`raise_if_failed`).
-    """
-    try:
-        return run_batch(items)
-    except Exception as error:  # noqa: BLE001 - any failure: find the item that caused it
-        if len(items) == 1:
-            return [error]
-        logger.warning("a batch of %d failed (%s: %s); answering its items one by one",
-                       len(items), type(error).__name__, error)
-        _free_accelerator_memory()  # an out-of-memory batch may fit one item at a time
-    return [_answer_one(run_batch, item) for item in items]
-
-
-def _answer_one(run_batch: Callable[[list], list], item: Any) -> Any:
-    try:
-        return run_batch([item])[0]
-    except Exception as error:  # noqa: BLE001 - this item's own failure, for its caller
-        return error
 
 
 def raise_if_failed(result: Any) -> Any:
@@ -118,13 +86,6 @@ def raise_if_failed(result: Any) -> Any:
     if isinstance(result, BaseException):
         raise result
     return result
-
-
-def _free_accelerator_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _configure_batching(method: Any, batching: dict) -> None:
@@ -141,69 +102,28 @@ class PhraseParser:
 
     Args:
         parser: ``stanza`` (the paper's constituency parser; needs its downloaded English models)
-            or ``tiny`` (:func:`tiny_noun_phrases`, an offline stand-in for tests and the demo).
+            or ``tiny`` (:func:`tmr_core.phrases.tiny_noun_phrases`, an offline stand-in for tests and the demo).
         stanza_dir: where stanza's models are (null: stanza's default).
         max_phrase_len: longest phrase kept, in words (4 for NER, 6 for RE in the paper).
     """
 
     def __init__(self, parser: str = "stanza", stanza_dir: str | None = None, max_phrase_len: int = 4,
                  device: str = "cpu"):
-        self.kind, self.max_phrase_len = parser, max_phrase_len
-        self.parser = None
-        if parser == "stanza":
-            from tmr_core.phrases import StanzaConstituencyParser
+        from tmr_core.inference import PhraseStep
 
-            self.parser = StanzaConstituencyParser(model_dir=stanza_dir, use_gpu=device.startswith("cuda"))
-        elif parser != "tiny":
-            raise ValueError(f"phrase_parser: expected 'stanza' or 'tiny', got {parser!r}")
+        try:
+            self.step = PhraseStep(parser, max_phrase_len, stanza_dir, use_gpu=device.startswith("cuda"))
+        except ValueError as error:
+            raise ValueError(f"phrase_parser: {error}") from error
 
     async def parse(self, tokens: list[str]) -> list[dict]:
         """``[{"text", "start", "end"}]`` token spans of the noun phrases."""
-        if self.parser is None:
-            return tiny_noun_phrases(tokens, self.max_phrase_len)
-        from tmr_core.phrases import noun_phrases
-
-        (tree,) = self.parser.parse([tokens])
-        return [{"text": p.text, "start": p.start, "end": p.end} for p in noun_phrases(tree, self.max_phrase_len)]
+        return self.step.phrases([tokens])[0]
 
     async def info(self) -> dict:
-        return {"name": "phrases", "version": None, "source_uri": self.kind,
-                "kind": type(self.parser).__name__ if self.parser else "tiny_noun_phrases"}
-
-
-_FUNCTION_WORDS = frozenset(
-    "a an the this that these those of in on at to for with by from and or but is are was were be been "
-    "i you he she it we they me him her us them my your his its our their rt".split()
-)
-
-
-def tiny_noun_phrases(tokens: list[str], max_len: int) -> list[dict]:
-    """TINY-MODE PARSER: a parser-free stand-in for stanza's noun phrases, for offline tests and
-    the demo only (configs/serve.tiny.yaml). It keeps runs of capitalised words (names, which is
-    what grounding mostly needs) and a determiner followed by content words ("the red car"),
-    each cut to ``max_len`` words. Real deployments use ``phrase_parser: stanza``.
-    """
-    spans: set[tuple[int, int]] = set()
-
-    def add_run(start: int, end: int) -> None:
-        if end > start:
-            spans.add((start, min(end, start + max_len)))
-
-    start = None
-    for i, token in enumerate(tokens + [""]):
-        capitalised = token[:1].isupper() and token.lower() not in _FUNCTION_WORDS
-        if capitalised and start is None:
-            start = i
-        elif not capitalised and start is not None:
-            add_run(start, i)
-            start = None
-    for i, token in enumerate(tokens):
-        if token.lower() in ("a", "an", "the"):
-            end = i + 1
-            while end < len(tokens) and tokens[end].isalpha() and tokens[end].lower() not in _FUNCTION_WORDS:
-                end += 1
-            add_run(i, end if end > i + 1 else i)
-    return [{"text": " ".join(tokens[s:e]), "start": s, "end": e} for s, e in sorted(spans)]
+        parser = self.step.parser
+        return {"name": "phrases", "version": None, "source_uri": self.step.kind,
+                "kind": type(parser).__name__ if parser else "tiny_noun_phrases"}
 
 
 # ----------------------------------------------------------------------------- grounding
@@ -225,12 +145,13 @@ class Grounder:
                  dtype: str = "float32", batching: dict | None = None, storage: dict | None = None,
                  tracking_uri: str | None = None):
         from tmr_core.grounding import PhraseGrounder
+        from tmr_core.inference import GroundingStep
 
         self.source, self.version = model, None
         if model.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
             model, self.version = resolve_model(model, tracking_uri)
         self.grounder = PhraseGrounder(model, top_k=top_k, threshold=threshold, device=device, dtype=dtype)
-        self.storage_options = _storage_options(storage)
+        self.step = GroundingStep(self.grounder, _storage_options(storage))
         _configure_batching(self._ground_batch, batching or {})
 
     async def ground(self, image: bytes | str, phrases: list[str]) -> list[dict]:
@@ -249,8 +170,10 @@ class Grounder:
         # The detector takes one image with its own phrase list: a batch saves queueing, not FLOPs.
         results = []
         for image, phrases in items:
-            regions = self.grounder(open_image(image, self.storage_options), phrases)
-            results.append([r.to_dict() for r in regions])
+            regions, error = self.step.regions(image, phrases)
+            if error:
+                raise ValueError(error)
+            results.append(regions)
         return results
 
     async def info(self) -> dict:
@@ -337,19 +260,19 @@ class DivergenceEstimator:
 
     def __init__(self, model_uri: str, max_length: int = 40, device: str = "cpu", batching: dict | None = None,
                  storage: dict | None = None, tracking_uri: str | None = None):
-        import torch
         from transformers import ViltProcessor
 
+        from tmr_core.inference import DivergenceStep
         from tmr_core.mde import MDECollator, MultimodalDivergenceEstimator
 
         options = _storage_options(storage)
         self.source = model_uri
         folder, self.version = resolve_model(model_uri, tracking_uri)
-        self.model = MultimodalDivergenceEstimator.from_pretrained(folder, device=device, options=options)
-        self.device = device
+        self.model = MultimodalDivergenceEstimator.from_pretrained(folder, device=device, options=options).eval()
         processor = ViltProcessor.from_pretrained(_processor_folder(folder, self.model.config.backbone))
-        self.collate = MDECollator(processor, max_length=max_length, storage_options=options)
-        self._torch = torch
+        collate = MDECollator(processor, max_length=max_length, storage_options=options)
+        # one row per forward, as score_divergence's tables: a request's α does not depend on its batch mates
+        self.step = DivergenceStep(self.model, collate, device=device, micro_batch_size=1, options=options)
         _configure_batching(self._score_batch, batching or {})
 
     async def score(self, tokens: list[str], image: bytes) -> list[float]:
@@ -365,11 +288,11 @@ class DivergenceEstimator:
         return answer_each(self._score_all, items)
 
     def _score_all(self, items: list[tuple[list[str], bytes]]) -> list[list[float]]:
-        batch = self.collate([{"tokens": tokens, "image": image} for tokens, image in items])
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        with self._torch.inference_mode():
-            scores = self.model.score(**batch)
-        return scores.float().cpu().tolist()
+        scores = self.step.scores([tokens for tokens, _ in items], [open_image(image) for _, image in items])
+        for score in scores:
+            if isinstance(score, str):
+                raise ValueError(score)
+        return scores
 
     async def info(self) -> dict:
         return {"name": "mde", "version": self.version, "source_uri": self.source, "kind": type(self.model).__name__}
@@ -405,12 +328,11 @@ class Extractor:
 
     def __init__(self, model_uri: str, task: str, device: str = "cpu", batching: dict | None = None,
                  storage: dict | None = None, tracking_uri: str | None = None):
-        import torch
-
         from tmr_core.extractor import TMRExtractor
+        from tmr_core.inference import ExtractionStep
 
         options = _storage_options(storage)
-        self.source, self.task, self.device = model_uri, task, device
+        self.source, self.task = model_uri, task
         folder, self.version = resolve_model(model_uri, tracking_uri)
         self.model = TMRExtractor.from_pretrained(folder, device=device, options=options)
         if self.model.config.task != task:
@@ -421,8 +343,7 @@ class Extractor:
                 f"{model_uri}: trained with back_translation_alpha={self.model.config.back_translation_alpha!r}; "
                 "the server scores (text, image) only: serve a model trained with back_translation_alpha=image"
             )
-        self.collate = _serving_collator(self.model, options)
-        self._torch = torch
+        self.step = ExtractionStep(self.model, self.model.collator(options), device=device)
         _configure_batching(self._predict_batch, batching or {})
 
     async def check(self, tokens: list[str]) -> None:
@@ -447,31 +368,10 @@ class Extractor:
         return answer_each(self._predict_all, rows)
 
     def _predict_all(self, rows: list[dict]) -> list[dict]:
-        batch = self.collate([self._row(row) for row in rows])
-        batch = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in batch.items()}
-        with self._torch.inference_mode():
-            if self.task == "re":
-                return [{"relation": r, "probabilities": p} for r, p in self.model.predict(batch)]
-            return self._entities(batch)
-
-    def _entities(self, batch: dict) -> list[dict]:
-        """Viterbi tags per token (as ``TMRExtractor.predict``) and a score per entity: the mean
-        softmax probability of its tags under the emission scores."""
-        from tmr_core.metrics import chunks
-
-        output = self.model(batch)
-        paths = self.model.head.decode(output.logits, output.word_mask)
-        probabilities = output.logits.float().softmax(dim=-1).cpu()
-        labels = self.model.config.labels
-        results = []
-        for row, (path, length) in enumerate(zip(paths, batch["num_tokens"].tolist(), strict=True)):
-            tags = [labels[i] for i in path[:length]]
-            entities = []
-            for kind, start, end in chunks(tags):
-                score = sum(float(probabilities[row, i, path[i]]) for i in range(start, end)) / (end - start)
-                entities.append({"type": kind, "start": start, "end": end, "score": score})
-            results.append({"entities": entities})
-        return results
+        predicted = self.step([self._row(row) for row in rows])
+        if self.task == "re":
+            return [{"relation": row["relation"], "probabilities": row["probabilities"]} for row in predicted]
+        return [{"entities": row["entities"]} for row in predicted]
 
     def _row(self, row: dict) -> dict:
         """The ingress's row in the collator's columns (``tmr_core.schema``): the request's image
@@ -484,17 +384,3 @@ class Extractor:
     async def info(self) -> dict:
         return {"name": self.task, "version": self.version, "source_uri": self.source,
                 "kind": type(self.model).__name__}
-
-
-def _serving_collator(model: Any, storage_options: Any):
-    """The extractor's collator, reading the request's image from memory as well as by URI."""
-    from tmr_core.collate import TMRCollator
-
-    class ServingCollator(TMRCollator):
-        # *args: whatever else TMRCollator._load takes (where, cache, a stage's error column)
-        def _load(self, uri: Any, *args: Any, **kwargs: Any):
-            if isinstance(uri, (bytes, bytearray)):
-                return open_image(uri)
-            return super()._load(uri, *args, **kwargs)
-
-    return ServingCollator(model.tokenizer, model.image_processor, model.config, storage_options=storage_options)

@@ -101,7 +101,7 @@ def test_request_guard_checks_the_token_and_turns_failures_into_json():
 
 
 def test_tiny_phrase_parser_keeps_names_and_determiner_phrases():
-    from serve.deployments import tiny_noun_phrases
+    from tmr_core.phrases import tiny_noun_phrases
 
     phrases = tiny_noun_phrases(TEXT.split(), max_len=4)
     spans = {(p["start"], p["end"]) for p in phrases}

@@ -35,7 +35,7 @@ def corrupt_png(tmp_path) -> str:
 
 
 def test_answer_each_retries_a_failed_batch_item_by_item():
-    from serve.deployments import answer_each
+    from tmr_core.inference import answer_each
 
     calls = []
 
@@ -116,7 +116,7 @@ def test_extractor_serves_imageless_rows_with_the_training_alpha_and_refuses_uns
 
     ner = Extractor.func_or_class(checkpoints["ner"], "ner")
     # no image, so no MDE score: the collator's α = (0, 0, 1), as such rows had in training
-    batch = ner.collate([ner._row({"tokens": TOKENS, "phrases": [], "image": None, "regions": [],
+    batch = ner.step.collator([ner._row({"tokens": TOKENS, "phrases": [], "image": None, "regions": [],
                                    "back_translation_uri": None, "back_translation_regions": [], "divergence": None})])
     assert batch["divergence"].tolist() == [[0.0, 0.0, 1.0]]
 

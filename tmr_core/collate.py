@@ -231,6 +231,13 @@ class TMRCollator:
         reads as a zero image, as TMR does."""
         if uri is None or (isinstance(uri, float) and uri != uri) or uri == "" or error:
             return None
+        if isinstance(uri, (bytes, bytearray)):  # a request's or a prediction row's encoded image
+            from tmr_core.inference import open_image
+
+            try:
+                return open_image(uri)
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from error
         uri = str(uri)
         if uri not in cache:
             try:

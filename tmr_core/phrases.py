@@ -146,3 +146,38 @@ class StanzaConstituencyParser:
                 raise ValueError(f"sentences[{i}]: tokens must be non-empty strings without whitespace")
         doc = self.pipeline(sentences)
         return [sentence.constituency for sentence in doc.sentences]
+
+
+_FUNCTION_WORDS = frozenset(
+    "a an the this that these those of in on at to for with by from and or but is are was were be been "
+    "i you he she it we they me him her us them my your his its our their rt".split()
+)
+
+
+def tiny_noun_phrases(tokens: list[str], max_len: int) -> list[dict]:
+    """TINY-MODE PARSER: a parser-free stand-in for stanza's noun phrases, for offline tests and
+    the demo only (configs/serve.tiny.yaml). It keeps runs of capitalised words (names, which is
+    what grounding mostly needs) and a determiner followed by content words ("the red car"),
+    each cut to ``max_len`` words. Real deployments use ``phrase_parser: stanza``.
+    """
+    spans: set[tuple[int, int]] = set()
+
+    def add_run(start: int, end: int) -> None:
+        if end > start:
+            spans.add((start, min(end, start + max_len)))
+
+    start = None
+    for i, token in enumerate(tokens + [""]):
+        capitalised = token[:1].isupper() and token.lower() not in _FUNCTION_WORDS
+        if capitalised and start is None:
+            start = i
+        elif not capitalised and start is not None:
+            add_run(start, i)
+            start = None
+    for i, token in enumerate(tokens):
+        if token.lower() in ("a", "an", "the"):
+            end = i + 1
+            while end < len(tokens) and tokens[end].isalpha() and tokens[end].lower() not in _FUNCTION_WORDS:
+                end += 1
+            add_run(i, end if end > i + 1 else i)
+    return [{"text": " ".join(tokens[s:e]), "start": s, "end": e} for s, e in sorted(spans)]
