@@ -88,16 +88,8 @@ class GroundPhrases:
     rows in, rows plus both region columns out, with the stage's missing-image policy."""
 
     def __init__(self, cfg: Config):
-        from tmr_core.grounding import PhraseGrounder
-        from tmr_core.inference import GroundingStep
-
-        d = cfg.detector
         self.cfg = cfg
-        grounder = PhraseGrounder(
-            local_detector(d.model, d.tracking_uri), revision=d.revision, top_k=cfg.top_k, threshold=d.threshold,
-            text_threshold=d.text_threshold, device=d.device, dtype=d.dtype,
-        )
-        self.step = GroundingStep(grounder, cfg.storage.options())
+        self.step = build_step(cfg.detector, cfg.top_k, cfg.storage.options())
 
     def __call__(self, batch: Any) -> Any:
         n = batch.num_rows
@@ -128,6 +120,20 @@ class GroundPhrases:
             DROP_COLUMN: [u and split == "train" and self.cfg.on_missing_image == "skip"
                           for u, split in zip(unusable, splits, strict=True)],
         })
+
+
+def build_step(detector: DetectorConfig, top_k: int, options: Any = None) -> Any:
+    """The detector (hub name, folder or MLflow URI) as a :class:`tmr_core.inference.GroundingStep`:
+    this job's and ``jobs.predict``'s."""
+    from tmr_core.grounding import PhraseGrounder
+    from tmr_core.inference import GroundingStep
+
+    d = detector
+    grounder = PhraseGrounder(
+        local_detector(d.model, d.tracking_uri), revision=d.revision, top_k=top_k, threshold=d.threshold,
+        text_threshold=d.text_threshold, device=d.device, dtype=d.dtype,
+    )
+    return GroundingStep(grounder, options)
 
 
 def local_detector(model: str, tracking_uri: str | None) -> str:

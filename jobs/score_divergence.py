@@ -87,37 +87,44 @@ def local_checkpoint(uri: str) -> str:
     return uri
 
 
+def processor_source(checkpoint: str, processor: str | None, backbone: str) -> str:
+    """``processor`` if set; else the checkpoint folder when it holds processor files; else the
+    ViLT backbone the MDE was built from (``pretrain_mde`` saves only config + weights)."""
+    import os
+
+    if processor:
+        return local_checkpoint(processor)
+    if any(os.path.isfile(os.path.join(checkpoint, name)) for name in ("processor_config.json", "preprocessor_config.json")):
+        return checkpoint
+    return backbone
+
+
+def build_step(checkpoint_uri: str, processor: str | None, max_length: int, device: str = "cpu",
+               micro_batch_size: int = 1, score_back_translations: bool = False, options: Any = None) -> Any:
+    """The MDE (folder or MLflow URI) as a :class:`tmr_core.inference.DivergenceStep`: this job's
+    and ``jobs.predict``'s."""
+    from transformers import AutoProcessor
+
+    from tmr_core.inference import DivergenceStep
+    from tmr_core.mde import MDECollator, MultimodalDivergenceEstimator
+
+    checkpoint = local_checkpoint(checkpoint_uri)
+    model = MultimodalDivergenceEstimator.from_pretrained(checkpoint, device=device, options=options).eval()
+    source = processor_source(checkpoint, processor, model.config.backbone)
+    collator = MDECollator(AutoProcessor.from_pretrained(source), max_length, options)
+    return DivergenceStep(model, collator, device=device, micro_batch_size=micro_batch_size,
+                          score_back_translations=score_back_translations, options=options)
+
+
 class ScoreDivergence:
     """Ray Data callable around :class:`tmr_core.inference.DivergenceStep` (one MDE per actor):
     rows in, rows plus ``divergence`` out, with the stage's missing-image policy."""
 
     def __init__(self, cfg: Config):
-        from transformers import AutoProcessor
-
-        from tmr_core.inference import DivergenceStep
-        from tmr_core.mde import MDECollator, MultimodalDivergenceEstimator
-
         self.cfg = cfg
-        options = cfg.storage.options()
-        checkpoint = local_checkpoint(cfg.checkpoint)
-        self.model = MultimodalDivergenceEstimator.from_pretrained(checkpoint, device=cfg.device, options=options)
-        self.model.eval()
-        collator = MDECollator(AutoProcessor.from_pretrained(self._processor_source(checkpoint)), cfg.max_length, options)
-        self.step = DivergenceStep(self.model, collator, device=cfg.device, micro_batch_size=cfg.micro_batch_size,
-                                   score_back_translations=cfg.score_back_translations, options=options)
-
-    def _processor_source(self, checkpoint: str) -> str:
-        """``processor`` if set; else the checkpoint folder when it holds processor files; else
-        the ViLT backbone the MDE was built from (``pretrain_mde`` saves only config + weights)."""
-        import os
-
-        if self.cfg.processor:
-            return local_checkpoint(self.cfg.processor)
-        if os.path.isfile(os.path.join(checkpoint, "processor_config.json")) or os.path.isfile(
-            os.path.join(checkpoint, "preprocessor_config.json")
-        ):
-            return checkpoint
-        return self.model.config.backbone
+        self.step = build_step(cfg.checkpoint, cfg.processor, cfg.max_length, cfg.device, cfg.micro_batch_size,
+                               cfg.score_back_translations, cfg.storage.options())
+        self.model = self.step.model
 
     def _check_policy(self, row: dict, scored: dict) -> None:
         """``on_missing_image: error``: an image that could not be read or scored stops the job,

@@ -419,6 +419,7 @@ def test_the_expected_manifests_exist():
         "rayjob-finetune-text-to-image.yaml",
         "rayjob-finetune-grounder.yaml",
         "rayjob-pipeline.yaml",
+        "rayjob-predict.yaml",
         "outputs-pvc.yaml",
         "settings.example.yaml",
     ):

@@ -10,6 +10,7 @@ dropped, so a sample ends up with 0 to ``num_regions`` crops and the collator ma
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping, Sequence
 
 from PIL import Image
@@ -31,7 +32,13 @@ def load_image(uri: str, options: storage.StorageOptions | None = None) -> Image
         with Image.open(io.BytesIO(data)) as image:
             return image.convert("RGB")
     except (OSError, Image.DecompressionBombError) as error:
-        raise ValueError(f"image_uri {uri!r}: not a readable image ({error})") from error
+        raise ValueError(f"image_uri {uri!r}: not a readable image ({decode_error(error)})") from error
+
+
+def decode_error(error: BaseException) -> str:
+    """PIL's reason without the object reprs it embeds (``<_io.BytesIO object at 0x…>``), so the
+    same broken file gives the same message in every process and run."""
+    return re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", str(error))
 
 
 def check_decodes(data: bytes, uri: str) -> None:

@@ -41,14 +41,14 @@ def open_image(source: bytes | bytearray | str, options: storage.StorageOptions 
     """
     from PIL import Image
 
-    from tmr_core.images import load_image
+    from tmr_core.images import decode_error, load_image
 
     if isinstance(source, (bytes, bytearray)):
         try:
             with Image.open(io.BytesIO(source)) as image:
                 return image.convert("RGB")
         except (OSError, Image.DecompressionBombError) as error:
-            raise ValueError(f"image: not a readable image ({error})") from error
+            raise ValueError(f"image: not a readable image ({decode_error(error)})") from error
     return load_image(str(source), options)
 
 

@@ -214,3 +214,20 @@ def remove(uri: str, options: StorageOptions | None = None) -> None:
             fs.delete_file(path)
     except OSError as exc:
         raise storage_error(uri, exc, options, "delete") from None
+
+
+def parent(uri: str) -> str:
+    """The folder holding a local path or a URI's object."""
+    uri = str(uri)
+    return posixpath.dirname(uri) if is_remote(uri) else os.path.dirname(os.path.abspath(uri))
+
+
+def list_files(uri: str, options: StorageOptions | None = None) -> list[str]:
+    """The files directly in a folder (local or remote), as URIs of the same kind, sorted; [] when absent."""
+    fs, path = resolve(uri, options)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as exc:
+        raise storage_error(uri, exc, options, "list") from None
+    names = sorted(posixpath.basename(info.path) for info in infos if info.type == pafs.FileType.File)
+    return [join(uri, name) for name in names]

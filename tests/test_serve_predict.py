@@ -1,0 +1,154 @@
+"""jobs.predict: batch prediction over a file of posts with the same steps as the served app.
+
+Named next to the serve tests so it shares their deployed app (``serve_app``): predict's rows and
+the app's answers to the same posts must be identical, since both wrap tmr_core.inference.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import requests
+
+from benchmarks.bench_serve import png_bytes
+from tests.fixtures.serve_app import DEMO_TOKENS
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+GOOD = [
+    {"id": "demo", "tokens": DEMO_TOKENS, "image": "photo.png"},
+    {"id": "other-image", "tokens": "Kevin Durant met Golden State in Oakland".split(), "image": "blue.png"},
+    {"id": "text-only", "tokens": "Golden State Warriors beat Kevin Durant".split()},
+]
+
+
+def write_posts(folder: Path, extra_lines: list[str] = ()) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "photo.png").write_bytes(png_bytes())
+    (folder / "blue.png").write_bytes(png_bytes(size=(64, 64), colour=(0, 90, 200)))
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    posts = folder / "posts.jsonl"
+    posts.write_text("".join(json.dumps(row) + "\n" for row in GOOD) + "".join(line + "\n" for line in extra_lines))
+    return posts
+
+
+BAD_LINES = [
+    json.dumps({"id": "no-text", "image": "photo.png"}),                             # line 4
+    json.dumps({"id": "broken-image", "text": "Kevin Durant", "image": "broken.png"}),  # line 5
+    "{not json",                                                                      # line 6
+    json.dumps({"id": "bad-span", "text": "Kevin Durant", "head": {"start": 0, "end": 3},
+                "tail": {"start": 6, "end": 12}}),                                   # line 7
+]
+
+
+def predict_args(models: dict, posts: Path, output: Path, *extra: str) -> list[str]:
+    checkpoints, tiny = models["checkpoints"], models["tiny"]
+    return [
+        "--config", "configs/predict.tiny.yaml", "--input", str(posts), "--output", str(output),
+        "--ner_model", checkpoints["ner"], "--re_model", checkpoints["re"],
+        "--divergence.checkpoint", checkpoints["mde"], "--grounding.detector.model", tiny["detector"],
+        "--back_translation.generation.model", tiny["text_to_image"], "--back_translation.generation.steps", "2",
+        "--back_translation.cache_uri", str(models["root"] / "cache"),
+        # two rows per batch, so several parts: what a rerun resumes from
+        *(arg for step in ("phrases", "back_translation", "grounding", "divergence", "ner", "re")
+          for arg in (f"--{step}.compute.batch_size", "2")),
+        *extra,
+    ]
+
+
+def read_predictions(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "predictions.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def predicted(serve_models, tmp_path_factory) -> dict:
+    from jobs import predict
+
+    root = tmp_path_factory.mktemp("predict")
+    posts = write_posts(root / "posts", BAD_LINES)
+    output = root / "out"
+    assert predict.main(predict_args(serve_models, posts, output)) == 0
+    return {"posts": posts, "output": output, "rows": read_predictions(output), "root": root}
+
+
+def test_every_input_line_comes_out_once_in_order_with_bad_rows_as_errors_naming_their_line(predicted):
+    rows = predicted["rows"]
+    assert [r["line"] for r in rows] == list(range(1, 8))
+    errors = {r["id"]: r["error"] for r in rows}
+    posts = str(predicted["posts"])
+    assert all(errors[g["id"]] is None for g in GOOD)
+    assert errors["no-text"].startswith(f"{posts}:4: no text")
+    assert errors["broken-image"].startswith(f"{posts}:5: grounding: image 'broken.png'")
+    assert errors["line-6"].startswith(f"{posts}:6: not valid JSON")
+    assert errors["bad-span"].startswith(f"{posts}:7: head: characters [0, 3) do not start and end on token boundaries")
+    summary = json.loads((predicted["output"] / "summary.json").read_text())
+    assert summary["rows"] == 7 and summary["rows_failed"] == 4 and summary["rows_without_image"] == 1
+
+
+def test_entities_then_relations_for_every_ordered_pair(predicted):
+    by_id = {r["id"]: r for r in predicted["rows"]}
+    for good in GOOD:
+        row = by_id[good["id"]]
+        k = len(row["entities"])
+        assert len(row["relations"]) == k * (k - 1)
+        pairs = {(r["head"]["start"], r["tail"]["start"]) for r in row["relations"]}
+        assert pairs == {(h["start"], t["start"]) for h in row["entities"] for t in row["entities"] if h is not t}
+    assert by_id["text-only"]["image_used"] is False and by_id["text-only"]["divergence"] is None
+    assert by_id["demo"]["image_used"] is True and len(by_id["demo"]["divergence"]) == 3
+    # the fitted demo sentence: its entities as the served app is expected to find them
+    assert [(e["text"], e["type"]) for e in by_id["demo"]["entities"]] == [("Kevin Durant", "PER"),
+                                                                             ("Golden State Warriors", "ORG")]
+    conll = (predicted["output"] / "predictions.conll").read_text()
+    assert "# id = demo\nKevin\tB-PER\nDurant\tI-PER\njoins\tO\n" in conll
+
+
+def test_predict_equals_the_served_app_on_the_same_posts(predicted, serve_app):
+    from tests.fixtures.serve_app import TOKEN
+
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    by_id = {r["id"]: r for r in predicted["rows"]}
+    folder = predicted["posts"].parent
+    for good in GOOD:
+        body = {"tokens": good["tokens"], "mode": "fast"}
+        if "image" in good:
+            body["image_uri"] = str(serve_app["images"] / "photo.png") if good["image"] == "photo.png" else None
+            if body["image_uri"] is None:  # outside the app's allowed prefixes: send the bytes
+                import base64
+
+                body.pop("image_uri")
+                body["image"] = base64.b64encode((folder / good["image"]).read_bytes()).decode()
+        served = requests.post(serve_app["url"] + "/v1/ner", json=body, headers=headers, timeout=60).json()
+        ours = by_id[good["id"]]
+        assert [(e["start"], e["end"], e["type"]) for e in served["entities"]] == \
+            [(e["start"], e["end"], e["type"]) for e in ours["entities"]], good["id"]
+        for a, b in zip(served["entities"], ours["entities"], strict=True):
+            assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+        if ours["divergence"] is None:
+            assert served["divergence"] is None
+        else:
+            assert list(served["divergence"].values()) == pytest.approx(ours["divergence"], abs=1e-5)
+        if ours["relations"]:
+            head, tail = ours["relations"][0]["head"], ours["relations"][0]["tail"]
+            re_body = {**body, "head": {"start": head["start"], "end": head["end"]},
+                       "tail": {"start": tail["start"], "end": tail["end"]}}
+            served_re = requests.post(serve_app["url"] + "/v1/re", json=re_body, headers=headers, timeout=60).json()
+            assert served_re["relation"] == ours["relations"][0]["relation"]
+            assert served_re["probabilities"][served_re["relation"]] == pytest.approx(
+                ours["relations"][0]["probability"], abs=1e-5)
+
+
+def test_a_rerun_predicts_only_the_lines_a_crash_left_and_gives_the_same_output(predicted, serve_models, capsys):
+    from jobs import predict
+
+    output = predicted["output"]
+    parts = sorted((output / "parts").glob("part-*.parquet"))
+    assert len(parts) > 1  # batch_size 2: several parts
+    parts[0].unlink()  # as if the job died before that block was written
+    parts[1].write_bytes(b"torn")  # and while writing another
+    before = (output / "predictions.jsonl").read_text()
+    assert predict.main(predict_args(serve_models, predicted["posts"], output)) == 0
+    said = capsys.readouterr().out
+    assert "7 rows" in said and "to go" in said and "0 already predicted" not in said
+    assert (output / "predictions.jsonl").read_text() == before
