@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import bench_back_translation, bench_serve, bench_train
+from benchmarks import bench_back_translation, bench_predict, bench_serve, bench_train
 
-BENCHMARKS = {"back_translation": bench_back_translation, "train": bench_train, "serve": bench_serve}
+BENCHMARKS = {"back_translation": bench_back_translation, "train": bench_train, "serve": bench_serve,
+              "predict": bench_predict}
 
 
 def main(argv: list[str] | None = None) -> int:
