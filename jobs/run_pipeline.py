@@ -46,8 +46,9 @@ class Config:
 
     workdir: str = opt("outputs/pipeline", "Folder for every stage's outputs and the pipeline's markers.")
     tasks: list[Literal["ner", "re"]] = opt(["ner", "re"], "Tasks to run end to end.")
-    source: Literal["synthetic", "twitter2015", "twitter2017", "mnre"] = opt(
-        "synthetic", "Dataset: synthetic (make_synthetic_benchmark writes it) or a real one read from data_dir."
+    source: Literal["synthetic", "twitter2015", "twitter2017", "mnre", "jsonl"] = opt(
+        "synthetic", "Dataset: synthetic (make_synthetic_benchmark writes it), a real one read from data_dir, or "
+        "jsonl: your own annotations (README, \"Train on your own data\")."
     )
     data_dir: str | None = opt(None, "Real datasets: folder of the text files (train.txt …, ours_*.txt).")
     image_dir: str | None = opt(None, "Real datasets: folder of the images.")
@@ -135,8 +136,10 @@ def check_config(cfg: Config) -> None:
             problems.append(f"--source {cfg.source} needs --data_dir (the dataset's text files)")
         if not cfg.mde_corpus:
             problems.append(f"--source {cfg.source} needs --mde_corpus (caption, image_uri, label table)")
-        task = "re" if cfg.source == "mnre" else "ner"
-        if list(cfg.tasks) != [task]:
+        task = {"mnre": "re", "jsonl": cfg.tasks[0] if len(cfg.tasks) == 1 else None}.get(cfg.source, "ner")
+        if task is None:
+            problems.append("--source jsonl holds one task: set --tasks [ner] or --tasks [re]")
+        elif list(cfg.tasks) != [task]:
             problems.append(f"--source {cfg.source} is a {task} dataset: set --tasks [{task}]")
         if cfg.train_grounder:
             problems.append(f"--train_grounder needs ground-truth boxes, which --source {cfg.source} has not: "

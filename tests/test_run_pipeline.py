@@ -58,6 +58,21 @@ def test_real_dataset_needs_its_files():
     assert "--data_dir" in message and "--mde_corpus" in message and "--tasks [re]" in message
 
 
+def test_your_own_jsonl_data_runs_as_one_task_through_prepare_dataset_jsonl():
+    from jobs._config import parse_config
+
+    with pytest.raises(ConfigError, match=r"--tasks \[ner\] or --tasks \[re\]"):
+        run_pipeline.main(["--config", "configs/pipeline.tiny.yaml", "--source", "jsonl", "--data_dir", "d",
+                           "--mde_corpus", "c"])
+    cfg = parse_config(run_pipeline.Config, ["--config", "configs/pipeline.tiny.yaml", "--source", "jsonl",
+                                             "--data_dir", "mine", "--mde_corpus", "c", "--tasks", "[re]",
+                                             "--train_grounder", "false"])
+    run_pipeline.check_config(cfg)
+    (prepare,) = [s for s in run_pipeline.plan(cfg) if s.job == "prepare_dataset"]
+    assert prepare.argv[prepare.argv.index("--format") + 1] == "jsonl"
+    assert prepare.argv[prepare.argv.index("--task") + 1] == "re" and "mine" in prepare.argv
+
+
 def test_fingerprint_changes_with_arguments_defaults_and_upstream(monkeypatch):
     from jobs import prepare_dataset
 
