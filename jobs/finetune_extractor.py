@@ -44,6 +44,9 @@ class DataConfig:
         None, "ground_truth.jsonl of the synthetic benchmark: adds ambiguous-subset and per-alignment scores."
     )
     relations: list[str] = opt([], "RE: the relation labels in id order; empty: read from the tables (sorted).")
+    pixel_cache_mb: int = opt(
+        1024, "Per worker: processed image and crop pixels kept for the next epoch (LRU); 0: process every epoch."
+    )
 
 
 @dataclass
@@ -284,7 +287,7 @@ def train_loop_per_worker(loop: dict) -> None:
     rank0 = _train.is_rank_zero()
     set_seed(cfg.seed)
     model = TMRExtractor.build(model_config(cfg, loop["labels"]))
-    collate = model.collator(cfg.storage.options())
+    collate = model.collator(cfg.storage.options(), pixel_cache_bytes=cfg.data.pixel_cache_mb * 2**20)
     model = ray.train.torch.prepare_model(model)
     device = _train.device()
     optimizer = build_optimizer(_train.unwrap(model), cfg.optim.lr, cfg.optim.weight_decay)

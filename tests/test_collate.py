@@ -254,6 +254,34 @@ def test_images_regions_and_back_translations(tokenizer, processor, tmp_path):
     assert "divergence" not in plain and "bt_pixel_values" not in plain
 
 
+def test_the_pixel_cache_gives_the_same_batch_and_skips_the_processor_for_rows_it_holds(tokenizer, processor, tmp_path):
+    config = TMRConfig(num_regions=2)
+    images = [write_image(tmp_path / f"{i}.png", (48 + 8 * i, 40)) for i in range(3)]
+    rows = [{"tokens": ["john"], "tags": ["B-PER"], "image_uri": uri, "back_translation_uri": images[0],
+             "regions": [{"box": [0, 0, 20 + i, 20], "score": 0.5, "phrase": "p"}], "back_translation_regions": [],
+             "divergence": [0.5, 0.3, 0.2]} for i, uri in enumerate(images)]
+    rows.append(dict(rows[0], image_uri=None))  # no image: nothing to cache
+    plain = TMRCollator(tokenizer, processor, config)
+    cached = TMRCollator(tokenizer, processor, config, pixel_cache_bytes=10 * 2**20)
+    calls = []
+    process = cached._process
+    cached._process = lambda pictures: calls.append(len(pictures)) or process(pictures)
+    expected = plain(rows)
+    for _ in range(2):
+        batch = cached(list(reversed(rows)))
+        for key in expected:
+            assert torch.equal(batch[key], expected[key].flip(0) if expected[key].dim() else expected[key]), key
+    # first batch: 3 images + 3 crops, then the one v' all rows share + its whole-image crop; the second: nothing
+    assert calls == [6, 2]
+    # a row with other boxes is another entry: its crops differ
+    moved = dict(rows[0], regions=[{"box": [30, 20, 48, 40], "score": 0.5, "phrase": "p"}])  # red and blue
+    assert not torch.equal(cached([moved])["region_pixel_values"], expected["region_pixel_values"][:1])
+    assert calls == [6, 2, 2]
+    tiny = TMRCollator(tokenizer, processor, config, pixel_cache_bytes=1)  # nothing fits: always processed
+    tiny(rows)
+    assert not tiny._pixels
+
+
 def test_unreadable_images_raise_unless_skipped(tokenizer, processor, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not an image")
     row = {

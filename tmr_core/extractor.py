@@ -291,11 +291,12 @@ class TMRExtractor(PretrainedModule):
             model.image_processor = AutoImageProcessor.from_pretrained(directory)
         return model
 
-    def collator(self, storage_options: storage.StorageOptions | None = None):
+    def collator(self, storage_options: storage.StorageOptions | None = None, pixel_cache_bytes: int = 0):
         """A :class:`tmr_core.collate.TMRCollator` matching this model's tokenizer, processor and config."""
         from tmr_core.collate import TMRCollator
 
-        return TMRCollator(self.tokenizer, self.image_processor, self.config, storage_options=storage_options)
+        return TMRCollator(self.tokenizer, self.image_processor, self.config, storage_options=storage_options,
+                           pixel_cache_bytes=pixel_cache_bytes)
 
     # ----- forward ------------------------------------------------------------------------
 
