@@ -42,7 +42,10 @@ class Config:
     output: str = opt("outputs/phrases", "Dataset folder to write <split>/, config.yaml, _SUCCESS.json.")
     splits: list[str] = opt(["train", "valid", "test"], "Splits to process (those present are read).")
     force: bool = opt(False, "Run even when the output's _SUCCESS.json matches this config and input.")
-    parser: Literal["stanza", "trees"] = opt("stanza", "stanza: parse with stanza; trees: read gold trees.")
+    parser: Literal["stanza", "trees", "tiny"] = opt(
+        "stanza", "stanza: parse with stanza; trees: read gold trees; tiny: the offline heuristic Serve's tiny "
+        "config uses (capitalised runs and determiner phrases; no parser model, for laptops without stanza's)."
+    )
     trees_dir: str | None = opt(None, "parser=trees: local folder of <split>.txt lines '<image id or id>\\t<tree>'.")
     max_phrase_len: int = opt(4, "Longest noun phrase kept, in tokens (paper: 4 for NER, 6 for RE).")
     stanza_dir: str | None = opt(None, "parser=stanza: folder of downloaded stanza models (null: stanza's default).")
@@ -69,10 +72,10 @@ class ExtractPhrases:
         self.cfg = cfg
         self._trees: dict[str, dict] = {}  # split -> image_id -> tree, read on first use
         self._step = None
-        if cfg.parser == "stanza":
+        if cfg.parser in ("stanza", "tiny"):
             from tmr_core.inference import PhraseStep
 
-            self._step = PhraseStep("stanza", cfg.max_phrase_len, cfg.stanza_dir, use_gpu=cfg.use_gpu)
+            self._step = PhraseStep(cfg.parser, cfg.max_phrase_len, cfg.stanza_dir, use_gpu=cfg.use_gpu)
 
     def _gold_tree(self, split: str, image_id: str, sample_id: str) -> Any:
         import os

@@ -142,13 +142,12 @@ def _settings(generation: GenerationConfig, identity: str | None = None, model: 
 
 
 def _prompts_and_seeds(batch: Any, generation: GenerationConfig) -> tuple[list[str], list[int]]:
-    from tmr_core.back_translation import generation_seed, prompt_from_tokens
+    """As jobs.predict and Serve derive them (:func:`tmr_core.inference.prompts_and_seeds`)."""
+    from tmr_core.inference import prompts_and_seeds
 
-    prompts = [prompt_from_tokens(tokens or []) for tokens in batch.column("tokens").to_pylist()]
-    ids = batch.column("id").to_pylist()
-    seeds = [generation_seed(sample_id, prompt, generation.seed, generation.seed_per_sample)
-             for sample_id, prompt in zip(ids, prompts, strict=True)]
-    return prompts, seeds
+    rows = [{"id": i, "tokens": t} for i, t in zip(batch.column("id").to_pylist(), batch.column("tokens").to_pylist(),
+                                                    strict=True)]
+    return prompts_and_seeds(rows, generation.seed, generation.seed_per_sample)
 
 
 def _with_results(batch: Any, results: list, node_id: str | None = None) -> Any:

@@ -162,7 +162,7 @@ def read_records(uri: str, options: Any = None) -> list[dict]:
 
 def _parsed(value: Any) -> Any:
     """CSV cells hold JSON for the nested columns (tokens, head, tail, phrases)."""
-    if isinstance(value, str) and value[:1] in "[{":
+    if isinstance(value, str) and value[:1] in ("[", "{"):
         return json.loads(value)
     return value
 

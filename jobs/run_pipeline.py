@@ -62,6 +62,10 @@ class Config:
     models_dir: str | None = opt(
         ".cache/tmr-models", "Tiny models folder (built by make_tiny_models); null: the job configs name the models."
     )
+    phrase_parser: Literal["stanza", "tiny"] | None = opt(
+        None, "extract_phrases' parser for real or your own data (null: stanza, the paper's); the synthetic "
+        "benchmark always uses its gold trees. tiny: offline heuristic, no stanza models needed."
+    )
     text_only_baseline: bool = opt(True, "Also fine-tune the text-only ablation, for the full vs text-only summary.")
     compare: bool = opt(True, "Build the comparison tables (compare_runs) at the end.")
     tracking_uri: str | None = opt(None, "MLflow tracking URI for every job; null: MLFLOW_TRACKING_URI or sqlite:///mlflow.db.")
@@ -170,7 +174,7 @@ def plan(cfg: Config) -> list[Stage]:
     def phrase_args(task: str) -> list[str]:
         if synthetic:  # the benchmark's gold trees: no stanza model download
             return ["--parser", "trees", "--trees_dir", os.path.join(bench, "trees", task)]
-        return ["--parser", "stanza"]
+        return ["--parser", cfg.phrase_parser or "stanza"]
 
     needs_data = [data_stage] if data_stage else []
 

@@ -191,7 +191,7 @@ class Pipeline:
     async def _features(self, extractor, tokens: list[str], image: bytes | None, mode: Mode,
                         sample_id: str | None, timer: StepTimer) -> tuple[dict, dict]:
         """Steps 1-3: the extractor's input row and the response fields they produce."""
-        from tmr_core.back_translation import generation_seed, prompt_from_tokens
+        from tmr_core.inference import prompts_and_seeds
 
         with timer.step("features"):
             _, phrases, divergence = await asyncio.gather(
@@ -199,8 +199,8 @@ class Pipeline:
                 call(self.phrases, "parse", tokens),
                 call(self.mde, "score", tokens, image) if image is not None else _none(),
             )
-        prompt = prompt_from_tokens(tokens)
-        seed = generation_seed(sample_id, prompt, self.settings.base_seed, self.settings.seed_per_sample)
+        (prompt,), (seed,) = prompts_and_seeds([{"id": sample_id, "tokens": tokens}], self.settings.base_seed,
+                                               self.settings.seed_per_sample)
         with timer.step("back_translation"):
             if mode == "full":
                 back_translation = await call(self.back_translator, "generate", prompt, seed)

@@ -152,3 +152,26 @@ def test_a_rerun_predicts_only_the_lines_a_crash_left_and_gives_the_same_output(
     said = capsys.readouterr().out
     assert "7 rows" in said and "to go" in said and "0 already predicted" not in said
     assert (output / "predictions.jsonl").read_text() == before
+
+
+def test_csv_and_parquet_inputs_give_the_rows_jsonl_gives(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs import predict
+    from jobs._config import parse_config
+
+    rows = [{"id": "a", "text": "Kevin Durant in Oakland", "tokens": None, "image": "photo.png"},
+            {"id": "b", "text": None, "tokens": json.dumps(["Golden", "State"]), "image": None}]
+    (tmp_path / "posts.csv").write_text("id,text,tokens,image\na,Kevin Durant in Oakland,,photo.png\n"
+                                        'b,,"[""Golden"", ""State""]",\n')
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "posts.parquet")
+    (tmp_path / "posts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    read = {}
+    for suffix in ("jsonl", "csv", "parquet"):
+        cfg = parse_config(predict.Config, ["--input", str(tmp_path / f"posts.{suffix}"), "--ner_model", "m"])
+        read[suffix] = [{k: r[k] for k in ("id", "tokens", "offsets", "image_uri", "error")}
+                        for r in predict.input_rows(cfg, predict.read_records(cfg.input), str(tmp_path))]
+    assert read["csv"] == read["jsonl"] == read["parquet"]
+    assert read["csv"][0]["tokens"] == ["Kevin", "Durant", "in", "Oakland"] and read["csv"][0]["offsets"][3] == (16, 23)
+    assert read["csv"][1]["image_uri"] is None and read["csv"][0]["image_uri"] == str(tmp_path / "photo.png")

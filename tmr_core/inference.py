@@ -131,6 +131,15 @@ class PhraseStep:
 # --------------------------------------------------------------------------- back-translation
 
 
+def prompts_and_seeds(rows: list[Row], seed: int = 0, per_sample: bool = False) -> tuple[list[str], list[int]]:
+    """Each row's prompt (its tokens joined) and the seed it is sampled with (Eq. 3's cache key parts)."""
+    from tmr_core.back_translation import generation_seed, prompt_from_tokens
+
+    prompts = [prompt_from_tokens(row.get("tokens") or []) for row in rows]
+    seeds = [generation_seed(row.get("id"), prompt, seed, per_sample) for row, prompt in zip(rows, prompts, strict=True)]
+    return prompts, seeds
+
+
 class BackTranslationStep:
     """v' for each row's sentence (Eq. 3) through the content-addressed cache.
 
@@ -144,16 +153,8 @@ class BackTranslationStep:
     def __init__(self, translator: Any, seed: int = 0, seed_per_sample: bool = False, generate: bool = True):
         self.translator, self.seed, self.per_sample, self.generate = translator, seed, seed_per_sample, generate
 
-    def prompts_and_seeds(self, rows: list[Row]) -> tuple[list[str], list[int]]:
-        from tmr_core.back_translation import generation_seed, prompt_from_tokens
-
-        prompts = [prompt_from_tokens(row.get("tokens") or []) for row in rows]
-        seeds = [generation_seed(row.get("id"), prompt, self.seed, self.per_sample)
-                 for row, prompt in zip(rows, prompts, strict=True)]
-        return prompts, seeds
-
     def __call__(self, rows: list[Row]) -> list[Row]:
-        prompts, seeds = self.prompts_and_seeds(rows)
+        prompts, seeds = prompts_and_seeds(rows, self.seed, self.per_sample)
         results = (self.translator if self.generate else self.translator.look_up)(prompts, seeds)
         return [{**row,
                  "back_translation_uri": result.uri if result else None,
