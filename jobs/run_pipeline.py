@@ -254,7 +254,7 @@ def plan(cfg: Config) -> list[Stage]:
                                 ["--config", _job_config(cfg, "finetune_extractor", "" if task == "ner" else "re"),
                                  "--task", task, "--ablation", ablation, "--output", out,
                                  "--data.dataset", task_dir(task, "divergence"), "--data.dataset_name", cfg.source,
-                                 *(["--data.ground_truth", truth] if synthetic else []), *storage_args,
+                                 *(["--data.ground_truth", truth] if synthetic else ["--data.ground_truth", "null"]), *storage_args,
                                  *model_args("--model.text_encoder", "text-encoder"),
                                  *model_args("--model.image_encoder", "image-encoder"), *register, *tracking],
                                 out, [f"score_divergence.{task}"], summary="metrics"))

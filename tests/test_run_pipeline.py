@@ -71,6 +71,9 @@ def test_your_own_jsonl_data_runs_as_one_task_through_prepare_dataset_jsonl():
     (prepare,) = [s for s in run_pipeline.plan(cfg) if s.job == "prepare_dataset"]
     assert prepare.argv[prepare.argv.index("--format") + 1] == "jsonl"
     assert prepare.argv[prepare.argv.index("--task") + 1] == "re" and "mine" in prepare.argv
+    # no ground truth beside your own data: the tiny extractor config's synthetic one is switched off
+    (full,) = [s for s in run_pipeline.plan(cfg) if s.id == "finetune_extractor.re.full"]
+    assert full.argv[full.argv.index("--data.ground_truth") + 1] == "null"
 
 
 def test_fingerprint_changes_with_arguments_defaults_and_upstream(monkeypatch):
