@@ -263,6 +263,8 @@ def _run_isolated(step: Any, rows: list[dict], name: str, source: str) -> list[d
     from tmr_core.inference import answer_each
 
     todo = [i for i, row in enumerate(rows) if not row.get("error")]
+    if not todo:
+        return rows
     results = answer_each(step, [rows[i] for i in todo])
     for i, result in zip(todo, results, strict=True):
         rows[i] = ({**rows[i], "error": f"{source}:{rows[i]['line']}: {name}: {result}"}
@@ -489,6 +491,25 @@ def _parts_uri(cfg: Config) -> str:
     return storage.join(cfg.output, "parts")
 
 
+def check_same_input(cfg: Config) -> None:
+    """Parts are keyed by input line: resuming over another input (or another edit of it) would mix
+    rows. The input's (path, size, mtime) and the models are recorded beside the parts and must match."""
+    from jobs._data import file_infos
+    from tmr_core import storage
+
+    options = cfg.storage.options()
+    marker = storage.join(cfg.output, "input.json")
+    identity = json.loads(json.dumps({"input": file_infos(cfg.input, options), "ner_model": cfg.ner_model,
+                                      "re_model": cfg.re_model, "mode": cfg.mode}))
+    if storage.exists(marker, options) and storage.exists(_parts_uri(cfg), options) and storage.list_files(_parts_uri(cfg), options):
+        recorded = json.loads(storage.read_bytes(marker, options))
+        if recorded != identity:
+            changed = sorted(k for k in identity if recorded.get(k) != identity[k])
+            raise ConfigError([f"--output {cfg.output}: holds parts of another run ({', '.join(changed)} changed); "
+                               "--force true starts over, or choose another --output"])
+    storage.write_text_atomic(marker, json.dumps(identity), options)
+
+
 def finished_lines(cfg: Config) -> set[int]:
     """Input lines a previous run already wrote (a part that does not read is removed: its rows rerun)."""
     import io
@@ -621,7 +642,11 @@ def pipeline(cfg: Config, rows: list[dict]) -> Any:
     from jobs._data import actor_pool_args
 
     uris = (cfg.input, cfg.output, cfg.back_translation.cache_uri)
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // cfg.phrases.compute.batch_size, 200)))
+    # a block is what one write stores as a part, so what a rerun skips or redoes: the smallest
+    # step batch, up to 1,000 blocks
+    smallest = min(c.batch_size for c in (cfg.phrases.compute, cfg.back_translation.compute, cfg.grounding.compute,
+                                          cfg.divergence.compute, cfg.ner.compute, cfg.re.compute))
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // smallest, 1000)))
     ds = ds.map_batches(Phrases, fn_constructor_kwargs={"cfg": cfg}, **actor_pool_args(cfg.phrases.compute, *uris))
     if cfg.back_translation.enabled:
         from jobs.generate_back_translations import model_identity
@@ -651,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError([f"--input {cfg.input!r}: no such file"])
     if cfg.force and storage.exists(_parts_uri(cfg), options):
         storage.remove(_parts_uri(cfg), options)
+    storage.makedirs(cfg.output, options)
+    check_same_input(cfg)
     image_root = cfg.image_dir or storage.parent(cfg.input)
     rows = input_rows(cfg, read_records(cfg.input, options), image_root)
     done = finished_lines(cfg)

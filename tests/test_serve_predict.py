@@ -141,6 +141,7 @@ def test_predict_equals_the_served_app_on_the_same_posts(predicted, serve_app):
 
 def test_a_rerun_predicts_only_the_lines_a_crash_left_and_gives_the_same_output(predicted, serve_models, capsys):
     from jobs import predict
+    from jobs._config import ConfigError
 
     output = predicted["output"]
     parts = sorted((output / "parts").glob("part-*.parquet"))
@@ -152,6 +153,10 @@ def test_a_rerun_predicts_only_the_lines_a_crash_left_and_gives_the_same_output(
     said = capsys.readouterr().out
     assert "7 rows" in said and "to go" in said and "0 already predicted" not in said
     assert (output / "predictions.jsonl").read_text() == before
+    # the parts belong to this input: an edited input is refused, not mixed in
+    predicted["posts"].write_text(predicted["posts"].read_text() + json.dumps(GOOD[0] | {"id": "new"}) + "\n")
+    with pytest.raises(ConfigError, match="input changed"):
+        predict.main(predict_args(serve_models, predicted["posts"], output))
 
 
 def test_csv_and_parquet_inputs_give_the_rows_jsonl_gives(tmp_path):
