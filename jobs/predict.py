@@ -134,7 +134,7 @@ def read_records(uri: str, options: Any = None) -> list[dict]:
     lower = uri.lower()
     if lower.endswith((".jsonl", ".json", ".ndjson")):
         records = []
-        for number, line in enumerate(storage.read_bytes(uri, options).decode("utf-8").splitlines(), start=1):
+        for number, line in enumerate(storage.read_bytes(uri, options).decode("utf-8-sig").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -148,7 +148,13 @@ def read_records(uri: str, options: Any = None) -> list[dict]:
     if lower.endswith(".csv"):
         import io
 
-        table = pa_csv.read_csv(io.BytesIO(storage.read_bytes(uri, options)))
+        import pyarrow as pa
+
+        # every column as written: ids like 007 and all-number texts stay strings
+        data = storage.read_bytes(uri, options)
+        header = pa_csv.read_csv(io.BytesIO(data), read_options=pa_csv.ReadOptions(skip_rows_after_names=10**9)).column_names
+        table = pa_csv.read_csv(io.BytesIO(data), convert_options=pa_csv.ConvertOptions(
+            column_types={name: pa.string() for name in header}))
         first_line = 2  # after the header
     elif lower.endswith(".parquet"):
         import io
@@ -253,9 +259,12 @@ def _rows(batch: Any) -> list[dict]:
 
 
 def _table(rows: list[dict]) -> Any:
+    """Rows as a table over the union of their keys: a failed row lacks the columns its step adds,
+    and ``from_pylist`` would take the columns from the first row alone."""
     import pyarrow as pa
 
-    return pa.Table.from_pylist(rows)
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    return pa.Table.from_pylist([{name: row.get(name) for name in names} for row in rows])
 
 
 def _run_isolated(step: Any, rows: list[dict], name: str, source: str) -> list[dict]:
@@ -387,6 +396,11 @@ def _extraction_step(uri: str, task: str, device: str, cfg: Config) -> Any:
     model = TMRExtractor.from_pretrained(_local_model(uri, cfg.tracking_uri), device=device, options=options)
     if model.config.task != task:
         raise ConfigError([f"--{task}_model {uri!r}: a {model.config.task!r} model"])
+    if model.config.use_mde and model.config.back_translation_alpha != "image":
+        # predict scores (text, image) only, as Serve does: such a model would get α' it never saw
+        raise ConfigError([f"--{task}_model {uri!r}: trained with back_translation_alpha="
+                           f"{model.config.back_translation_alpha!r}; predict with a model trained with "
+                           "back_translation_alpha=image"])
     return ExtractionStep(model, model.collator(options), device=device)
 
 
@@ -493,14 +507,18 @@ def _parts_uri(cfg: Config) -> str:
 
 def check_same_input(cfg: Config) -> None:
     """Parts are keyed by input line: resuming over another input (or another edit of it) would mix
-    rows. The input's (path, size, mtime) and the models are recorded beside the parts and must match."""
+    rows. The input's (path, size, mtime) and every setting but compute, output and storage are
+    recorded beside the parts and must match."""
+    from jobs._config import config_to_dict
     from jobs._data import file_infos
     from tmr_core import storage
 
     options = cfg.storage.options()
     marker = storage.join(cfg.output, "input.json")
-    identity = json.loads(json.dumps({"input": file_infos(cfg.input, options), "ner_model": cfg.ner_model,
-                                      "re_model": cfg.re_model, "mode": cfg.mode}))
+    settings = _without_compute(config_to_dict(cfg))
+    for key in ("output", "force", "storage"):
+        settings.pop(key, None)
+    identity = json.loads(json.dumps({"input": file_infos(cfg.input, options), **settings}))
     if storage.exists(marker, options) and storage.exists(_parts_uri(cfg), options) and storage.list_files(_parts_uri(cfg), options):
         recorded = json.loads(storage.read_bytes(marker, options))
         if recorded != identity:
@@ -508,6 +526,13 @@ def check_same_input(cfg: Config) -> None:
             raise ConfigError([f"--output {cfg.output}: holds parts of another run ({', '.join(changed)} changed); "
                                "--force true starts over, or choose another --output"])
     storage.write_text_atomic(marker, json.dumps(identity), options)
+
+
+def _without_compute(settings: Any) -> Any:
+    """The config without its ``compute`` sections (how fast, not what comes out)."""
+    if isinstance(settings, dict):
+        return {k: _without_compute(v) for k, v in settings.items() if k != "compute"}
+    return settings
 
 
 def finished_lines(cfg: Config) -> set[int]:
@@ -642,18 +667,23 @@ def pipeline(cfg: Config, rows: list[dict]) -> Any:
     from jobs._data import actor_pool_args
 
     uris = (cfg.input, cfg.output, cfg.back_translation.cache_uri)
-    # a block is what one write stores as a part, so what a rerun skips or redoes: the smallest
-    # step batch, up to 1,000 blocks
+    # input blocks of the smallest step batch (up to 1,000): Ray Data bundles them up to the larger
+    # batches downstream, and each written block is a part, what a rerun skips or redoes
     smallest = min(c.batch_size for c in (cfg.phrases.compute, cfg.back_translation.compute, cfg.grounding.compute,
                                           cfg.divergence.compute, cfg.ner.compute, cfg.re.compute))
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // smallest, 1000)))
     ds = ds.map_batches(Phrases, fn_constructor_kwargs={"cfg": cfg}, **actor_pool_args(cfg.phrases.compute, *uris))
     if cfg.back_translation.enabled:
+        import dataclasses
+
         from jobs.generate_back_translations import model_identity
 
         identity = model_identity(cfg.back_translation.generation, cfg.tracking_uri)
+        compute = cfg.back_translation.compute
+        if cfg.mode == "fast":  # cache look-ups only: the pool must not wait for a GPU it will not use
+            compute = dataclasses.replace(compute, num_gpus=0.0, accelerator_resource=None)
         ds = ds.map_batches(BackTranslate, fn_constructor_kwargs={"cfg": cfg, "identity": identity},
-                            **actor_pool_args(cfg.back_translation.compute, *uris))
+                            **actor_pool_args(compute, *uris))
     ds = ds.map_batches(Ground, fn_constructor_kwargs={"cfg": cfg}, **actor_pool_args(cfg.grounding.compute, *uris))
     ds = ds.map_batches(Divergence, fn_constructor_kwargs={"cfg": cfg}, **actor_pool_args(cfg.divergence.compute, *uris))
     if "ner" in cfg.tasks:

@@ -180,3 +180,19 @@ def test_csv_and_parquet_inputs_give_the_rows_jsonl_gives(tmp_path):
     assert read["csv"] == read["jsonl"] == read["parquet"]
     assert read["csv"][0]["tokens"] == ["Kevin", "Durant", "in", "Oakland"] and read["csv"][0]["offsets"][3] == (16, 23)
     assert read["csv"][1]["image_uri"] is None and read["csv"][0]["image_uri"] == str(tmp_path / "photo.png")
+
+
+def test_a_failed_first_row_keeps_its_batch_mates_predictions(tmp_path):
+    from jobs import predict
+
+    def step(rows):
+        return [{**row, "entities": [{"type": "PER"}]} for row in rows]
+
+    rows = [{"id": "bad", "line": 1, "error": "in:1: no text"}, {"id": "good", "line": 2, "error": None}]
+    table = predict._table(predict._run_isolated(step, rows, "ner", "in"))
+    assert table.column("entities").to_pylist() == [None, [{"type": "PER"}]]
+    # a UTF-8 byte-order mark (spreadsheet exports) is not a bad first line
+    (tmp_path / "bom.jsonl").write_bytes("\ufeff".encode() + b'{"id": "a", "text": "x"}\n')
+    assert predict.read_records(str(tmp_path / "bom.jsonl"))[0]["id"] == "a"
+    (tmp_path / "ids.csv").write_text("id,text\n007,12345\n")
+    assert predict.read_records(str(tmp_path / "ids.csv"))[0] | {"_line": 0} == {"id": "007", "text": "12345", "_line": 0}

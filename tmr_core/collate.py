@@ -241,7 +241,7 @@ class TMRCollator:
         reads as a zero image, as TMR does."""
         if uri is None or (isinstance(uri, float) and uri != uri) or uri == "" or error:
             return None
-        if isinstance(uri, (bytes, bytearray)):  # a request's or a prediction row's encoded image
+        if isinstance(uri, (bytes, bytearray)):  # a Serve request's encoded image
             from tmr_core.inference import open_image
 
             try:
@@ -269,7 +269,9 @@ class TMRCollator:
         """What a row's processed pixels depend on; None when they are not worth keeping."""
         if not self.pixel_cache_bytes or not isinstance(uri, str) or not uri or error:
             return None
-        boxes = tuple(tuple(float(v) for v in r["box"]) for r in regions[:limit] if isinstance(r, Mapping) and r.get("box"))
+        # every region with its score: crop_regions ranks them all and skips empty boxes
+        boxes = tuple((tuple(float(v) for v in r.get("box") or ()), float(r.get("score") or 0.0))
+                      for r in regions if isinstance(r, Mapping))
         return uri, boxes, limit
 
     def _remember(self, key: tuple, pixels: tuple[torch.Tensor | None, torch.Tensor]) -> None:

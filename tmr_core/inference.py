@@ -7,8 +7,8 @@ plain class: its model is loaded once in ``__init__``; ``step(rows)`` takes a li
 in the stage tables' columns (``tmr_core.schema``) and returns the same rows with its columns
 added. No Ray, no MLflow: callers resolve ``models:/`` URIs to folders first.
 
-An image is given as ``image_uri``: a local path or ``s3://`` URI (tables), or the encoded bytes
-of a request (Serve, ``jobs.predict`` rows read from an image column).
+An image is given as ``image_uri``: a local path or ``s3://`` URI (tables, ``jobs.predict``), or
+the encoded bytes of a request (Serve).
 
 | step | paper | adds |
 |---|---|---|
