@@ -151,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     argv_ = predict_argv(models, posts, os.path.join(root, "out"), os.path.join(root, "cache"), args.batch_size)
 
     loop = plain_loop(argv_)
-    ray.init(include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()  # a caller's cluster (tests) is used as it is
+    if started:
+        ray.init(include_dashboard=False, log_to_driver=False)
     job = predict_job(argv_)
-    ray.shutdown()
+    if started:
+        ray.shutdown()
     after = machine_facts()
 
     same = same_predictions(loop["entities"], job["entities"])

@@ -518,7 +518,7 @@ def check_same_input(cfg: Config) -> None:
     settings = _without_compute(config_to_dict(cfg))
     for key in ("output", "force", "storage"):
         settings.pop(key, None)
-    identity = json.loads(json.dumps({"input": file_infos(cfg.input, options), **settings}))
+    identity = json.loads(json.dumps({**settings, "input_files": file_infos(cfg.input, options)}))
     if storage.exists(marker, options) and storage.exists(_parts_uri(cfg), options) and storage.list_files(_parts_uri(cfg), options):
         recorded = json.loads(storage.read_bytes(marker, options))
         if recorded != identity:

@@ -1,7 +1,8 @@
 """jobs.predict: batch prediction over a file of posts with the same steps as the served app.
 
-Named next to the serve tests so it shares their deployed app (``serve_app``): predict's rows and
-the app's answers to the same posts must be identical, since both wrap tmr_core.inference.
+Named to run right after test_serve_app.py and every test here holds the deployed app
+(``serve_app``), so the session deploys it once for both and the browser test after them: predict's
+rows and the app's answers to the same posts must be identical, since both wrap tmr_core.inference.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import requests
 from benchmarks.bench_serve import png_bytes
 from tests.fixtures.serve_app import DEMO_TOKENS
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = pytest.mark.usefixtures("ray_local", "serve_app")
 
 GOOD = [
     {"id": "demo", "tokens": DEMO_TOKENS, "image": "photo.png"},
@@ -155,7 +156,7 @@ def test_a_rerun_predicts_only_the_lines_a_crash_left_and_gives_the_same_output(
     assert (output / "predictions.jsonl").read_text() == before
     # the parts belong to this input: an edited input is refused, not mixed in
     predicted["posts"].write_text(predicted["posts"].read_text() + json.dumps(GOOD[0] | {"id": "new"}) + "\n")
-    with pytest.raises(ConfigError, match="input changed"):
+    with pytest.raises(ConfigError, match="input_files changed"):
         predict.main(predict_args(serve_models, predicted["posts"], output))
 
 
