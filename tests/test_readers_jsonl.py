@@ -41,6 +41,13 @@ def test_tokeniser_splits_words_from_punctuation_with_offsets():
     assert all(text[start:end] == token for token, start, end in tokens)
 
 
+def test_tokeniser_keeps_handles_hashtags_and_urls_whole_as_the_tweet_files_do():
+    text = "RT @sport_live: #Finals tonight http://t.co/x1"
+    tokens = tokenize_with_offsets(text)
+    assert [t for t, _, _ in tokens] == ["RT", "@sport_live", ":", "#Finals", "tonight", "http://t.co/x1"]
+    assert all(text[start:end] == token for token, start, end in tokens)
+
+
 # --------------------------------------------------------------------------- rows
 
 

@@ -343,6 +343,10 @@ def _is_word_char(char: str) -> bool:
     return char.isalnum() or char == "_" or _is_mark(char)
 
 
+# a URL, an @handle or a #hashtag: the tweet files' tokens that contain punctuation
+_SOCIAL_TOKEN = re.compile(r"https?://\S+|[@#]\w+")
+
+
 def tokenize_with_offsets(text: str) -> list[tuple[str, int, int]]:
     """Split ``text`` into ``(token, start, end)`` with character offsets (``end`` exclusive).
 
@@ -350,6 +354,9 @@ def tokenize_with_offsets(text: str) -> list[tuple[str, int, int]]:
     underscores, or any other single non-space character; combining marks (accents, vowel signs,
     the emoji selector U+FE0F) stay with the character before them; whitespace separates tokens
     and is dropped. So ``"Obama's visit to New-York!"`` gives ``Obama ' s visit to New - York !``.
+    URLs, ``@handles`` and ``#hashtags`` stay one token each, as the Twitter-2015/2017 and MNRE files
+    tokenise them (``"RT @nba: #Finals"`` gives ``RT @nba : #Finals``), so a model trained on those
+    files reads raw tweets split its way.
     Offsets count Python ``str`` characters (Unicode code points), not bytes or UTF-16 units.
     """
     tokens = []
@@ -357,6 +364,11 @@ def tokenize_with_offsets(text: str) -> list[tuple[str, int, int]]:
     while position < len(text):
         if text[position].isspace():
             position += 1
+            continue
+        social = _SOCIAL_TOKEN.match(text, position)
+        if social:  # as the Twitter-2015/2017 and MNRE files keep them: one token each
+            tokens.append((social.group(), position, social.end()))
+            position = social.end()
             continue
         start = position
         position += 1
