@@ -601,6 +601,11 @@ def build_api(pipeline: Pipeline, settings: IngressSettings, token: str | None) 
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
+    @api.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        # browsers ask for /favicon.ico whatever the page links: answer it instead of a 404
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
+
     api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return api
 

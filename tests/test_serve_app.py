@@ -188,6 +188,8 @@ def test_healthz_needs_no_token_and_data_routes_do(app):
     wrong = requests.get(app["url"] + "/v1/models", headers={"Authorization": "Bearer nope"}, timeout=30)
     assert wrong.status_code == 401
     assert requests.get(app["url"] + "/", timeout=30).status_code == 200  # the page holds no data
+    icon = requests.get(app["url"] + "/favicon.ico", timeout=30)  # every browser asks for it: no 404
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
     schema = requests.get(app["url"] + "/openapi.json", timeout=30).json()
     assert {"/v1/ner", "/v1/re", "/healthz", "/v1/models"} <= set(schema["paths"])
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
