@@ -126,7 +126,9 @@ class RowError(ValueError):
 
 def read_records(uri: str, options: Any = None) -> list[dict]:
     """The input's rows as dicts, in file order (JSONL line by line, so a bad line is that row's error)."""
-    import pyarrow.csv as pa_csv
+    import csv
+    import io
+
     import pyarrow.parquet as pq
 
     from tmr_core import storage
@@ -146,24 +148,13 @@ def read_records(uri: str, options: Any = None) -> list[dict]:
             records.append({**record, "_line": number})
         return records
     if lower.endswith(".csv"):
-        import io
-
-        import pyarrow as pa
-
-        # every column as written: ids like 007 and all-number texts stay strings
-        data = storage.read_bytes(uri, options)
-        header = pa_csv.read_csv(io.BytesIO(data), read_options=pa_csv.ReadOptions(skip_rows_after_names=10**9)).column_names
-        table = pa_csv.read_csv(io.BytesIO(data), convert_options=pa_csv.ConvertOptions(
-            column_types={name: pa.string() for name in header}))
-        first_line = 2  # after the header
-    elif lower.endswith(".parquet"):
-        import io
-
+        # every cell as written, in one pass: ids like 007 and all-number texts stay strings
+        text = storage.read_bytes(uri, options).decode("utf-8-sig")
+        return [{**row, "_line": 2 + i} for i, row in enumerate(csv.DictReader(io.StringIO(text, newline="")))]
+    if lower.endswith(".parquet"):
         table = pq.read_table(io.BytesIO(storage.read_bytes(uri, options)))
-        first_line = 1  # row numbers
-    else:
-        raise ConfigError([f"--input {uri!r}: expected a .jsonl, .csv or .parquet file"])
-    return [{**row, "_line": first_line + i} for i, row in enumerate(table.to_pylist())]
+        return [{**row, "_line": 1 + i} for i, row in enumerate(table.to_pylist())]  # row numbers
+    raise ConfigError([f"--input {uri!r}: expected a .jsonl, .csv or .parquet file"])
 
 
 def _parsed(value: Any) -> Any:

@@ -239,7 +239,9 @@ class TMRCollator:
         """The image at ``uri``; None when there is none or a stage recorded it as unusable
         (``error``: the row's ``image_error`` / ``back_translation_error``), which the model
         reads as a zero image, as TMR does."""
-        if uri is None or (isinstance(uri, float) and uri != uri) or uri == "" or error:
+        from tmr_core.inference import has_image
+
+        if not has_image(uri) or error:
             return None
         if isinstance(uri, (bytes, bytearray)):  # a Serve request's encoded image
             from tmr_core.inference import open_image
