@@ -40,6 +40,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 from ray import serve
 from starlette.exceptions import HTTPException
@@ -67,8 +68,11 @@ logger = logging.getLogger("ray.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # Routes that serve no data (the page, its assets, the API schema) and the liveness probe stay
 # open: a browser cannot send a bearer header when it navigates to the page.
-PUBLIC_PATHS = ("/healthz", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/favicon.ico")
-PUBLIC_PREFIXES = ("/static/",)
+PUBLIC_PATHS = ("/healthz", "/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/favicon.ico")
+# /docs and /redoc load Swagger UI and ReDoc from files the fastapi-offline wheel ships, served
+# here: the API docs work on a cluster without internet (FastAPI's defaults load them from a CDN).
+DOCS_ASSETS = "/static-docs"
+PUBLIC_PREFIXES = ("/static/", f"{DOCS_ASSETS}/")
 CACHE_ID = re.compile(r"^[0-9a-f]{64}$")
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -516,7 +520,8 @@ class RequestGuard:
 
 def build_api(pipeline: Pipeline, settings: IngressSettings, token: str | None) -> FastAPI:
     """The FastAPI app: routes, the token check, the body size limit and JSON error bodies."""
-    api = FastAPI(
+    api = FastAPIOffline(
+        static_url=DOCS_ASSETS,
         title="TMR: multimodal entity and relation extraction",
         description=(
             "Named entities and relations in a sentence, helped by its image and by an image generated "

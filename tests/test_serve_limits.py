@@ -218,3 +218,25 @@ def test_a_corrupt_cached_back_translation_is_a_404_not_a_broken_png(client, tmp
     assert test_client.get(f"/v1/back-translations/{key}").status_code == 200
     response = test_client.get(f"/v1/back-translations/{'cd' * 32}")
     assert response.status_code == 404 and the_error(response)["field"] == "image_id"
+
+
+def test_docs_pages_load_only_local_assets_that_the_server_answers(allowed):
+    """/docs and /redoc work without internet: every script, style and icon they reference is a
+    path on this server (no CDN), answered 200 without the token, as the page itself is."""
+    import re
+
+    settings = IngressSettings(image_uri_prefixes=[str(allowed)])
+    client = TestClient(build_api(StubPipeline(), settings, token="s3cret"))
+    for page in ("/docs", "/redoc"):
+        response = client.get(page)
+        assert response.status_code == 200, page
+        urls = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']|(?:url|Url)\s*:\s*["']([^"']+)["']""",
+                          response.text)
+        urls = [a or b for a, b in urls]
+        assert urls, f"{page} references no assets: {response.text[:300]}"
+        remote = [u for u in urls if "://" in u or u.startswith("//")]
+        assert not remote, f"{page} loads from the internet: {remote}"
+        for url in urls:
+            asset = client.get(url)
+            assert asset.status_code == 200 and asset.content, (page, url, asset.status_code)
+    assert client.get("/openapi.json").json()["paths"]["/v1/ner"]
