@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -154,3 +156,89 @@ def test_bpe_merges_break_ties_by_text():
 def test_spec_rejects_sizes_that_break_the_7x7_grid():
     with pytest.raises(ValueError, match="multiple of 16"):
         tm.TinyModelSpec(resnet_input_size=200)
+
+
+# --------------------------------------------------------------------------- paper size
+
+
+@pytest.fixture(scope="module")
+def paper_tokenizers(tmp_path_factory):
+    return tm.paper_tokenizer_files(tm.PaperModelSpec(), tmp_path_factory.mktemp("paper-bpe"))
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_paper_architectures_have_the_published_parameter_counts(paper_tokenizers):
+    """Built on the meta device (no memory, no weights): the counts of the released checkpoints."""
+    from transformers import CLIPTextModel
+
+    spec, (wordpiece, vocab_path, merges_path) = tm.PaperModelSpec(), paper_tokenizers
+    clip = tm._clip_tokenizer(vocab_path, merges_path, max_length=77)
+    with torch.device("meta"):
+        assert _params(tm.build_paper_text_encoder(spec, wordpiece)[0]) == 109_482_240  # bert-base-uncased
+        assert _params(tm.build_paper_image_encoder(spec)[0]) == 23_508_032  # ResNet-50 without its classifier
+        assert _params(tm.sd15_unet(16)) == 859_520_964  # SD v1.5 UNet
+        assert _params(tm.sd_vae(128)) == 83_653_863  # SD's AutoencoderKL
+        assert _params(CLIPTextModel(tm.clip_vit_l14_text_config(clip))) == 123_060_480  # CLIP ViT-L/14 text
+        vilt, detector = tm.build_paper_mde_backbone(spec, wordpiece)[0], tm.build_paper_detector(spec, vocab_path, merges_path)[0]
+    assert vilt.config.hidden_size == 768 and vilt.config.num_hidden_layers == 12 and vilt.config.patch_size == 32
+    assert 100e6 < _params(vilt) < 120e6
+    vision = detector.config.vision_config
+    assert (vision.hidden_size, vision.patch_size, vision.image_size) == (768, 32, 768) and 150e6 < _params(detector) < 160e6
+
+
+def test_paper_tokenizers_split_as_the_tiny_ones_into_the_paper_vocab_sizes(paper_tokenizers, tiny_models):
+    from transformers import AutoTokenizer, BertTokenizerFast, CLIPTokenizer
+
+    wordpiece, vocab_path, merges_path = paper_tokenizers
+    text = "RT @citylife : Jordan is trending in Green Bay #1"
+    tiny_bert = AutoTokenizer.from_pretrained(tiny_models["text_encoder"])
+    paper_bert = BertTokenizerFast(vocab=wordpiece, do_lower_case=True)
+    assert len(paper_bert) == 30522 and paper_bert(text)["input_ids"] == tiny_bert(text)["input_ids"]
+    assert paper_bert.convert_tokens_to_ids("[unused500]") != paper_bert.unk_token_id
+
+    tiny_clip = CLIPTokenizer.from_pretrained(str(Path(tiny_models["text_to_image"]) / "tokenizer"))
+    paper_clip = tm._clip_tokenizer(vocab_path, merges_path, max_length=77)
+    assert len(paper_clip) == 49408 and (paper_clip.bos_token_id, paper_clip.eos_token_id) == (49406, 49407)
+    assert paper_clip.tokenize(text) == tiny_clip.tokenize(text)
+    with pytest.raises(ValueError, match="smaller than the vocab"):
+        tm.pad_wordpiece_vocab(wordpiece, 10)
+
+
+def test_ensure_models_keeps_each_size_in_its_own_stamped_folder(tmp_path, tiny_models, monkeypatch):
+    root = Path(tiny_models["text_encoder"]).parent
+    assert tm.ensure_models("tiny", root) == tiny_models
+    with pytest.raises(ValueError, match="size: expected one of"):
+        tm.ensure_models("huge", tmp_path)
+
+    # the paper build's staging and stamp, with the weights written by a stand-in (the real one writes 5.9 GB)
+    built = []
+
+    def stand_in(spec, out_dir, work_dir):
+        built.append(spec)
+        for key, folder in tm.tiny_model_paths(out_dir).items():
+            shutil.copytree(tiny_models[key], folder)
+        return tm.tiny_model_paths(out_dir)
+
+    monkeypatch.setattr(tm, "save_paper_models", stand_in)
+    paths = tm.ensure_models("paper", tmp_path / "paper")
+    assert set(paths) == set(tm.TINY_MODEL_NAMES) and all(Path(p).parent == tmp_path / "paper" for p in paths.values())
+    stamp = json.loads((tmp_path / "paper" / tm.STAMP_NAME).read_text())
+    assert stamp["size"] == "paper" and stamp["spec"]["wordpiece_vocab_size"] == 30522
+    assert stamp["hash"] != tm.spec_hash(tm.TinyModelSpec()) and built == [tm.PaperModelSpec()]
+    assert tm.ensure_models("paper", tmp_path / "paper") == paths and len(built) == 1  # up to date: no rebuild
+    assert tm.DEFAULT_CACHE_DIRS["paper"].startswith(".cache/")  # git-ignored
+
+
+def test_make_tiny_models_sends_each_size_to_its_own_default_folder():
+    from jobs import make_tiny_models
+    from jobs._config import ConfigError, parse_config
+
+    assert parse_config(make_tiny_models.Config, ["--size", "paper"]).out == ".cache/tmr-models-paper"
+    assert parse_config(make_tiny_models.Config, []).out == ".cache/tmr-models"
+    with pytest.raises(ConfigError, match="out: .cache/tmr-models is the tiny models' cache"):
+        parse_config(make_tiny_models.Config, ["--size", "paper", "--out", ".cache/tmr-models"])
+    with pytest.raises(ConfigError, match="size: expected one of"):
+        parse_config(make_tiny_models.Config, ["--size", "huge"])

@@ -17,6 +17,24 @@ text (:func:`tmr_core.synthetic.synthetic_corpus`, default seed).
 ``ensure_tiny_models()`` rebuilds only when a folder is missing or the build spec changed (sizes,
 seed, the benchmark text the tokenizers learn from, library versions); a stamp file records the
 spec's hash, and a file lock lets several processes share one cache directory.
+
+**Paper size** (``ensure_models("paper")``, ``jobs.make_tiny_models --size paper``): the same five
+folders and keys, random-initialised from the paper models' architectures written here (no
+download), so a benchmark pays the real FLOPs (5.9 GB on disk, ``.cache/tmr-models-paper``):
+
+| key               | architecture (config written in code)                                                   | params |
+|-------------------|-----------------------------------------------------------------------------------------|--------|
+| ``text_encoder``  | ``BertConfig()`` defaults = bert-base-uncased: 12 layers, hidden 768, 12 heads, 512 positions | 109 M |
+| ``image_encoder`` | ``ResNetConfig()`` defaults = ResNet-50 (bottleneck 3-4-6-3, 256…2048); 224 px → 7×7 | 24 M |
+| ``text_to_image`` | Stable Diffusion v1.5: UNet (320-640-1280-1280, cross-attention 768), SD's AutoencoderKL (128-256-512-512, 8×), CLIP ViT-L/14 text encoder; 128 px by default (``PaperModelSpec.diffusion_image_size``) | 1066 M |
+| ``detector``      | ``OwlViTConfig()`` defaults = OWL-ViT B/32 (768 px, 576 patches; OWLv2-B/16 would be 4× the tokens) | 153 M |
+| ``mde_backbone``  | ``ViltConfig()`` defaults = ViLT-B/32 (384 px, patch 32)                              | 112 M |
+
+Tokenizers: the tiny build's, trained on the same benchmark text (a sentence tokenises to the same
+pieces at both sizes), with their vocabularies padded by never-produced entries (``[unused…]``,
+``<|unused…|>``) to the paper models' embedding rows: 30,522 WordPiece (BERT, ViLT) and 49,408 CLIP
+BPE with ``<|startoftext|>``/``<|endoftext|>`` at 49406/49407, as in CLIP. So every embedding table
+has its published size; only its reachable rows are fewer.
 """
 
 from __future__ import annotations
@@ -47,6 +65,8 @@ PAPER_MODEL_NAMES = {  # what the paper configs load in place of each tiny model
     "mde_backbone": "dandelin/vilt-b32-mlm",
 }
 DEFAULT_CACHE_DIR = ".cache/tmr-models"
+MODEL_SIZES = ("tiny", "paper")
+DEFAULT_CACHE_DIRS = {"tiny": DEFAULT_CACHE_DIR, "paper": ".cache/tmr-models-paper"}
 STAMP_NAME = "build-spec.json"
 BUILD_VERSION = 2  # bump when the build code changes in a way the spec does not show
 
@@ -114,7 +134,37 @@ class TinyModelSpec:
             raise ValueError("; ".join(problems))
 
 
-def spec_hash(spec: TinyModelSpec) -> str:
+@dataclass
+class PaperModelSpec:
+    """The paper models' architectures at full size, random-initialised; its hash names a build.
+
+    Layer counts and widths are the library configs' defaults or Stable Diffusion v1.5's, written
+    in the builders below; only what a benchmark may want to shrink is a field here.
+    """
+
+    seed: int = 0
+    corpus_seed: int = 0  # the tokenizers are the tiny build's, learnt from this benchmark seed's text
+    learned_wordpiece_size: int = 1000  # = TinyModelSpec.wordpiece_vocab_size: the same pieces as tiny
+    learned_bpe_size: int = 1000  # = TinyModelSpec.bpe_vocab_size
+    wordpiece_vocab_size: int = 30522  # bert-base-uncased's and ViLT's embedding rows
+    clip_vocab_size: int = 49408  # CLIP's (SD's text encoder, OWL-ViT's text tower)
+    scheduler: str = "EulerDiscreteScheduler"
+    # SD v1.5 runs at 512 px (64×64 latents); 128 px (16×16) keeps a CPU run to seconds per image
+    # while every layer stays full width; the job's height/width may ask for any multiple of 8
+    diffusion_image_size: int = 128
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.diffusion_image_size % 64:
+            problems.append(f"diffusion_image_size must be a multiple of 64 (SD's VAE 8× then the UNet's 8×), "
+                            f"got {self.diffusion_image_size}")
+        if self.wordpiece_vocab_size < self.learned_wordpiece_size or self.clip_vocab_size < self.learned_bpe_size:
+            problems.append("the padded vocab sizes must be at least the learnt ones")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def spec_hash(spec: TinyModelSpec | PaperModelSpec) -> str:
     """A hash of the spec, the tokenizer corpus, the build version and the library versions."""
     import diffusers
     import tokenizers
@@ -130,6 +180,8 @@ def spec_hash(spec: TinyModelSpec) -> str:
         "build_version": BUILD_VERSION,
         "versions": [transformers.__version__, diffusers.__version__, tokenizers.__version__, torch.__version__],
     }
+    if isinstance(spec, PaperModelSpec):  # the tiny payload stays as it was, so tiny caches stay valid
+        payload["size"] = "paper"
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -242,6 +294,35 @@ def train_clip_bpe(corpus: list[str], vocab_size: int) -> tuple[dict[str, int], 
     tokens = list(dict.fromkeys(base + [a + b for a, b in pairs]))  # two merges may yield one token
     tokens += [CLIP_BOS, CLIP_EOS]
     return {token: i for i, token in enumerate(tokens)}, [f"{a} {b}" for a, b in pairs]
+
+
+def pad_wordpiece_vocab(vocab: dict[str, int], size: int) -> dict[str, int]:
+    """``vocab`` followed by ``[unusedN]`` entries up to ``size`` ids (bert-base keeps 994 of them too).
+
+    The pre-tokenizer splits ``[`` and ``]`` off, so text never produces a padding entry: the
+    tokenisation is ``vocab``'s, only the embedding table grows to the paper model's rows.
+    """
+    if size < len(vocab):
+        raise ValueError(f"size: {size} is smaller than the vocab ({len(vocab)})")
+    padded = dict(vocab)
+    n = 0
+    while len(padded) < size:
+        padded.setdefault(f"[unused{n}]", len(padded))
+        n += 1
+    return padded
+
+
+def pad_clip_vocab(vocab: dict[str, int], size: int) -> dict[str, int]:
+    """A CLIP BPE vocab grown to ``size`` ids with ``<|unusedN|>`` entries before BOS/EOS.
+
+    BOS and EOS stay the last two ids (49406/49407 at CLIP's 49,408, as in CLIP); no merge
+    produces a padding entry, so the tokenisation is unchanged.
+    """
+    if size < len(vocab):
+        raise ValueError(f"size: {size} is smaller than the vocab ({len(vocab)})")
+    tokens = [t for t in sorted(vocab, key=vocab.get) if t not in (CLIP_BOS, CLIP_EOS)]
+    tokens += [f"<|unused{n}|>" for n in range(size - len(tokens) - 2)] + [CLIP_BOS, CLIP_EOS]
+    return {token: i for i, token in enumerate(tokens)}
 
 
 def _write_clip_files(directory: Path, vocab: dict[str, int], merges: list[str]) -> tuple[Path, Path]:
@@ -421,6 +502,168 @@ def build_mde_backbone(spec: TinyModelSpec, vocab: dict[str, int]):
     return ViltModel(config).eval(), ViltProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
+# --------------------------------------------------------------------------- paper-size models
+
+
+def build_paper_text_encoder(spec: PaperModelSpec, vocab: dict[str, int]):
+    """``(BertModel, BertTokenizerFast)`` with bert-base-uncased's architecture (``BertConfig`` defaults)."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    config = BertConfig(vocab_size=len(vocab), pad_token_id=vocab["[PAD]"])  # 12 × 768, 12 heads, 3072, 512 pos
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=config.max_position_embeddings)
+    torch.manual_seed(spec.seed)
+    return BertModel(config).eval(), tokenizer
+
+
+def build_paper_image_encoder(spec: PaperModelSpec):
+    """``(ResNetModel, processor)``: ResNet-50 (``ResNetConfig`` defaults), 224 px → 7×7 = 49 patches."""
+    import torch
+    from transformers import ConvNextImageProcessorPil, ResNetConfig, ResNetModel
+
+    # microsoft/resnet-50's processor: short side to 224/0.875, centre crop 224
+    processor = ConvNextImageProcessorPil(size={"shortest_edge": 224}, crop_pct=0.875)
+    torch.manual_seed(spec.seed + 1)
+    return ResNetModel(ResNetConfig()).eval(), processor
+
+
+def sd15_unet(sample_size: int):
+    """Stable Diffusion v1.5's UNet (860 M): the diffusers defaults with CLIP ViT-L/14's 768-wide context."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def sd_vae(sample_size: int):
+    """Stable Diffusion's AutoencoderKL (84 M): 4 blocks 128-256-512-512, 8× downsampling, 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        norm_num_groups=32,
+        sample_size=sample_size,
+        scaling_factor=0.18215,
+    )
+
+
+def clip_vit_l14_text_config(tokenizer):
+    """CLIP ViT-L/14's text tower (SD v1's text encoder, 123 M): 12 layers, hidden 768, 12 heads."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=768,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_paper_text_to_image(spec: PaperModelSpec, clip_vocab: Path, clip_merges: Path):
+    """A ``StableDiffusionPipeline`` with SD v1.5's UNet, VAE and text encoder at ``diffusion_image_size``."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    tokenizer = _clip_tokenizer(clip_vocab, clip_merges, max_length=77)
+    torch.manual_seed(spec.seed + 2)
+    unet = sd15_unet(spec.diffusion_image_size // 8)
+    vae = sd_vae(spec.diffusion_image_size)
+    text_encoder = CLIPTextModel(clip_vit_l14_text_config(tokenizer)).eval()
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=scheduler_from_name(spec.scheduler),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def build_paper_detector(spec: PaperModelSpec, clip_vocab: Path, clip_merges: Path):
+    """``(OwlViTForObjectDetection, OwlViTProcessor)``: OWL-ViT B/32 (``OwlViTConfig`` defaults, 768 px)."""
+    import torch
+    from transformers import OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessorPil, OwlViTProcessor
+
+    tokenizer = _clip_tokenizer(clip_vocab, clip_merges, max_length=16)
+    config = OwlViTConfig(text_config={
+        "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+    })
+    size = {"height": config.vision_config.image_size, "width": config.vision_config.image_size}
+    processor = OwlViTProcessor(image_processor=OwlViTImageProcessorPil(size=size, crop_size=size), tokenizer=tokenizer)
+    torch.manual_seed(spec.seed + 3)
+    return OwlViTForObjectDetection(config).eval(), processor
+
+
+def build_paper_mde_backbone(spec: PaperModelSpec, vocab: dict[str, int]):
+    """``(ViltModel, ViltProcessor)``: ViLT-B/32 (``ViltConfig`` defaults, 384 px, 40 text tokens)."""
+    import torch
+    from transformers import BertTokenizerFast, ViltConfig, ViltImageProcessorPil, ViltModel, ViltProcessor
+
+    config = ViltConfig(vocab_size=len(vocab), pad_token_id=vocab["[PAD]"])
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True, model_max_length=config.max_position_embeddings)
+    image_processor = ViltImageProcessorPil(size={"shortest_edge": config.image_size}, size_divisor=config.patch_size)
+    torch.manual_seed(spec.seed + 4)
+    return ViltModel(config).eval(), ViltProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def paper_tokenizer_files(spec: PaperModelSpec, work_dir: Path) -> tuple[dict[str, int], Path, Path]:
+    """The tiny build's tokenizers padded to the paper vocab sizes: (WordPiece vocab, CLIP vocab.json, merges.txt)."""
+    from tmr_core.synthetic import synthetic_corpus
+
+    corpus = synthetic_corpus(seed=spec.corpus_seed, size="tiny")
+    wordpiece = pad_wordpiece_vocab(train_wordpiece_vocab(corpus, spec.learned_wordpiece_size), spec.wordpiece_vocab_size)
+    clip_vocab, clip_merges = train_clip_bpe(corpus, spec.learned_bpe_size)
+    vocab_path, merges_path = _write_clip_files(work_dir, pad_clip_vocab(clip_vocab, spec.clip_vocab_size), clip_merges)
+    return wordpiece, vocab_path, merges_path
+
+
+def save_paper_models(spec: PaperModelSpec, out_dir: str | Path, work_dir: str | Path) -> dict[str, str]:
+    """Build and ``save_pretrained`` each paper-size model in turn (one in memory at a time: SD alone is 4.3 GB)."""
+    import gc
+
+    wordpiece, vocab_path, merges_path = paper_tokenizer_files(spec, Path(work_dir))
+    paths = tiny_model_paths(out_dir)
+    builders = {
+        "text_encoder": lambda: build_paper_text_encoder(spec, wordpiece),
+        "image_encoder": lambda: build_paper_image_encoder(spec),
+        "detector": lambda: build_paper_detector(spec, vocab_path, merges_path),
+        "mde_backbone": lambda: build_paper_mde_backbone(spec, wordpiece),
+    }
+    for key, build in builders.items():
+        model, processor = build()
+        model.save_pretrained(paths[key])
+        processor.save_pretrained(paths[key])
+        del model
+        gc.collect()
+    pipeline = build_paper_text_to_image(spec, vocab_path, merges_path)
+    pipeline.save_pretrained(paths["text_to_image"])
+    tok = pipeline.tokenizer
+    _write_clip_files(Path(paths["text_to_image"]) / "tokenizer", _ordered_vocab(tok), _merges_of(tok))
+    return paths
+
+
 @dataclass
 class TinyModels:
     """The in-memory tiny models (each a model plus its processor/tokenizer, or a pipeline)."""
@@ -493,8 +736,9 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.set_verbosity_error()
 
 
-def ensure_tiny_models(out_dir: str | Path = DEFAULT_CACHE_DIR, spec: TinyModelSpec | None = None, force: bool = False) -> dict[str, str]:
-    """The tiny models under ``out_dir``, built only when missing or when the build spec changed.
+def ensure_tiny_models(out_dir: str | Path = DEFAULT_CACHE_DIR, spec: TinyModelSpec | PaperModelSpec | None = None,
+                       force: bool = False) -> dict[str, str]:
+    """The models of ``spec`` (tiny by default) under ``out_dir``, built only when missing or when the build spec changed.
 
     A stamp file (``build-spec.json``) holds the spec's hash; a file lock (``.lock``) makes
     concurrent callers wait for one build. Models are built in a temp folder and moved into place.
@@ -517,16 +761,49 @@ def ensure_tiny_models(out_dir: str | Path = DEFAULT_CACHE_DIR, spec: TinyModelS
         started = time.perf_counter()
         staging = root / f".build-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
-        models = build_tiny_models(spec, work_dir=staging / "_clip-bpe")
-        staged = save_tiny_models(models, staging)
+        staged = _build_into(spec, staging)
         (root / STAMP_NAME).unlink(missing_ok=True)  # a crash below leaves no stale stamp
         for key, folder in TINY_MODEL_NAMES.items():
             shutil.rmtree(root / folder, ignore_errors=True)
             os.replace(staged[key], root / folder)
         shutil.rmtree(staging, ignore_errors=True)
-        stamp = {"hash": wanted, "spec": dataclasses.asdict(spec), "build_seconds": round(time.perf_counter() - started, 2)}
+        stamp = {"hash": wanted, "size": model_size_of(spec), "spec": dataclasses.asdict(spec),
+                 "build_seconds": round(time.perf_counter() - started, 2)}
         (root / STAMP_NAME).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
     return paths
+
+
+def _build_into(spec: TinyModelSpec | PaperModelSpec, staging: Path) -> dict[str, str]:
+    """Build ``spec``'s models and save them under ``staging``; returns the saved folders."""
+    if isinstance(spec, PaperModelSpec):
+        return save_paper_models(spec, staging, work_dir=staging / "_clip-bpe")
+    return save_tiny_models(build_tiny_models(spec, work_dir=staging / "_clip-bpe"), staging)
+
+
+def model_size_of(spec: TinyModelSpec | PaperModelSpec) -> str:
+    return "paper" if isinstance(spec, PaperModelSpec) else "tiny"
+
+
+def spec_for_size(size: str, **fields: Any) -> TinyModelSpec | PaperModelSpec:
+    """The build spec of ``size`` (``tiny`` or ``paper``) with ``fields`` overridden."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"size: expected one of {list(MODEL_SIZES)}, got {size!r}")
+    return (PaperModelSpec if size == "paper" else TinyModelSpec)(**fields)
+
+
+def ensure_models(size: str = "tiny", out_dir: str | Path | None = None) -> dict[str, str]:
+    """The five models at ``size`` (``tiny``: seconds, 8 MB; ``paper``: the published architectures,
+    random weights, ~5.6 GB and a few minutes on the first call), built only when missing or stale.
+
+    Args:
+        size: ``tiny`` or ``paper``.
+        out_dir: the cache folder; default ``DEFAULT_CACHE_DIRS[size]`` (under the git-ignored ``.cache/``).
+
+    Returns:
+        The same keys as :func:`ensure_tiny_models`: role -> absolute folder for ``from_pretrained``.
+    """
+    spec = spec_for_size(size)
+    return ensure_tiny_models(out_dir or DEFAULT_CACHE_DIRS[size], spec)
 
 
 def _stamp_hash(root: Path) -> str | None:
