@@ -203,15 +203,28 @@ def _by_seed(members: list[RunRecord], metric: str) -> dict[str, float]:
     return {m.tags.get("tmr.seed", m.run_id): m.metrics[metric] for m in members if metric in m.metrics}
 
 
+def _ablation_metrics(metric: str, ambiguous_metric: str) -> dict[str, str]:
+    """Ablation-table column -> the MLflow metric it estimates."""
+    return {"valid_f1": "best_valid_f1", "f1": metric, "ambiguous_f1": ambiguous_metric,
+            **{m.replace("test_align_", "align_"): m for m in ALIGNMENT_METRICS},
+            "alpha_alignment_f1": "test_alpha_alignment_macro_f1"}
+
+
+def ablation_csv_header(metric: str, ambiguous_metric: str) -> list[str]:
+    """The ablation CSV's columns, as :func:`flatten_estimates` spreads a full row and its Δ."""
+    estimates = [key for name in _ablation_metrics(metric, ambiguous_metric)
+                 for key in ((name, "delta_" + name) if name in ("f1", "ambiguous_f1") else (name,))]
+    return ["task", "dataset", "ablation", "runs", "seeds",
+            *(f"{key}{suffix}" for key in estimates for suffix in ("", "_sd", "_ci_low", "_ci_high", "_n"))]
+
+
 def ablation_rows(runs: list[RunRecord], metric: str, ambiguous_metric: str) -> list[dict]:
     """One row per (task, dataset, ablation) over full-data runs.
 
     Each metric is ``{mean, sd, lo, hi, n}`` over seeds; ``delta_<metric>`` is the ablation minus
     ``full`` paired by seed (only seeds both settings ran), with its 95 % t-interval.
     """
-    metrics = {"valid_f1": "best_valid_f1", "f1": metric, "ambiguous_f1": ambiguous_metric,
-               **{m.replace("test_align_", "align_"): m for m in ALIGNMENT_METRICS},
-               "alpha_alignment_f1": "test_alpha_alignment_macro_f1"}
+    metrics = _ablation_metrics(metric, ambiguous_metric)
     groups: dict[tuple, list[RunRecord]] = {}
     for run in runs:
         if run.tags.get("tmr.task") == "mde" or "tmr.ablation" not in run.tags or run.fraction < 1.0:
@@ -267,8 +280,8 @@ def ablation_table(rows: list[dict]) -> str:
                ("align_complement_f1", "complement F1"), ("align_weaken_f1", "weaken F1"),
                ("alpha_alignment_f1", "argmax α vs alignment (macro F1)")]
     lines = [title, "", "| " + " | ".join(h for _, h in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    if not rows:
-        lines.append("| " + " | ".join("–" for _ in columns) + " |")
+    if not rows:  # the header still says what the table would hold
+        return "\n".join([*lines, "| " + " | ".join("–" for _ in columns) + " |", "", "(no finished runs)"]) + "\n"
     for row in rows:
         cells = [format_estimate(row.get(k), k.startswith("delta_")) if isinstance(row.get(k), dict) or k.startswith("delta_")
                  else str(row.get(k)) for k, _ in columns]
@@ -319,13 +332,12 @@ def mde_rows(runs: list[RunRecord], metrics: list[str]) -> list[dict]:
 # --------------------------------------------------------------------------- output
 
 
-def write_csv(rows: list[dict], path: str) -> None:
+def write_csv(rows: list[dict], path: str, header: list[str]) -> None:
+    """Rows as CSV; with no rows, ``header`` alone, so an empty table still names its columns."""
     import csv
 
     with open(path, "w", newline="") as handle:
-        if not rows:
-            return
-        fieldnames = list(dict.fromkeys(key for row in rows for key in row))  # full has no Δ columns
+        fieldnames = list(dict.fromkeys(key for row in rows for key in row)) or header  # full has no Δ columns
         writer = csv.DictWriter(handle, fieldnames=fieldnames)
         writer.writeheader()
         writer.writerows(rows)
@@ -422,9 +434,14 @@ def build_report(cfg: Config, runs: list[RunRecord]) -> dict[str, str]:
                        [(m, h) for m, h in zip(cfg.mde_metrics, ("in domain F1", "out of domain F1"), strict=False)],
                        "MDE generalisation (Table 3)"),
     ]
+    headers = {
+        "ablations": ablation_csv_header(cfg.metric, cfg.ambiguous_metric),
+        "low_resource": ["task", "dataset", "ablation", "train_fraction", "runs", "f1", "f1_std"],
+        "mde_table3": ["loss", "runs", *(f"{m}{suffix}" for m in cfg.mde_metrics for suffix in ("", "_std"))],
+    }
     for name, rows in (("ablations", flatten_estimates(ablations)), ("low_resource", curve), ("mde_table3", table3)):
         files[name + ".csv"] = os.path.join(cfg.output, name + ".csv")
-        write_csv(rows, files[name + ".csv"])
+        write_csv(rows, files[name + ".csv"], headers[name])
     files["comparison.md"] = os.path.join(cfg.output, "comparison.md")
     with open(files["comparison.md"], "w") as handle:
         handle.write("# TMR run comparison\n\n" + "\n".join(sections))
