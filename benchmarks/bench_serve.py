@@ -124,7 +124,7 @@ def in_process_latencies(args: dict, image: bytes, count: int, time_limit_s: flo
     from serve.schemas import NERRequest
 
     # fast mode never calls the back-translator, and the benchmark sends NER requests only
-    pipeline = in_process_pipeline(AppArgs.model_validate(args), steps=("phrases", "grounder", "mde", "ner"))
+    pipeline = in_process_pipeline(AppArgs.model_validate(args), tasks=("ner",), back_translator=False)
 
     async def run() -> list[float]:
         latencies: list[float] = []

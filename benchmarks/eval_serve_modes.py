@@ -3,10 +3,10 @@
     python -m benchmarks.eval_serve_modes                                  # after `make demo`
     python -m benchmarks.eval_serve_modes --workdir outputs/demo --serve-config configs/serve.tiny.yaml
 
-The serve config's deployment classes are built in this process (``serve.app.in_process_pipeline``)
-and every test sentence of the
-pipeline's stage tables goes through the same ``Pipeline`` the HTTP ingress runs (phrase parser →
-grounder → back-translation → MDE → extractor), with the test image and the row's id as
+The serve config's model deployments (``TMRModel`` per task, and the ``BackTranslator``) are built
+in this process (``serve.app.in_process_pipeline``) and every test sentence of the pipeline's
+stage tables goes through the same ``Pipeline`` the HTTP ingress runs (phrase parser →
+back-translation → grounder → MDE → extractor), with the test image and the row's id as
 ``sample_id`` (so its seed, hence its back-translation key, is the batch job's). Three arms:
 
 - ``full``: the back-translation is generated per request through the content-addressed cache
@@ -103,12 +103,14 @@ def main(argv: list[str] | None = None) -> int:
                 ("fast (warm cache)", app_args.back_translation_cache, "fast"),
                 ("fast (cold cache)", cold_cache, "fast")]
         for arm, cache_uri, mode in arms:
-            pipeline = in_process_pipeline(app_args, cache_uri)
+            # fast mode never generates: only the full arm loads the diffusion pipeline
+            pipeline = in_process_pipeline(app_args, cache_uri, tasks=tuple(args.tasks), back_translator=mode == "full")
             for task in args.tasks:
                 rows = test_rows(workdir, task, args.limit)
                 started = time.perf_counter()
                 predictions, used = asyncio.run(predict(pipeline, task, rows, mode))
-                none_label = getattr(pipeline.re.model.config, "none_label", "None") if task == "re" else "None"
+                none_label = getattr(pipeline.re.extraction.model.config, "none_label", "None") \
+                    if task == "re" else "None"
                 metrics = score(task, rows, predictions, truth, none_label)
                 results.append({"task": task, "arm": arm, "rows": len(rows), "with_back_translation": used,
                                 "seconds": round(time.perf_counter() - started, 1), **metrics})

@@ -4,9 +4,11 @@
     serve deploy configs/serve.yaml                        # a running cluster (or a RayService's serveConfigV2)
     serve run serve.app:build_app ner_model=outputs/ner/best mode=full   # args on the command line
 
-``build_app(AppArgs)`` binds the ingress to one deployment per model step (see
-:mod:`serve.deployments`); resources, replicas and autoscaling of each deployment are set in the
-config file's ``deployments:`` section, by deployment name.
+``build_app(AppArgs)`` binds the ingress to one model deployment per task, ``NERModel`` and
+``REModel``, each running the whole composite model for a batch of requests in its own process,
+and to the ``BackTranslator`` they call for a full-mode cache miss (see :mod:`serve.deployments`).
+A request's hot path is proxy → ingress → model. Resources, replicas and autoscaling of each
+deployment are set in the config file's ``deployments:`` section, by deployment name.
 
 ``python -m serve.app --config configs/serve.tiny.yaml`` deploys a config on a local cluster, HTTP
 on the host and port of the config's ``http_options`` (127.0.0.1:8000 when it names none), sends
@@ -25,7 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
-from serve.deployments import BackTranslator, DivergenceEstimator, Extractor, Grounder, PhraseParser
+from serve.deployments import BackTranslator, TMRModel
 from serve.ingress import IngressSettings, TMRIngress
 
 
@@ -104,24 +106,9 @@ class AppArgs(BaseModel):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI for models:/ URIs; null: $MLFLOW_TRACKING_URI.")
 
 
-def _steps(args: AppArgs) -> dict[str, tuple[Any, str | None, tuple, dict]]:
-    """Each model step of the app: (deployment, replica name, init args, init kwargs) from ``args``,
-    so the served app and an in-process pipeline are built from one mapping."""
-    storage = {"endpoint_url": args.storage_endpoint_url, "region": args.storage_region}
-    batching = args.batching.model_dump()
-    models = {"device": args.device, "batching": batching, "storage": storage, "tracking_uri": args.tracking_uri}
-    return {
-        "phrases": (PhraseParser, None, (), {"parser": args.phrase_parser, "stanza_dir": args.stanza_dir,
-                                             "max_phrase_len": args.max_phrase_len, "device": args.device}),
-        "grounder": (Grounder, None, (args.grounder_model,), {
-            "top_k": args.grounder_top_k, "threshold": args.grounder_threshold, "device": args.device,
-            "batching": batching, "storage": storage, "tracking_uri": args.tracking_uri}),
-        "back_translator": (BackTranslator, None, (args.generation.model_dump(), args.back_translation_cache),
-                            {"batching": batching, "storage": storage, "tracking_uri": args.tracking_uri}),
-        "mde": (DivergenceEstimator, None, (args.mde_model,), {"max_length": args.mde_max_length, **models}),
-        "ner": (Extractor, "NERExtractor", (args.ner_model, "ner"), models),
-        "re": (Extractor, "REExtractor", (args.re_model, "re"), models) if args.re_model is not None else None,
-    }
+def _back_translator_options(args: AppArgs) -> dict:
+    return {"batching": args.batching.model_dump(), "tracking_uri": args.tracking_uri,
+            "storage": {"endpoint_url": args.storage_endpoint_url, "region": args.storage_region}}
 
 
 def _ingress_settings(args: AppArgs) -> IngressSettings:
@@ -136,52 +123,47 @@ def _ingress_settings(args: AppArgs) -> IngressSettings:
         max_request_bytes=args.max_image_bytes * 4 // 3 + 1_000_000,
         auth_token_env=args.auth_token_env,
         cache_uri=args.back_translation_cache,
-        generation=args.generation.model_dump(),
-        base_seed=args.base_seed,
-        seed_per_sample=args.seed_per_sample,
         storage_endpoint_url=args.storage_endpoint_url,
         storage_region=args.storage_region,
     )
 
 
 def build_app(args: AppArgs) -> Application:
-    """The TMR application: the ingress bound to its six model deployments.
+    """The TMR application: the ingress bound to one model deployment per task (``NERModel``,
+    ``REModel``), which share the ``BackTranslator`` deployment for full-mode cache misses.
 
     Serve reads the annotation to build ``AppArgs`` from the config's ``args`` (so this module
     does not use ``from __future__ import annotations``, which would make it a string).
     """
-    bound = {}
-    for key, step in _steps(args).items():
-        if step is None:
-            bound[key] = None
-            continue
-        deployment, name, init_args, init_kwargs = step
-        deployment = deployment.options(name=name) if name else deployment
-        bound[key] = deployment.bind(*init_args, **init_kwargs)
-    return TMRIngress.bind(**bound, settings=_ingress_settings(args).model_dump())
+    back_translator = BackTranslator.bind(args.generation.model_dump(), args.back_translation_cache,
+                                          **_back_translator_options(args))
+    models = {task: TMRModel.options(name=f"{task.upper()}Model").bind(task, args.model_dump(), back_translator)
+              for task in ("ner", "re") if getattr(args, f"{task}_model") is not None}
+    return TMRIngress.bind(models["ner"], models.get("re"), settings=_ingress_settings(args).model_dump())
 
 
-def in_process_pipeline(args: AppArgs, cache_uri: str | None = None, steps: tuple[str, ...] | None = None) -> Any:
-    """The ingress's :class:`serve.ingress.Pipeline` over the deployment classes built in this
-    process (no Serve, no HTTP, no batching): what benchmarks compare the served app with.
+def in_process_pipeline(args: AppArgs, cache_uri: str | None = None, tasks: tuple[str, ...] = ("ner", "re"),
+                        back_translator: bool = True) -> Any:
+    """The ingress's :class:`serve.ingress.Pipeline` over model objects built in this process (no
+    Serve, no HTTP, no batching: each request is a batch of one): what benchmarks compare the
+    served app with, and how eval_serve_modes scores it.
 
     Args:
         cache_uri: another back-translation cache than the app's (e.g. an empty one).
-        steps: build only these steps (the others are ``None``); default all.
+        tasks: build only these tasks' models (the others are ``None``).
+        back_translator: build the diffusion pipeline for full mode (fast mode never needs it).
     """
     from serve.ingress import Pipeline
 
     if cache_uri is not None:
         args = args.model_copy(update={"back_translation_cache": cache_uri})
-    built = {}
-    for key, step in _steps(args).items():
-        if step is None or (steps is not None and key not in steps):
-            built[key] = None
-            continue
-        deployment, _name, init_args, init_kwargs = step
-        # called one request at a time through the *_many methods: no @serve.batch settings
-        built[key] = deployment.func_or_class(*init_args, **{k: v for k, v in init_kwargs.items() if k != "batching"})
-    return Pipeline(**built, settings=_ingress_settings(args))
+    generator = None
+    if back_translator:
+        options = {**_back_translator_options(args), "batching": None}
+        generator = BackTranslator.func_or_class(args.generation.model_dump(), args.back_translation_cache, **options)
+    models = {task: TMRModel.func_or_class(task, args.model_dump(), generator, batched=False)
+              for task in tasks if getattr(args, f"{task}_model") is not None}
+    return Pipeline(models.get("ner"), models.get("re"), settings=_ingress_settings(args))
 
 
 # ----------------------------------------------------------------------------- local runs

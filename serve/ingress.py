@@ -1,22 +1,20 @@
-"""The HTTP face of the TMR application: a FastAPI ingress in front of the model deployments.
+"""The HTTP face of the TMR application: a FastAPI ingress in front of one model deployment per task.
 
-One request runs the composite model of the paper, step by step, each step on its own deployment:
+The ingress validates a request and forwards it: proxy → ingress → ``NERModel`` or ``REModel``
+(:class:`serve.deployments.TMRModel`) is a request's whole path. The model deployment runs the
+paper's composite model for a batch of requests in its own process (phrases, v' from the cache or,
+in ``full`` mode, the ``BackTranslator``, grounding, divergence, extraction) and answers with each
+step's milliseconds.
 
-1. noun phrases of the sentence (``PhraseParser``), the divergence scores of (text, image) (Eq. 4,
-   ``DivergenceEstimator``) and the extractor's length check, concurrently;
-2. the back-translated image v' (Eq. 3): generated now in ``full`` mode (``BackTranslator``,
-   through the batch job's content-addressed cache), only looked up in that cache in ``fast`` mode;
-3. the phrases grounded in v and in v' (``Grounder``), concurrently;
-4. entities (Eq. 7-9, ``NERExtractor``) or the relation (Eq. 10-11, ``REExtractor``).
-
-:class:`Pipeline` holds that order and calls its steps either through Serve handles (the
-deployed app) or directly on in-process objects (the benchmark's baseline), so both run the
-same code. The HTTP policy (token, body, text and image limits, storage prefixes, error bodies)
-lives in :func:`build_api` and :class:`RequestGuard`: every input problem is a 4xx naming the
-field, found before the request reaches a model batch. Every extraction response carries a ``Server-Timing`` header with the
-milliseconds of each step as the ingress saw them (``image``, ``features``, ``back_translation``,
-``grounding``, ``extract``), so a slow request shows where its time went (browsers' dev tools
-and ``benchmarks.bench_serve`` read it).
+:class:`Pipeline` makes that call, through a Serve handle (the deployed app) or directly on an
+in-process model object (the benchmark's baseline), so both run the same code. The HTTP policy
+(token, body, text and image limits, storage prefixes, error bodies) lives in :func:`build_api`
+and :class:`RequestGuard`: every input problem is a 4xx naming the field, found before the
+request reaches a model batch. Every extraction response carries a ``Server-Timing`` header with
+the milliseconds of each step (``image`` here; ``back_translation``, ``phrases``, ``grounding``,
+``divergence``, ``extract`` inside the model deployment; ``model``, the whole call as the ingress
+saw it), so a slow request shows where its time went (browsers' dev tools and
+``benchmarks.bench_serve`` read it). ``/docs`` and ``/redoc`` load their scripts from this server.
 """
 
 from __future__ import annotations
@@ -46,6 +44,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from jobs._config import cut, shown
+from serve.deployments import call
 from serve.schemas import (
     BackTranslationInfo,
     Divergence,
@@ -78,7 +77,7 @@ CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class IngressSettings(BaseModel):
-    """The ingress's request policy and what it needs to find cached back-translations."""
+    """The ingress's request policy and where the cached back-translations are (to serve them)."""
 
     default_mode: Mode = "fast"
     image_uri_prefixes: list[str] = Field(default_factory=list)
@@ -90,9 +89,6 @@ class IngressSettings(BaseModel):
     max_text_chars: int = 4000
     auth_token_env: str | None = "TMR_SERVE_TOKEN"
     cache_uri: str = ".cache/back_translations"
-    generation: dict[str, Any] = Field(default_factory=dict)
-    base_seed: int = 0
-    seed_per_sample: bool = False
     storage_endpoint_url: str | None = None
     storage_region: str | None = None
 
@@ -100,11 +96,6 @@ class IngressSettings(BaseModel):
         from tmr_core.storage import StorageOptions
 
         return StorageOptions(endpoint_url=self.storage_endpoint_url, region=self.storage_region)
-
-    def generation_settings(self):
-        from tmr_core.back_translation import GenerationSettings
-
-        return GenerationSettings(**self.generation)
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -122,163 +113,89 @@ class StepTimer:
         try:
             yield
         finally:
-            self.steps.append((name, 1000 * (time.perf_counter() - started)))
+            self.add(name, 1000 * (time.perf_counter() - started))
+
+    def add(self, name: str, ms: float) -> None:
+        self.steps.append((name, ms))
 
     def header(self) -> str:
         return ", ".join(f"{name};dur={ms:.2f}" for name, ms in self.steps)
 
 
-async def call(target: Any, method: str, *args: Any) -> Any:
-    """``target.method(*args)`` through a Serve handle, or directly on an in-process step object.
-
-    In process there is no Serve batching: a batched step's plain ``<method>_many`` runs on a
-    list of one (the item is the argument tuple, or the single argument).
-    """
-    if isinstance(target, serve.handle.DeploymentHandle):
-        return await getattr(target, method).remote(*args)
-    many = getattr(target, f"{method}_many", None)
-    if many is not None:
-        from serve.deployments import raise_if_failed
-
-        return raise_if_failed(many([args if len(args) > 1 else args[0]])[0])
-    return await getattr(target, method)(*args)
-
-
 class Pipeline:
-    """The composite TMR model, one step per deployment (see the module docstring).
+    """The ingress's side of a request: one call to the task's model deployment.
 
     Args:
-        phrases, grounder, back_translator, mde, ner, re: the steps, as Serve handles or as
-            in-process objects with the same async methods; ``re`` may be ``None`` (no RE model).
-        settings: what fast mode needs to look up the back-translation cache.
+        ner, re: the ``NERModel`` / ``REModel`` deployments' handles, or in-process
+            :class:`serve.deployments.TMRModel` objects (benchmarks); ``re`` may be ``None``.
+        settings: where the back-translation cache is (for ``/v1/back-translations``).
     """
 
-    def __init__(self, phrases, grounder, back_translator, mde, ner, re, settings: IngressSettings):
-        self.phrases, self.grounder, self.back_translator = phrases, grounder, back_translator
-        self.mde, self.ner, self.re = mde, ner, re
-        self.settings = settings
+    def __init__(self, ner, re, settings: IngressSettings):
+        self.ner, self.re, self.settings = ner, re, settings
         self.storage_options = settings.storage_options()
-        self._generation = None  # filled from the BackTranslator on the first fast-mode lookup
 
     async def models(self) -> list[dict]:
-        targets = [self.ner, self.re, self.mde, self.grounder, self.back_translator, self.phrases]
-        return await asyncio.gather(*(call(t, "info") for t in targets if t is not None))
+        """Every step's model once (the NER and RE deployments share all but the extractor)."""
+        infos = await asyncio.gather(*(call(m, "info") for m in (self.ner, self.re) if m is not None))
+        return list({info["name"]: info for answer in infos for info in answer}.values())
 
     async def ner_request(self, request: NERRequest, image: bytes | None,
                           timer: StepTimer | None = None) -> NERResponse:
-        timer = timer or StepTimer()
         mode = request.mode or self.settings.default_mode
         tokens = request.words()
-        row, extras = await self._features(self.ner, tokens, image, mode, request.sample_id, timer)
-        with timer.step("extract"):
-            prediction = await call(self.ner, "predict", row)
-        entities = [Entity(text=" ".join(tokens[e["start"]:e["end"]]), **e) for e in prediction["entities"]]
-        return NERResponse(tokens=tokens, mode=mode, entities=entities, **extras)
+        answer = await self._predict(self.ner, self._request(request, tokens, image, mode), timer or StepTimer())
+        entities = [Entity(text=" ".join(tokens[e["start"]:e["end"]]), **e) for e in answer["entities"]]
+        return NERResponse(tokens=tokens, mode=mode, entities=entities, **self._extras(answer))
 
     async def re_request(self, request: RERequest, image: bytes | None,
                          timer: StepTimer | None = None) -> REResponse:
-        timer = timer or StepTimer()
         if self.re is None:
             raise InputError("path", "this server has no relation extraction model (re_model is null)", 404, "not_found")
         mode = request.mode or self.settings.default_mode
         tokens = request.words()
-        row, extras = await self._features(self.re, tokens, image, mode, request.sample_id, timer)
-        row["head"] = {"name": " ".join(tokens[request.head.start:request.head.end]), **request.head.model_dump()}
-        row["tail"] = {"name": " ".join(tokens[request.tail.start:request.tail.end]), **request.tail.model_dump()}
-        with timer.step("extract"):
-            prediction = await call(self.re, "predict", row)
-        return REResponse(
-            tokens=tokens, mode=mode, head=request.head, tail=request.tail,
-            relation=prediction["relation"], probabilities=prediction["probabilities"], **extras,
-        )
+        body = {**self._request(request, tokens, image, mode),
+                "head": request.head.model_dump(), "tail": request.tail.model_dump()}
+        answer = await self._predict(self.re, body, timer or StepTimer())
+        return REResponse(tokens=tokens, mode=mode, head=request.head, tail=request.tail,
+                          relation=answer["relation"], probabilities=answer["probabilities"], **self._extras(answer))
 
-    async def _features(self, extractor, tokens: list[str], image: bytes | None, mode: Mode,
-                        sample_id: str | None, timer: StepTimer) -> tuple[dict, dict]:
-        """Steps 1-3: the extractor's input row and the response fields they produce."""
-        from tmr_core.inference import prompts_and_seeds
+    @staticmethod
+    def _request(request: NERRequest | RERequest, tokens: list[str], image: bytes | None, mode: Mode) -> dict:
+        return {"tokens": tokens, "image": image, "mode": mode, "sample_id": request.sample_id}
 
-        with timer.step("features"):
-            _, phrases, divergence = await asyncio.gather(
-                call(extractor, "check", tokens),
-                call(self.phrases, "parse", tokens),
-                call(self.mde, "score", tokens, image) if image is not None else _none(),
-            )
-        (prompt,), (seed,) = prompts_and_seeds([{"id": sample_id, "tokens": tokens}], self.settings.base_seed,
-                                               self.settings.seed_per_sample)
-        with timer.step("back_translation"):
-            if mode == "full":
-                back_translation = await call(self.back_translator, "generate", prompt, seed)
-            else:
-                generation = await self._generation_settings()
-                back_translation = await asyncio.to_thread(self._cached_back_translation, generation, prompt, seed)
-        bt_uri = back_translation["uri"]
-        phrase_texts = [p["text"] for p in phrases]
-        with timer.step("grounding"):
-            regions, bt_regions = await asyncio.gather(
-                call(self.grounder, "ground", image, phrase_texts) if image is not None else _none([]),
-                call(self.grounder, "ground", bt_uri, phrase_texts) if bt_uri else _none([]),
-            )
-        row = {
-            "tokens": tokens,
-            "phrases": phrases,
-            "image": image,
-            "regions": regions,
-            "back_translation_uri": bt_uri,
-            "back_translation_regions": bt_regions,
-            "divergence": divergence,
-        }
-        key = Path(bt_uri).stem if bt_uri else None
-        extras = {
+    @staticmethod
+    async def _predict(model, body: dict, timer: StepTimer) -> dict:
+        """The one hop: the model's answer, its steps' milliseconds, then the whole call's
+        (``model``: the steps plus the hop, the batch wait and the (de)serialisation)."""
+        started = time.perf_counter()
+        answer = await call(model, "predict", body)
+        for name, ms in answer["timing"].items():
+            timer.add(name, ms)
+        timer.add("model", 1000 * (time.perf_counter() - started))
+        return answer
+
+    @staticmethod
+    def _extras(answer: dict) -> dict:
+        """The response fields both tasks share."""
+        back_translation = answer["back_translation"]
+        uri = back_translation["uri"]
+        key = Path(uri).stem if uri else None
+        divergence = answer["divergence"]
+        return {
             "divergence": Divergence(**dict(zip(ALIGNMENT_CATEGORIES, divergence, strict=True)))
             if divergence is not None else None,
             "back_translation": BackTranslationInfo(
-                used=bt_uri is not None, id=key, url=f"/v1/back-translations/{key}" if key else None,
+                used=uri is not None, id=key, url=f"/v1/back-translations/{key}" if key else None,
                 cached=back_translation["cached"], error=back_translation["error"],
             ),
-            "phrases": phrase_texts,
+            "phrases": answer["phrases"],
         }
-        return row, extras
-
-    async def _generation_settings(self):
-        """The generation settings with the pipeline identity the BackTranslator computed: the
-        cache key names a pipeline by its content, which only the replica that loaded it knows
-        (a ``models:/`` URI names no folder here)."""
-        if self._generation is None:
-            import dataclasses
-
-            from tmr_core.back_translation import with_identity
-
-            settings = self.settings.generation_settings()
-            if self.back_translator is None:  # no generator to ask: hash the folder here, once
-                self._generation = with_identity(settings)
-            else:
-                identity = await call(self.back_translator, "identity")
-                self._generation = dataclasses.replace(settings, model_identity=identity)
-        return self._generation
-
-    def _cached_back_translation(self, generation, prompt: str, seed: int) -> dict:
-        """Fast mode: the batch job's image for this prompt and seed if it exists and decodes;
-        never generate. A cached file that does not decode is a miss (the grounder and the
-        extractor would fail on it); full mode, or the batch job's next run, regenerates it."""
-        from tmr_core import storage
-        from tmr_core.back_translation import cache_key, cache_uri_for, cached_image_decodes
-
-        uri = cache_uri_for(self.settings.cache_uri, cache_key(generation, seed, prompt))
-        if storage.exists(uri, self.storage_options):
-            if cached_image_decodes(uri, self.storage_options):
-                return {"uri": uri, "error": None, "cached": True}
-            logger.warning("cached back-translation %s does not decode; answering without it "
-                           "(a full-mode request or the batch job regenerates it)", uri)
-        return {"uri": None, "error": None, "cached": False}
 
     def back_translation_uri(self, key: str) -> str:
         from tmr_core.back_translation import cache_uri_for
 
         return cache_uri_for(self.settings.cache_uri, key)
-
-
-async def _none(value: Any = None) -> Any:
-    return value
 
 
 # ----------------------------------------------------------------------------- request images
@@ -645,17 +562,16 @@ def _security(bearer: HTTPBearer):
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 @serve.ingress()
 class TMRIngress:
-    """FastAPI ingress: HTTP policy here, the model steps on their own deployments.
+    """FastAPI ingress: HTTP policy here, the composite model on one deployment per task.
 
     Args:
-        phrases, grounder, back_translator, mde, ner, re: handles of the step deployments
-            (``re`` may be ``None``).
+        ner, re: handles of the ``NERModel`` and ``REModel`` deployments (``re`` may be ``None``).
         settings: :class:`IngressSettings` as a dict.
     """
 
-    def __init__(self, phrases, grounder, back_translator, mde, ner, re, settings: dict):
+    def __init__(self, ner, re, settings: dict):
         self.settings = IngressSettings(**settings)
-        self.pipeline = Pipeline(phrases, grounder, back_translator, mde, ner, re, self.settings)
+        self.pipeline = Pipeline(ner, re, self.settings)
         # Read per replica from its environment (a Kubernetes secret, a runtime_env var), never
         # passed through the app config where the dashboard would show it.
         self.token = api_token(self.settings.auth_token_env)

@@ -40,12 +40,15 @@ def test_serve_configs_are_valid_serve_configs_with_typed_args(name):
     assert app.import_path == "serve.app:build_app"
     args = AppArgs.model_validate(app.args)
     deployments = {d.name: d for d in app.deployments}
-    assert set(deployments) == {"TMRIngress", "PhraseParser", "Grounder", "BackTranslator", "DivergenceEstimator",
-                                "NERExtractor", "REExtractor"}
+    assert set(deployments) == {"TMRIngress", "NERModel", "REModel", "BackTranslator"}
     if name == "serve.yaml":
         assert args.ner_model == "models:/tmr-ner@champion" and args.mde_model == "models:/tmr-mde@champion"
         assert deployments["BackTranslator"].ray_actor_options.num_gpus == 1
+        # diffusion scales on its own, from zero: fast mode and cache hits never call it
+        assert deployments["BackTranslator"].autoscaling_config["min_replicas"] == 0
         assert deployments["BackTranslator"].autoscaling_config["max_replicas"] > 1
+        # a model replica must hold a full batch and the next one
+        assert deployments["NERModel"].max_ongoing_requests >= 2 * args.batching.max_batch_size
 
 
 def test_app_args_reject_unknown_keys_naming_them():
@@ -148,25 +151,24 @@ def post(app, path, body, headers=None, **kwargs):
 
 
 def test_deployments_through_handles(app):
-    """Local-dev pattern: each model step answers through its handle, batched calls equal single ones."""
+    """Local-dev pattern: the app is the ingress, one model deployment per task and the
+    back-translator; a task's deployment answers a whole request through its handle, and a batch
+    of requests gets the answers each gets alone."""
     from ray import serve
 
     from serve.schemas import InputError
+    from tests.fixtures.serve_app import DEPLOYMENTS
 
-    phrases = serve.get_deployment_handle("PhraseParser", app_name="tmr").parse.remote(TEXT.split()).result()
-    assert {"text": "Kevin Durant", "start": 0, "end": 2} in phrases
-    scores = serve.get_deployment_handle("DivergenceEstimator", app_name="tmr").score.remote(
-        TEXT.split(), png_bytes()).result()
-    assert len(scores) == 3 and sum(scores) == pytest.approx(1.0, abs=1e-5)
-
-    ner = serve.get_deployment_handle("NERExtractor", app_name="tmr")
-    rows = [{"tokens": s.split(), "phrases": [], "image": png_bytes(colour=c), "regions": [],
-             "back_translation_uri": None, "back_translation_regions": [], "divergence": [0.5, 0.3, 0.2]}
-            for s, c in [(TEXT, (200, 0, 0)), ("John Smith visits Paris", (0, 200, 0)), ("the car", (0, 0, 200))]]
-    single = [ner.predict.remote(row).result() for row in rows]
+    assert set(serve.status().applications["tmr"].deployments) == set(DEPLOYMENTS)
+    ner = serve.get_deployment_handle("NERModel", app_name="tmr")
+    requests_ = [{"tokens": s.split(), "image": png_bytes(colour=c), "mode": "fast"}
+                 for s, c in [(TEXT, (200, 0, 0)), ("John Smith visits Paris", (0, 200, 0)), ("the car", (0, 0, 200))]]
+    single = [ner.predict.remote(request).result() for request in requests_]
+    assert {"Kevin Durant", "Golden State Warriors"} <= set(single[0]["phrases"])
+    assert sum(single[0]["divergence"]) == pytest.approx(1.0, abs=1e-5)
 
     async def together():
-        return await asyncio.gather(*(ner.predict.remote(row) for row in rows))
+        return await asyncio.gather(*(ner.predict.remote(request) for request in requests_))
 
     batched = asyncio.run(together())
     for one, many in zip(single, batched, strict=True):
@@ -174,8 +176,9 @@ def test_deployments_through_handles(app):
                [(e["type"], e["start"], e["end"]) for e in many["entities"]]
         for a, b in zip(one["entities"], many["entities"], strict=True):
             assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+        assert one["divergence"] == pytest.approx(many["divergence"], abs=1e-5)
     with pytest.raises(InputError) as info:
-        ner.check.remote(["word"] * 500).result()
+        ner.predict.remote({"tokens": ["word"] * 500, "image": None, "mode": "fast"}).result()
     assert info.value.field == "text"
 
 
@@ -216,10 +219,13 @@ def test_ner_fast_then_full_then_fast_uses_the_cache(app):
         assert entity["type"] in {"PER", "LOC", "ORG", "MISC"} and 0 <= entity["start"] < entity["end"] <= 9
         assert entity["text"] == " ".join(TEXT.split()[entity["start"]:entity["end"]]) and 0 < entity["score"] <= 1
 
-    # every step's milliseconds, as the ingress saw them
-    timing = dict(part.split(";dur=") for part in fast.headers["Server-Timing"].split(", "))
-    assert list(timing) == ["image", "features", "back_translation", "grounding", "extract"]
-    assert all(float(ms) >= 0 for ms in timing.values())
+    # every step's milliseconds: the ingress's image check, the model deployment's steps, and the
+    # whole model call as the ingress saw it (the steps, the hop and the batch wait)
+    timing = {name: float(ms) for name, ms in (part.split(";dur=") for part in fast.headers["Server-Timing"].split(", "))}
+    assert list(timing) == ["image", "back_translation", "phrases", "grounding", "divergence", "extract", "model"]
+    assert all(ms >= 0 for ms in timing.values())
+    inside = sum(ms for name, ms in timing.items() if name not in ("image", "model"))
+    assert inside <= timing["model"]
 
     full = post(app, "/v1/ner", {**body, "mode": "full"}).json()
     assert full["back_translation"]["used"] and not full["back_translation"]["cached"]
@@ -371,22 +377,23 @@ def test_one_bad_request_does_not_fail_its_batch_mates(app):
 
 
 def test_a_failing_item_inside_a_batch_fails_only_its_own_call(app):
-    """Past the ingress (straight to the deployment's handle), the divergence step still answers
-    every good item of a batch that holds one it cannot score; the bad item's caller gets the error."""
+    """Past the ingress (straight to the model deployment's handle), a batch that holds an image
+    the MDE cannot score answers every good request; the bad request's caller gets the error."""
     from ray import serve
 
-    mde = serve.get_deployment_handle("DivergenceEstimator", app_name="tmr")
+    ner = serve.get_deployment_handle("NERModel", app_name="tmr")
     items = [png_bytes(colour=(i * 30, 0, 0)) for i in range(7)]
     items.insert(3, _thin_png())
 
     async def together():
-        return await asyncio.gather(*(mde.score.remote(TEXT.split(), image) for image in items),
-                                    return_exceptions=True)
+        return await asyncio.gather(*(ner.predict.remote({"tokens": TEXT.split(), "image": image, "mode": "fast"})
+                                      for image in items), return_exceptions=True)
 
     results = asyncio.run(together())
     failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
     assert failed == [3], f"{len(set(failed) - {3})} of 7 good items failed: {[repr(r)[:100] for r in results]}"
-    assert all(sum(r) == pytest.approx(1.0, abs=1e-5) for i, r in enumerate(results) if i != 3)
+    assert "divergence" in str(results[3])
+    assert all(sum(r["divergence"]) == pytest.approx(1.0, abs=1e-5) for i, r in enumerate(results) if i != 3)
 
 
 def test_a_corrupt_cached_back_translation_is_a_miss_then_regenerated(app, tiny_models):

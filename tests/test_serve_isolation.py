@@ -1,6 +1,7 @@
-"""One request, one failure: every batched step (``*_many``) answers each good item of a batch
-even when one item fails, and hands the failing item its own exception. In process, on the tiny
-models (the deployed app's batches are tested in test_serve_app.py)."""
+"""One request, one failure: the model deployment's batch (``TMRModel.predict_many``) and the
+back-translator's (``generate_many``) answer each good item even when one item fails, and hand the
+failing item its own exception. In process, on the tiny models (the deployed app's batches are
+tested in test_serve_app.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import io
 import pytest
 from PIL import Image
 
-from benchmarks.bench_serve import make_untrained_checkpoints, png_bytes
+from benchmarks.bench_serve import make_untrained_checkpoints, png_bytes, tiny_app_args
 
 TOKENS = "Kevin Durant joins the Golden State Warriors".split()
 
@@ -53,40 +54,69 @@ def test_answer_each_retries_a_failed_batch_item_by_item():
     assert isinstance(alone, ValueError)
 
 
-def test_divergence_batch_answers_good_items_beside_a_thin_image(checkpoints):
-    from serve.deployments import DivergenceEstimator
-    from serve.ingress import call
+@pytest.fixture(scope="module")
+def model(tiny_models, checkpoints, tmp_path_factory):
+    """The NER model deployment's class built in process, as the benchmarks build it."""
+    from serve.deployments import TMRModel
 
-    mde = DivergenceEstimator.func_or_class(checkpoints["mde"], max_length=32)
-    good = [(TOKENS, png_bytes(colour=(200, 0, 0))), (TOKENS[:3], png_bytes(colour=(0, 0, 200)))]
-    results = mde.score_many([good[0], (TOKENS, thin_png()), good[1]])
-    assert isinstance(results[1], Exception)
-    for result, item in zip((results[0], results[2]), good, strict=True):
-        assert result == pytest.approx(mde.score_many([item])[0], abs=1e-5)
-    with pytest.raises(Exception) as info:  # in process, the failing item's caller gets its error
-        asyncio.run(call(mde, "score", TOKENS, thin_png()))
-    assert not isinstance(info.value, AssertionError)
+    args = tiny_app_args(checkpoints, tiny_models, tmp_path_factory.mktemp("isolation-cache"), auth_token_env=None)
+    return TMRModel.func_or_class("ner", args, None, batched=False)
 
 
-def test_grounder_and_extractor_batches_answer_good_items_beside_a_corrupt_image(tiny_models, checkpoints,
-                                                                                corrupt_png):
-    from serve.deployments import Extractor, Grounder
+def ready_row(model, tokens, image, back_translation_uri=None) -> dict:
+    """A request as the batch sees it: the model's row with v' decided (``predict`` does that)."""
+    row = model._row({"tokens": tokens, "image": image})
+    return {**row, "back_translation_uri": back_translation_uri, "back_translation_error": None,
+            "back_translation_cached": back_translation_uri is not None}
 
-    grounder = Grounder.func_or_class(tiny_models["detector"])
-    regions = grounder.ground_many([(png_bytes(), ["Kevin Durant"]), (corrupt_png, ["Kevin Durant"]),
-                                    (png_bytes(colour=(0, 90, 0)), ["the Warriors"])])
-    assert isinstance(regions[1], Exception)
-    assert all(isinstance(r, list) and r for r in (regions[0], regions[2]))
 
-    ner = Extractor.func_or_class(checkpoints["ner"], "ner")
+def test_a_model_batch_answers_its_good_rows_beside_rows_that_fail_inside_it(model, corrupt_png):
+    """A thin image (the MDE cannot resize it) and a corrupt v' (the detector cannot read it) in
+    one batch with three good rows: the bad rows get their own errors, the good rows the answers
+    they get alone."""
+    good = [ready_row(model, TOKENS, png_bytes(colour=(200, 0, 0))),
+            ready_row(model, TOKENS[:3], png_bytes(colour=(0, 0, 200))),
+            ready_row(model, TOKENS, None)]
+    batch = [good[0], ready_row(model, TOKENS, thin_png()), good[1],
+             ready_row(model, TOKENS, png_bytes(), back_translation_uri=corrupt_png), good[2]]
+    answers = model.predict_many(batch)
+    assert isinstance(answers[1], ValueError) and "divergence" in str(answers[1])
+    assert isinstance(answers[3], ValueError) and "back-translation" in str(answers[3])
+    for answer, row in zip((answers[0], answers[2], answers[4]), good, strict=True):
+        (alone,) = model.predict_many([row])
+        assert [(e["type"], e["start"], e["end"]) for e in answer["entities"]] == \
+               [(e["type"], e["start"], e["end"]) for e in alone["entities"]]
+        assert answer["phrases"] == alone["phrases"]
+        if alone["divergence"] is None:
+            assert answer["divergence"] is None
+        else:
+            assert answer["divergence"] == pytest.approx(alone["divergence"], abs=1e-5)
+    assert set(answers[0]["timing"]) == {"phrases", "grounding", "divergence", "extract"}
 
-    def row(bt_uri):
-        return {"tokens": TOKENS, "phrases": [], "image": png_bytes(), "regions": [], "back_translation_uri": bt_uri,
-                "back_translation_regions": [], "divergence": [0.5, 0.3, 0.2]}
 
-    predictions = ner.predict_many([row(None), row(corrupt_png), row(None)])
-    assert isinstance(predictions[1], Exception)
-    assert predictions[0] == predictions[2] and "entities" in predictions[0]
+def test_a_request_that_fails_inside_the_model_raises_to_its_own_caller(model):
+    from serve.deployments import call
+
+    with pytest.raises(ValueError, match="divergence"):  # in process as through a handle
+        asyncio.run(call(model, "predict", {"tokens": TOKENS, "image": thin_png(), "mode": "fast"}))
+    answer = asyncio.run(call(model, "predict", {"tokens": TOKENS, "image": png_bytes(), "mode": "fast"}))
+    assert answer["back_translation"] == {"uri": None, "error": None, "cached": False}  # an empty cache
+    assert list(answer["timing"]) == ["back_translation", "phrases", "grounding", "divergence", "extract"]
+
+
+def test_a_step_that_raises_is_retried_row_by_row_so_only_its_culprit_fails():
+    from serve.deployments import _run_step
+
+    def shout(rows):
+        if any(row["text"] == "bad" for row in rows):
+            raise RuntimeError("cannot shout 'bad'")
+        return [{**row, "text": row["text"].upper()} for row in rows]
+
+    rows = [{"text": "a"}, {"text": "bad"}, {"text": "c"}, {"text": "d"}]
+    failed = {3: ValueError("failed at an earlier step")}
+    _run_step(shout, rows, failed)
+    assert [row["text"] for row in rows] == ["A", "bad", "C", "d"]  # a failed row skips later steps
+    assert isinstance(failed[1], RuntimeError) and isinstance(failed[3], ValueError) and set(failed) == {1, 3}
 
 
 def test_back_translator_batch_answers_good_items_when_one_fails(tiny_models, tmp_path):
@@ -108,20 +138,22 @@ def test_back_translator_batch_answers_good_items_when_one_fails(tiny_models, tm
     assert results[0]["uri"] and results[2]["uri"] and results[0]["error"] is None
 
 
-def test_extractor_serves_imageless_rows_with_the_training_alpha_and_refuses_unservable_alpha(checkpoints, tmp_path):
+def test_extractor_serves_imageless_rows_with_the_training_alpha_and_refuses_unservable_alpha(model, checkpoints,
+                                                                                              tmp_path):
     import dataclasses
 
-    from serve.deployments import Extractor
+    from serve.deployments import load_extraction_step
     from tmr_core.extractor import TMRExtractor
 
-    ner = Extractor.func_or_class(checkpoints["ner"], "ner")
     # no image, so no MDE score: the collator's α = (0, 0, 1), as such rows had in training
-    batch = ner.step.collator([ner._row({"tokens": TOKENS, "phrases": [], "image": None, "regions": [],
-                                   "back_translation_uri": None, "back_translation_regions": [], "divergence": None})])
-    assert batch["divergence"].tolist() == [[0.0, 0.0, 1.0]]
+    row = {**ready_row(model, TOKENS, None), "phrases": [], "regions": [], "back_translation_regions": [],
+           "divergence": None}
+    assert model.extraction.collator([row])["divergence"].tolist() == [[0.0, 0.0, 1.0]]
 
-    model = TMRExtractor.from_pretrained(checkpoints["ner"])
-    model.config = dataclasses.replace(model.config, back_translation_alpha="back_translation")
-    model.save_pretrained(str(tmp_path / "bt-alpha"))
+    extractor = TMRExtractor.from_pretrained(checkpoints["ner"])
+    extractor.config = dataclasses.replace(extractor.config, back_translation_alpha="back_translation")
+    extractor.save_pretrained(str(tmp_path / "bt-alpha"))
     with pytest.raises(ValueError, match="back_translation_alpha='back_translation'"):
-        Extractor.func_or_class(str(tmp_path / "bt-alpha"), "ner")
+        load_extraction_step(str(tmp_path / "bt-alpha"), "ner")
+    with pytest.raises(ValueError, match="a 'ner' model was given where 're' is served"):
+        load_extraction_step(checkpoints["ner"], "re")
