@@ -34,8 +34,9 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# SIZE=paper (default: bert-base, ResNet-50, SD v1.5 at 128 px... with random weights, built once) or SIZE=tiny
 bench: install
-	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.run_all --size $(or $(SIZE),paper)
 
 lint: install
 	$(PY) -m ruff check tmr_core jobs serve tests benchmarks
