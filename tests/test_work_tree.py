@@ -59,24 +59,24 @@ def changes(before: dict, after: dict) -> list[str]:
                   + [f"changed {p}" for p in before.keys() & after.keys() if before[p] != after[p]])
 
 
-def run_compare_runs(tmp_path: Path) -> int:
+def run_compare_runs(tmp_path: Path, monkeypatch) -> int:
     """A job the tests start, run as they run it: from the repo root, into a fresh sqlite store."""
-    assert Path.cwd() == REPO, "pytest runs from the repo root (testpaths in pyproject.toml)"
+    monkeypatch.chdir(REPO)  # where `make test` runs; MLflow's default artifact root is relative to it
     return compare_runs.main(["--output", str(tmp_path / "comparison"),
                               "--tracking.tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
 
 
-def test_a_job_the_tests_start_leaves_the_work_tree_as_it_was(tmp_path):
+def test_a_job_the_tests_start_leaves_the_work_tree_as_it_was(tmp_path, monkeypatch):
     before = work_tree_state()
-    assert run_compare_runs(tmp_path) == 0
+    assert run_compare_runs(tmp_path, monkeypatch) == 0
     assert changes(before, work_tree_state()) == []
     # the comparison run's artifacts (tables, plots) went beside its database, in tmp_path
     logged = list((tmp_path / "mlruns").rglob("comparison.md"))
     assert len(logged) == 1, sorted(str(p) for p in tmp_path.rglob("*"))
 
 
-def test_an_empty_comparison_still_prints_and_writes_its_headers(tmp_path, capsys):
-    assert run_compare_runs(tmp_path) == 0  # a fresh store: no run matches
+def test_an_empty_comparison_still_prints_and_writes_its_headers(tmp_path, capsys, monkeypatch):
+    assert run_compare_runs(tmp_path, monkeypatch) == 0  # a fresh store: no run matches
     printed = capsys.readouterr().out
     assert "| task | ablation | seeds | valid F1 (best epoch) | test F1 |" in printed
     assert "| task | dataset | ablation | train fraction | runs | test F1 |" in printed
