@@ -308,17 +308,27 @@ class TMRModel:
         Raises:
             InputError: the sentence is longer than the model reads (before it joins a batch).
         """
+        row, back_translation_ms = await self.prepare(request)
+        if self.batch_size == 1:
+            answer = raise_if_failed(self.predict_many([row])[0])
+        else:
+            answer = raise_if_failed(await self._predict_batch(row))
+        answer["timing"] = {"back_translation": back_translation_ms, **answer["timing"]}
+        return answer
+
+    async def prepare(self, request: dict) -> tuple[dict, float]:
+        """A request's row for :meth:`predict_many`, with v', and the milliseconds v' took; the
+        per-request part of :meth:`predict`, done before the request joins a batch.
+
+        Raises:
+            InputError: the sentence is longer than the model reads.
+        """
         self.check_length(request["tokens"])
         row = self._row(request)
         timing: dict[str, float] = {}
         with timed(timing, "back_translation"):
             row.update(await self._back_translation(row, request.get("mode") or "fast"))
-        if self.batch_size == 1:
-            answer = raise_if_failed(self.predict_many([row])[0])
-        else:
-            answer = raise_if_failed(await self._predict_batch(row))
-        answer["timing"] = {**timing, **answer["timing"]}
-        return answer
+        return row, timing["back_translation"]
 
     def check_length(self, tokens: list[str]) -> None:
         """Raise :class:`InputError` when the sentence is longer than the model reads."""
