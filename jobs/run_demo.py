@@ -10,7 +10,7 @@ sentence and its image from the benchmark, then the summary and where to look ne
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -28,37 +28,44 @@ class Config:
     serve_config: str = opt("configs/serve.tiny.yaml", "The Serve config deployed after the pipeline.")
     serve: bool = opt(True, "Deploy the Serve app and send one request after the pipeline.")
     port: int = opt(8000, "HTTP port of the Serve app on 127.0.0.1.")
+    quiet: bool = opt(True, "One line per stage on the terminal; each stage's full output goes to <workdir>/logs/.")
 
 
-def first_test_sentence(benchmark_dir: str) -> tuple[str, str]:
-    """Text and image path of the benchmark's first NER test sentence."""
+def first_test_sentence(benchmark_dir: str):
+    """The benchmark's first NER test sentence (tokens, gold tags) and its image path."""
     from tmr_core.readers import read_twitter_ner
 
     sentence = read_twitter_ner(os.path.join(benchmark_dir, "ner", "test.txt"))[0]
-    return " ".join(sentence.tokens), os.path.join(benchmark_dir, "images", f"{sentence.image_id}.png")
+    return sentence, os.path.join(benchmark_dir, "images", f"{sentence.image_id}.png")
 
 
-def serve_one_request(cfg: Config, pipeline_cfg: run_pipeline.Config) -> dict:
-    """Deploy the tiny Serve config on a fresh local Ray, POST one sentence + image, shut down."""
+def gold_entities(tokens: list[str], tags: list[str]) -> list[dict]:
+    """The sentence's gold entities as the API names them (text and type)."""
+    from tmr_core.metrics import chunks
+
+    return [{"text": " ".join(tokens[start:end]), "type": kind} for kind, start, end in chunks(tags)]
+
+
+def serve_one_request(cfg: Config, text: str, image: str, log: str | None) -> tuple[str, dict]:
+    """Deploy the tiny Serve config on a fresh local Ray, POST one sentence + image, shut down;
+    returns the URL it served at and the response. With ``log``, Ray's and Serve's output go there."""
     import ray
     from ray import serve
 
+    from jobs.run_pipeline import output_to
     from serve.app import demo_request, deploy_config, load_serve_config
 
-    text, image = first_test_sentence(os.path.join(pipeline_cfg.workdir, "benchmark"))
     config = load_serve_config(cfg.serve_config)
-    if ray.is_initialized():  # the pipeline's session; Serve gets a fresh local one on loopback
-        ray.shutdown()
-    ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
-    try:
-        started = time.perf_counter()
-        url = deploy_config(config, port=cfg.port)
-        print(f"\n[run_demo] Serve app up at {url} in {time.perf_counter() - started:.1f} s")
-        print(f"[run_demo] POST {url}/v1/ner  text={text!r}  image={image}")
-        return demo_request(url, image, text)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with output_to(log):
+        if ray.is_initialized():  # the pipeline's session; Serve gets a fresh local one on loopback
+            ray.shutdown()
+        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
+        try:
+            url = deploy_config(config, port=cfg.port)
+            return url, demo_request(url, image, text)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 class PortInUseError(TMRError):
@@ -74,33 +81,53 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
         return probe.connect_ex((host, port)) == 0
 
 
-def print_response(response: dict) -> None:
-    entities = ", ".join(f"{e['text']} ({e['type']})" for e in response.get("entities", [])) or "none"
+def print_response(response: dict, gold: list[dict]) -> None:
+    """The prediction beside the sentence's gold entities (the request is a test sentence)."""
+    def named(entities: list[dict]) -> str:
+        return ", ".join(f"{e['text']} ({e['type']})" for e in entities) or "none"
+
+    predicted = {(e["text"], e["type"]) for e in response.get("entities", [])}
+    correct = sum((e["text"], e["type"]) in predicted for e in gold)
     divergence = response.get("divergence")
-    print("\n## Serve response (/v1/ner)\n")
-    print(f"entities:   {entities}")
+    print("\n## Serve response (/v1/ner), scored against the sentence's gold labels\n")
+    print(f"predicted:  {named(response.get('entities', []))}")
+    print(f"gold:       {named(gold)}   ({correct} of {len(gold)} found, {len(predicted)} predicted)")
     if divergence:
-        print("divergence: " + json.dumps(divergence))
+        print("divergence: " + ", ".join(f"{k} {v:.2f}" for k, v in divergence.items()))
     back = response.get("back_translation") or {}
     print(f"back-translation: used={back.get('used')} cached={back.get('cached')} id={back.get('id')}")
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(Config, argv, prog="jobs.run_demo")
-    print_config(cfg, "run_demo")
     pipeline_cfg = load_config_file(run_pipeline.Config, cfg.pipeline_config)
+    if cfg.quiet:  # the pipeline's resolved config is in <workdir>/pipeline.config.yaml, each stage's in its output
+        pipeline_cfg = dataclasses.replace(pipeline_cfg, stage_logs=True)
+    else:
+        print_config(cfg, "run_demo")
     stages, ran, total = run_pipeline.execute(pipeline_cfg)
     busy = cfg.serve and port_in_use(cfg.port)
-    response = serve_one_request(cfg, pipeline_cfg) if cfg.serve and not busy else None
+    response = None
+    if cfg.serve and not busy:
+        sentence, image = first_test_sentence(os.path.join(pipeline_cfg.workdir, "benchmark"))
+        text = " ".join(sentence.tokens)
+        log = os.path.join(pipeline_cfg.workdir, "logs", "serve.log") if cfg.quiet else None
+        started = time.perf_counter()
+        url, response = serve_one_request(cfg, text, image, log)
+        print(f"=== [serve] {cfg.serve_config} answered POST {url}/v1/ner in {time.perf_counter() - started:.1f} s "
+              f"(deploy included){f' · log: {log}' if log else ''}", flush=True)
 
     run_pipeline.print_summary(pipeline_cfg, stages, ran, total)
     if busy:  # after the summary: the pipeline's work is done and shown
         raise PortInUseError(f"port {cfg.port} on 127.0.0.1 is in use, so the Serve app was not started; "
                              f"free it or choose another: make demo PORT=8001 (python -m jobs.run_demo --port 8001)")
     if response is not None:
-        print_response(response)
+        print(f"\nRequest: {text!r} with image {image}")
+        print_response(response, gold_entities(sentence.tokens, sentence.tags))
     tracking = pipeline_cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     print("\n## Next\n")
+    if cfg.quiet:
+        print(f"Logs:       {os.path.join(pipeline_cfg.workdir, 'logs')}/<stage>.log (each stage's full output)")
     print(f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {tracking}   → http://127.0.0.1:5000")
     print(f"Demo page:  .venv/bin/serve run {cfg.serve_config}   → http://127.0.0.1:{cfg.port}/")
     print(f"Tables:     {os.path.join(pipeline_cfg.workdir, 'comparison')}/")

@@ -19,12 +19,18 @@ so every model is evaluated on the same samples.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import hashlib
 import importlib
 import json
 import os
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -83,6 +89,16 @@ class Config:
         None, "Fine-tune the detector on the benchmark's boxes (finetune_grounder) and ground with it; "
         "needs ground-truth boxes, so synthetic data only; null: on for synthetic data."
     )
+    parallel_stages: int = opt(
+        1, "Training stages (back-translator, grounder, MDE, extractors) that may run at once, each in its own "
+        "process joined to this Ray session, beside the table stages; 1: one stage at a time, in the plan's order."
+    )
+    stage_threads: int | None = opt(
+        None, "torch threads (OMP_NUM_THREADS) of each training stage run in its own process; null: torch's default."
+    )
+    stage_logs: bool = opt(
+        False, "Write each stage's output to <workdir>/logs/<stage>.log and print one line per stage."
+    )
     job_args: dict[str, list[str]] = opt(
         {}, "Extra --key value arguments per job, after the pipeline's own (e.g. {finetune_extractor: [--optim.epochs, '2']})."
     )
@@ -132,6 +148,10 @@ def check_config(cfg: Config) -> None:
     from jobs._config import ConfigError
 
     problems = []
+    if cfg.parallel_stages < 1:
+        problems.append(f"--parallel_stages: expected >= 1, got {cfg.parallel_stages}")
+    if cfg.stage_threads is not None and cfg.stage_threads < 1:
+        problems.append(f"--stage_threads: expected >= 1 or null, got {cfg.stage_threads}")
     unknown = sorted(set(cfg.job_args) - PIPELINE_JOBS)
     if unknown:
         problems.append(f"--job_args: {unknown} are not jobs of the pipeline (one of {sorted(PIPELINE_JOBS)})")
@@ -410,7 +430,7 @@ def read_metrics(output: str) -> dict:
 
 
 HEADLINE_METRICS = {
-    "pretrain_mde": ("in_domain_macro_f1", "out_of_domain_macro_f1"),
+    "pretrain_mde": ("test_in_domain_macro_f1", "test_out_of_domain_macro_f1"),
     "finetune_text_to_image": ("test_bt_fidelity_deciding", "base_test_bt_fidelity_deciding"),
     "finetune_grounder": ("test_recall", "test_zero_area_share"),
     "probe_mechanisms": ("bt_fidelity_deciding", "ner_grounding_recall", "re_grounding_recall",
@@ -462,6 +482,11 @@ def f1_table(cfg: Config, stages: list[Stage]) -> str:
 
 # --------------------------------------------------------------------------- run
 
+# Training stages: each reads finished tables and writes a model, so several may run at once, each in
+# its own process joined to the pipeline's Ray session (``parallel_stages``).
+BACKGROUND_JOBS = frozenset({"finetune_text_to_image", "finetune_grounder", "pretrain_mde", "finetune_extractor"})
+LOG_TAIL_LINES = 30
+
 
 def stage_argv(stage: Stage, forced: bool) -> list[str]:
     """The stage's arguments; a forced stage also gets ``--force true`` when its job has that
@@ -476,12 +501,240 @@ def _has_force_option(job: str) -> bool:
     return "force" in {f.name for f in dataclasses.fields(module.Config)}
 
 
-def run_stage(stage: Stage, argv: list[str]) -> None:
+def log_path(workdir: str, stage: Stage) -> str:
+    return os.path.join(workdir, "logs", f"{stage.id}.log")
+
+
+@contextlib.contextmanager
+def output_to(path: str | None) -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so Ray's, tqdm's and C
+    libraries' output too) to ``path`` while the block runs; ``None``: leave them alone."""
+    if path is None:
+        yield
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
+
+
+def log_tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
+    if not os.path.isfile(path):
+        return ""
+    with open(path, errors="replace") as handle:
+        return "".join(collections.deque(handle, maxlen=lines))
+
+
+def run_stage(stage: Stage, argv: list[str], log: str | None = None) -> None:
+    """Run a stage's job in this process (sharing its Ray session); with ``log``, its output goes there."""
     module = importlib.import_module(f"jobs.{stage.job}")
-    print(f"\n=== [{stage.id}] python -m jobs.{stage.job} {' '.join(argv)}", flush=True)
-    code = module.main(list(argv))
+    if log is None:
+        print(f"\n=== [{stage.id}] python -m jobs.{stage.job} {' '.join(argv)}", flush=True)
+    try:
+        with output_to(log):
+            if log is not None:
+                print(f"=== [{stage.id}] python -m jobs.{stage.job} {' '.join(argv)}", flush=True)
+            code = module.main(list(argv))
+    except BaseException:
+        if log is not None:
+            print(f"--- last lines of {log}:\n{log_tail(log)}", file=sys.stderr, flush=True)
+        raise
     if code:
         raise RuntimeError(f"stage {stage.id} (jobs.{stage.job}) exited with code {code}")
+
+
+@dataclass
+class BackgroundStage:
+    """A stage running in its own process; a watcher thread records when it exits."""
+
+    stage: Stage
+    process: subprocess.Popen
+    log: str
+    started: float
+    ended: float | None = None
+
+    def seconds(self) -> float:
+        return round((self.ended or time.perf_counter()) - self.started, 1)
+
+
+def ray_address() -> str:
+    """The GCS address of this process's Ray session, started (as the jobs start it) if needed,
+    so every background stage joins the same cluster instead of starting its own."""
+    import ray
+
+    from jobs._data import init_ray
+
+    init_ray()
+    return ray.get_runtime_context().gcs_address
+
+
+def start_background(stage: Stage, argv: list[str], log: str, address: str, threads: int | None) -> BackgroundStage:
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    env = {**os.environ, "RAY_ADDRESS": address}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    with open(log, "ab") as handle:
+        handle.write(f"=== [{stage.id}] python -m jobs.{stage.job} {' '.join(argv)}\n".encode())
+        handle.flush()
+        process = subprocess.Popen([sys.executable, "-m", f"jobs.{stage.job}", *argv], stdout=handle,
+                                   stderr=subprocess.STDOUT, env=env)
+    running = BackgroundStage(stage, process, log, time.perf_counter())
+
+    def watch() -> None:
+        process.wait()
+        running.ended = time.perf_counter()
+
+    threading.Thread(target=watch, name=f"watch-{stage.id}", daemon=True).start()
+    return running
+
+
+def stop_background(running: dict[str, BackgroundStage]) -> None:
+    """Stop stages still running after another failed; each resumes from its checkpoints on the next run."""
+    for job in running.values():
+        if job.process.poll() is None:
+            job.process.terminate()
+    for job in running.values():
+        try:
+            job.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            job.process.kill()
+
+
+class Scheduler:
+    """Runs the planned stages in dependency order: table stages one at a time in this process,
+    training stages (``BACKGROUND_JOBS``) up to ``parallel_stages`` at once in their own processes
+    as soon as the stages they read are done. With ``parallel_stages: 1`` it is the plan's order."""
+
+    def __init__(self, cfg: Config, stages: list[Stage]) -> None:
+        self.cfg = cfg
+        self.pending = list(stages)
+        self.fingerprints: dict[str, str] = {}
+        for stage in stages:
+            self.fingerprints[stage.id] = stage_fingerprint(stage, self.fingerprints)
+        self.done: set[str] = set()
+        self.rows_by_stage: dict[str, dict[str, int]] = {}
+        self.ran: dict[str, float | None] = {}
+        self.running: dict[str, BackgroundStage] = {}
+        self._address: str | None = None
+
+    # ---- what may run now
+
+    def _ready(self) -> list[Stage]:
+        return [s for s in self.pending if all(n in self.done or n not in self.fingerprints for n in s.needs)]
+
+    def _forced(self, stage: Stage) -> bool:
+        return "all" in self.cfg.force or stage.id in self.cfg.force
+
+    def _in_background(self, stage: Stage) -> bool:
+        return self.cfg.parallel_stages > 1 and stage.job in BACKGROUND_JOBS
+
+    def _log(self, stage: Stage) -> str | None:
+        return log_path(self.cfg.workdir, stage) if self.cfg.stage_logs else None
+
+    # ---- the loop
+
+    def run(self) -> dict[str, float | None]:
+        try:
+            while self.pending or self.running:
+                self._collect_finished()
+                if self._skip_or_start_ready():
+                    continue
+                stage = next((s for s in self._ready() if not self._in_background(s)), None)
+                if stage is not None:
+                    self._run_here(stage)
+                elif self.running:
+                    time.sleep(0.2)
+                elif self.pending:  # a plan whose needs name a later stage: a bug in plan()
+                    raise RuntimeError(f"stages {[s.id for s in self.pending]} wait on stages that never run")
+        except BaseException:
+            stop_background(self.running)
+            raise
+        return self.ran
+
+    def _skip_or_start_ready(self) -> bool:
+        """Skip every ready stage that is up to date and start ready training stages while slots
+        are free; True when anything changed (the ready set may have grown)."""
+        changed = False
+        for stage in self._ready():
+            if not self._forced(stage) and is_up_to_date(self.cfg.workdir, stage, self.fingerprints[stage.id]):
+                self._finish(stage, None)
+                changed = True
+            elif self._in_background(stage) and len(self.running) < self.cfg.parallel_stages:
+                self._start(stage)
+                changed = True
+        return changed
+
+    def _start(self, stage: Stage) -> None:
+        self.pending.remove(stage)
+        retire_marker(self.cfg.workdir, stage)
+        if self._address is None:
+            with output_to(self._log_of_pipeline()):
+                self._address = ray_address()
+        log = log_path(self.cfg.workdir, stage)
+        self.running[stage.id] = start_background(stage, stage_argv(stage, self._forced(stage)), log,
+                                                  self._address, self.cfg.stage_threads)
+        print(f"=== [{stage.id}] started in its own process (log: {log})", flush=True)
+
+    def _collect_finished(self) -> None:
+        for stage_id, job in list(self.running.items()):
+            if job.ended is None:
+                continue
+            del self.running[stage_id]
+            if job.process.returncode:
+                print(f"\n--- last lines of {job.log}:\n{log_tail(job.log)}", file=sys.stderr, flush=True)
+                print(f"\n[run_pipeline] stage {stage_id} failed (exit code {job.process.returncode}); log: {job.log}; "
+                      "rerun the same command to resume from it.", flush=True)
+                raise RuntimeError(f"stage {stage_id} (jobs.{job.stage.job}) exited with code {job.process.returncode}")
+            self._finish(job.stage, job.seconds())
+
+    def _run_here(self, stage: Stage) -> None:
+        self.pending.remove(stage)
+        retire_marker(self.cfg.workdir, stage)
+        started = time.perf_counter()
+        try:
+            run_stage(stage, stage_argv(stage, self._forced(stage)), self._log(stage))
+        except BaseException:
+            log = self._log(stage)
+            print(f"\n[run_pipeline] stage {stage.id} failed{f'; log: {log}' if log else ''}; "
+                  "rerun the same command to resume from it.", flush=True)
+            raise
+        self._finish(stage, round(time.perf_counter() - started, 1))
+
+    def _finish(self, stage: Stage, seconds: float | None) -> None:
+        if stage in self.pending:
+            self.pending.remove(stage)
+        self.ran[stage.id] = seconds
+        rows = self.rows_by_stage[stage.id] = stage_rows(stage) if stage.summary == "table" else None
+        self._announce(stage, "up to date, skipped" if seconds is None else f"ran in {seconds:.1f} s", rows)
+        if rows is not None:
+            check_rows_kept(stage, rows, self.rows_by_stage)
+        if seconds is not None:
+            write_marker(self.cfg.workdir, stage, self.fingerprints[stage.id], seconds, rows)
+        self.done.add(stage.id)
+
+    def _announce(self, stage: Stage, status: str, rows: dict[str, int] | None) -> None:
+        """One line per stage: ``=== [id] ran in 1.2 s · rows train 400 | valid 120 | test 120`` or
+        ``=== [id] ran in 60.1 s · test_f1=0.912 …``."""
+        result = _headline(stage, read_metrics(stage.output)) if stage.summary == "metrics" else ""
+        details = f"rows {format_rows(rows)}" if rows else result
+        print(f"=== [{stage.id}] {status}{' · ' + details if details else ''}", flush=True)
+
+    def _log_of_pipeline(self) -> str | None:
+        return os.path.join(self.cfg.workdir, "logs", "pipeline.log") if self.cfg.stage_logs else None
 
 
 def execute(cfg: Config) -> tuple[list[Stage], dict[str, float | None], float]:
@@ -498,37 +751,15 @@ def execute(cfg: Config) -> tuple[list[Stage], dict[str, float | None], float]:
         from jobs._config import ConfigError
 
         raise ConfigError([f"command line: unknown stage id(s) {unknown}; stages are {sorted(known)}"])
+    if cfg.stop_after:  # every stage up to it in the plan's order, whatever may run beside it
+        stages = stages[: [s.id for s in stages].index(cfg.stop_after) + 1]
     os.makedirs(cfg.workdir, exist_ok=True)
     save_config(cfg, cfg.workdir, name="pipeline.config.yaml")
-
-    fingerprints: dict[str, str] = {}
-    rows_by_stage: dict[str, dict[str, int]] = {}
-    ran: dict[str, float | None] = {}
+    if cfg.stage_logs:
+        print(f"[run_pipeline] {len(stages)} stages; each stage's output goes to {os.path.join(cfg.workdir, 'logs')}/<stage>.log",
+              flush=True)
     started = time.perf_counter()
-    for stage in stages:
-        fingerprint = stage_fingerprint(stage, fingerprints)
-        fingerprints[stage.id] = fingerprint
-        forced = "all" in cfg.force or stage.id in cfg.force
-        if not forced and is_up_to_date(cfg.workdir, stage, fingerprint):
-            print(f"=== [{stage.id}] up to date, skipped", flush=True)
-            ran[stage.id] = None
-        else:
-            retire_marker(cfg.workdir, stage)
-            t0 = time.perf_counter()
-            try:
-                run_stage(stage, stage_argv(stage, forced))
-            except BaseException:
-                print(f"\n[run_pipeline] stage {stage.id} failed; rerun the same command to resume from it.", flush=True)
-                raise
-            ran[stage.id] = round(time.perf_counter() - t0, 1)
-        if stage.summary == "table":
-            rows_by_stage[stage.id] = stage_rows(stage)
-            print(f"=== [{stage.id}] rows {format_rows(rows_by_stage[stage.id])}", flush=True)
-            check_rows_kept(stage, rows_by_stage[stage.id], rows_by_stage)
-        if ran[stage.id] is not None:
-            write_marker(cfg.workdir, stage, fingerprint, ran[stage.id], rows_by_stage.get(stage.id))
-        if stage.id == cfg.stop_after:
-            break
+    ran = Scheduler(cfg, stages).run()
     return stages, ran, time.perf_counter() - started
 
 
@@ -549,7 +780,8 @@ def print_summary(cfg: Config, stages: list[Stage], ran: dict[str, float | None]
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(Config, argv, prog="jobs.run_pipeline")
-    print_config(cfg, "run_pipeline")
+    if not cfg.stage_logs:  # else it is in <workdir>/pipeline.config.yaml, like each stage's in its output
+        print_config(cfg, "run_pipeline")
     stages, ran, total = execute(cfg)
     print_summary(cfg, stages, ran, total)
     return 0

@@ -136,7 +136,7 @@ def test_rerun_skips_and_crash_resumes(tmp_path, monkeypatch, capsys):
 def test_each_table_stage_prints_its_rows_per_split(tmp_path, capsys):
     assert run_pipeline.main(_argv(tmp_path)) == 0
     out = capsys.readouterr().out
-    line = re.search(r"=== \[prepare_dataset\.ner\] rows train (\d+) \| valid (\d+) \| test (\d+)", out)
+    line = re.search(r"=== \[prepare_dataset\.ner\] ran in [\d.]+ s · rows train (\d+) \| valid (\d+) \| test (\d+)", out)
     assert line, out
     import pyarrow.parquet as pq
 
@@ -189,7 +189,7 @@ def test_a_stage_that_changes_valid_or_test_counts_stops_the_pipeline(tmp_path, 
     argv = [*_argv(tmp_path)[:-1], "extract_phrases.ner"]
     monkeypatch.setattr(jobs.extract_phrases, "main", _fake_extract_phrases("train"))
     assert run_pipeline.main(argv) == 0  # training rows may be dropped
-    assert re.search(r"=== \[extract_phrases\.ner\] rows train \d+ \| valid \d+ \| test \d+", capsys.readouterr().out)
+    assert re.search(r"=== \[extract_phrases\.ner\] ran in [\d.]+ s · rows train \d+ \| valid \d+ \| test \d+", capsys.readouterr().out)
 
     monkeypatch.setattr(jobs.extract_phrases, "main", _fake_extract_phrases("test"))
     with pytest.raises(run_pipeline.RowCountError) as err:
@@ -290,3 +290,42 @@ def test_demo_on_a_busy_port_prints_the_summary_then_one_line_naming_the_port(mo
         with pytest.raises(run_demo.PortInUseError, match=rf"port {port} on 127.0.0.1 is in use.*make demo PORT="):
             run_demo.main(["--port", str(port)])
     assert "## Pipeline summary" in capsys.readouterr().out
+
+
+def test_independent_stages_run_side_by_side_in_their_own_processes_and_a_failed_one_stops_the_run(
+        ray_local, tmp_path, monkeypatch, capsys):
+    # Two stages that read nothing stand in for the training stages (same scheduling, seconds to run).
+    monkeypatch.setattr(run_pipeline, "BACKGROUND_JOBS", frozenset({"make_tiny_models", "make_synthetic_benchmark"}))
+    argv = [*_argv(tmp_path), "--parallel_stages", "2", "--stage_threads", "1"]
+    assert run_pipeline.main(argv) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("=== [make_")]
+    # both started before either was collected: they ran at the same time
+    assert [line.split("]")[1].split()[0] for line in lines[:2]] == ["started", "started"]
+    for stage in ("make_tiny_models", "make_synthetic_benchmark"):
+        assert (tmp_path / ".pipeline" / f"{stage}.json").is_file()
+        assert f"python -m jobs.{stage}" in (tmp_path / "logs" / f"{stage}.log").read_text()
+    assert re.search(r"=== \[prepare_dataset\.ner\] ran in [\d.]+ s · rows train \d+", out)
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "benchmark")
+    (tmp_path / "benchmark").write_text("a file where the benchmark's folder goes")
+    with pytest.raises(RuntimeError, match=r"stage make_synthetic_benchmark \(jobs.make_synthetic_benchmark\) exited with code 1"):
+        run_pipeline.main([*argv, "--force", "[make_synthetic_benchmark]"])
+    captured = capsys.readouterr()
+    assert "last lines of" in captured.err and "Error" in captured.err  # the job's own traceback, shown
+    assert "rerun the same command to resume" in captured.out
+    assert not (tmp_path / ".pipeline" / "make_synthetic_benchmark.json").exists()
+
+
+def test_the_demo_scores_its_request_against_the_sentences_gold_labels(capsys):
+    from jobs import run_demo
+
+    gold = run_demo.gold_entities(["Kevin", "Durant", "joins", "Golden", "State"], ["B-PER", "I-PER", "O", "B-ORG", "I-ORG"])
+    assert gold == [{"text": "Kevin Durant", "type": "PER"}, {"text": "Golden State", "type": "ORG"}]
+    run_demo.print_response({"entities": [{"text": "Kevin Durant", "type": "PER"}, {"text": "Golden", "type": "LOC"}],
+                             "divergence": {"strengthen": 0.61234, "complement": 0.3, "weaken": 0.08766}}, gold)
+    out = capsys.readouterr().out
+    assert "gold:       Kevin Durant (PER), Golden State (ORG)   (1 of 2 found, 2 predicted)" in out
+    assert "strengthen 0.61, complement 0.30, weaken 0.09" in out
