@@ -6,9 +6,10 @@
 Three questions, each answered from what the pipeline actually fed the extractor (no model is run):
 
 - **v' fidelity** (Eq. 3): does the back-translation show the entity type its text decides? A reader
-  that knows the world's glyph colours (:class:`tmr_core.probes.GlyphReader`) reads each NER
-  ``back_translation_uri``; on texts whose context decides the focus type it should read that type,
-  on neutral texts it should match the gold type only at chance.
+  that knows the world's glyph colours (:class:`tmr_core.probes.GlyphReader`) reads each
+  ``back_translation_uri``; on NER texts whose context decides the focus type it should read that
+  type, on RE texts whose context decides the relation both argument types, and on neutral texts
+  it should match the gold type(s) only at chance.
 - **Grounding** (§3.2, V^r): is each mention's object among the top-3 ``regions`` of the real image
   (IoU ≥ 0.5), and how many of those boxes have no area?
 - **Estimator transfer** (§3.4, Eq. 7): does argmax α (``divergence``) agree with the benchmark's
@@ -40,7 +41,7 @@ class Config:
     workdir: str = opt("outputs/demo", "run_pipeline's workdir: reads stages/<task>/{back_translations,regions,divergence}.")
     ground_truth: str | None = opt(None, "ground_truth.jsonl; null: <workdir>/benchmark/ground_truth.jsonl.")
     output: str | None = opt(None, "Folder for metrics.json and config.yaml; null: <workdir>/probes.")
-    tasks: list[Literal["ner", "re"]] = opt(["ner", "re"], "Tasks whose tables are probed (v' fidelity: NER only).")
+    tasks: list[Literal["ner", "re"]] = opt(["ner", "re"], "Tasks whose tables are probed.")
     split: str = opt("test", "Split probed (tune on valid, report test once).")
     iou_threshold: float = opt(0.5, "Grounding: IoU at which a box finds a mention's object.")
     top_k: int = opt(3, "Grounding: boxes per image that count (the paper's 3 regions).")
@@ -68,16 +69,26 @@ def load_truth(path: str) -> dict[str, dict]:
         return {row["id"]: row for row in map(json.loads, filter(str.strip, handle))}
 
 
-def fidelity(cfg: Config, truth: dict[str, dict]) -> dict[str, float]:
-    """v' fidelity on the NER split: what the reader sees in each back-translation the extractor got."""
+def fidelity(cfg: Config, task: str, truth: dict[str, dict]) -> dict[str, float]:
+    """v' fidelity on the split: what the reader sees in each back-translation the extractor got.
+    NER keys are ``bt_fidelity_*``, RE's ``re_bt_fidelity_*``."""
     from tmr_core.images import load_image
-    from tmr_core.probes import back_translation_fidelity, probe_items
+    from tmr_core.probes import (
+        back_translation_fidelity,
+        probe_items,
+        relation_back_translation_fidelity,
+        relation_probe_items,
+    )
 
-    rows = [r for r in _table(cfg, "ner", "back_translations") if r.get("back_translation_uri")]
+    rows = [r for r in _table(cfg, task, "back_translations") if r.get("back_translation_uri")]
     options = cfg.storage.options()
     images = {r["id"]: load_image(r["back_translation_uri"], options) for r in rows}
-    items = probe_items([truth[i] for i in images if i in truth], cfg.split)
-    return {f"bt_fidelity_{k}": float(v) for k, v in back_translation_fidelity(items, images).items()}
+    known = [truth[i] for i in images if i in truth]
+    if task == "ner":
+        scores, prefix = back_translation_fidelity(probe_items(known, cfg.split), images), "bt_fidelity_"
+    else:
+        scores, prefix = relation_back_translation_fidelity(relation_probe_items(known, cfg.split), images), "re_bt_fidelity_"
+    return {prefix + k: float(v) for k, v in scores.items()}
 
 
 def grounding(cfg: Config, task: str, truth: dict[str, dict]) -> dict[str, float]:
@@ -109,9 +120,8 @@ def estimator_transfer(cfg: Config, task: str, truth: dict[str, dict]) -> dict[s
 def probe(cfg: Config) -> dict[str, float]:
     truth = load_truth(cfg.ground_truth or os.path.join(cfg.workdir, "benchmark", "ground_truth.jsonl"))
     metrics: dict[str, float] = {}
-    if "ner" in cfg.tasks:
-        metrics |= fidelity(cfg, truth)
     for task in cfg.tasks:
+        metrics |= fidelity(cfg, task, truth)
         metrics |= grounding(cfg, task, truth)
         metrics |= estimator_transfer(cfg, task, truth)
     return metrics | pooled_grounding(metrics, list(cfg.tasks))
@@ -139,9 +149,11 @@ def probe_table(metrics: dict[str, float], split: str) -> str:
         return f"{metrics[key]:.3f}" if key in metrics else "–"
 
     lines = [f"| probe ({split} split) | NER | RE | both | goal |", "|---|---|---|---|---|",
-             f"| v' fidelity, texts that decide a type | {cell('bt_fidelity_deciding')} | – | – | ≥ 0.8 |",
-             f"| v' reads the gold type, neutral texts (chance {cell('bt_fidelity_undecided_chance')}) "
-             f"| {cell('bt_fidelity_undecided_gold_match')} | – | – | ≈ chance |"]
+             f"| v' fidelity, texts that decide a type (RE: both argument types) | {cell('bt_fidelity_deciding')} "
+             f"| {cell('re_bt_fidelity_deciding')} | – | ≥ 0.8 |",
+             f"| v' reads the gold type, neutral texts (chance NER {cell('bt_fidelity_undecided_chance')}, "
+             f"RE {cell('re_bt_fidelity_undecided_chance')}) | {cell('bt_fidelity_undecided_gold_match')} "
+             f"| {cell('re_bt_fidelity_undecided_gold_match')} | – | ≈ chance |"]
     for label, key, goal in (("grounding recall@IoU0.5, top 3", "grounding_recall", "≥ 0.8"),
                              ("zero-area boxes", "grounding_zero_area_share", "≤ 0.05"),
                              ("argmax α vs alignment, macro F1", "alpha_macro_f1", "≥ 0.6")):

@@ -69,6 +69,14 @@ class GlyphReader:
         best = max(pool, key=lambda t: pool[t])
         return best if pool[best] >= self.min_fraction else None
 
+    def read_set(self, image: Any, candidates: Sequence[str], size: int) -> frozenset[str] | None:
+        """The ``size`` types (among ``candidates``) whose colours cover the most pixels, each at
+        least ``min_fraction`` of the image; ``None`` when fewer than ``size`` do."""
+        fractions = self.type_fractions(image)
+        ranked = sorted((t for t in set(candidates) if fractions[t] >= self.min_fraction),
+                        key=lambda t: fractions[t], reverse=True)
+        return frozenset(ranked[:size]) if len(ranked) >= size else None
+
 
 def focus_mention(truth_row: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """A ground-truth NER row's focus mention: the one whose name is not a fixed name."""
@@ -109,6 +117,69 @@ def probe_items(truth_rows: Iterable[Mapping[str, Any]], split: str | None = Non
             decided_type=context if context in NER_TYPES else None, alignment=row.get("alignment", ""),
         ))
     return items
+
+
+def relation_probe_items(truth_rows: Iterable[Mapping[str, Any]], split: str | None = None) -> list[tuple[ProbeItem, ProbeItem]]:
+    """The RE rows of ``split`` (all splits if None) whose relation names argument types, as a
+    (head, tail) pair of :class:`ProbeItem`.
+
+    An RE text decides its relation (``context``) or is neutral; a relation decides both argument
+    types (:data:`tmr_core.synthetic.RELATIONS`), which is what v' can show. ``None`` relations
+    (types drawn at random, not recorded) and the reverse pairs (``-1``: the same text and v') are
+    left out.
+    """
+    from tmr_core.schema import NER_TYPES
+    from tmr_core.synthetic import AMBIGUOUS_NAMES, RELATIONS
+
+    pairs = []
+    for row in truth_rows:
+        if row.get("task") != "re" or (split is not None and row.get("split") != split):
+            continue
+        if row.get("relation") not in RELATIONS or not str(row.get("id", "")).endswith("-0"):
+            continue
+        decided = RELATIONS.get(row.get("context"))  # None when the context is neutral
+        pairs.append(tuple(
+            ProbeItem(id=row["id"], gold_type=gold, allowed=tuple(AMBIGUOUS_NAMES.get(row[role], NER_TYPES)),
+                      decided_type=decided[index] if decided else None, alignment=row.get("alignment", ""))
+            for index, (role, gold) in enumerate(zip(("head", "tail"), RELATIONS[row["relation"]], strict=True))
+        ))
+    return pairs
+
+
+def relation_back_translation_fidelity(pairs: Sequence[tuple[ProbeItem, ProbeItem]], images: Mapping[str, Any],
+                                       reader: GlyphReader | None = None) -> dict[str, float]:
+    """:func:`back_translation_fidelity` for RE: a v' is faithful to a text that decides its
+    relation when the types the reader reads most (as many as the relation has distinct argument
+    types, among the types the two names allow) are the relation's; on neutral texts, agreement
+    with the gold types is compared with chance (1 / the number of such sets). Same keys."""
+    from math import comb
+
+    reader = reader or GlyphReader()
+    hits = deciding = matches = undecided = unread = seen = 0
+    chance = 0.0
+    for head, tail in pairs:
+        if head.id not in images:
+            continue
+        seen += 1
+        candidates = set(head.allowed) | set(tail.allowed)
+        wanted = frozenset((head.decided_type, tail.decided_type) if head.decided_type else (head.gold_type, tail.gold_type))
+        read = reader.read_set(images[head.id], sorted(candidates), len(wanted))
+        unread += read is None
+        if head.decided_type is not None:
+            deciding += 1
+            hits += read == wanted
+        else:
+            undecided += 1
+            matches += read == wanted
+            chance += 1.0 / comb(len(candidates), len(wanted))
+    return {
+        "deciding": hits / deciding if deciding else float("nan"),
+        "undecided_gold_match": matches / undecided if undecided else float("nan"),
+        "undecided_chance": chance / undecided if undecided else float("nan"),
+        "unread": unread / seen if seen else float("nan"),
+        "deciding_n": float(deciding),
+        "undecided_n": float(undecided),
+    }
 
 
 def back_translation_fidelity(items: Sequence[ProbeItem], images: Mapping[str, Any],
