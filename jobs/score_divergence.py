@@ -132,7 +132,9 @@ class ScoreDivergence:
         if self.cfg.on_missing_image != "error" or row["image_error"] or row["image_uri"] is None:
             return
         error = scored["image_error"]
-        if error and error.startswith("the MDE cannot score"):
+        from tmr_core.inference import UnscorableImage
+
+        if isinstance(error, UnscorableImage):
             raise ValueError(f"sample {row['id']!r}: {error}; set --on_missing_image keep|skip to go on without it")
         if error:
             raise FileNotFoundError(f"sample {row['id']!r}: image_uri {row['image_uri']!r} is missing or unreadable "

@@ -210,6 +210,12 @@ class GroundingStep:
 # --------------------------------------------------------------------------- divergence
 
 
+class UnscorableImage(str):
+    """The ``image_error`` of a row whose image was read but that the MDE could not score (e.g. an
+    image too thin for ViLT's resize). A ``str``, so tables and responses carry it as text; its own
+    type, so a job's ``on_missing_image`` policy tells it from an unreadable image."""
+
+
 class DivergenceStep:
     """(strengthen, complement, weaken) of each row's (text, image) from the trained MDE (Eq. 4).
 
@@ -257,7 +263,8 @@ class DivergenceStep:
             chunk = scored[start:start + self.micro_batch_size]
             results = answer_each(self._forward, [(tokens[i], images[i]) for i in chunk])
             for i, result in zip(chunk, results, strict=True):
-                out[i] = f"the MDE cannot score the image ({result})" if isinstance(result, Exception) else result
+                out[i] = (UnscorableImage(f"the MDE cannot score the image ({result})") if isinstance(result, Exception)
+                          else result)
         return out
 
     def __call__(self, rows: list[Row]) -> list[Row]:
