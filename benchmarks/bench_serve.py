@@ -31,7 +31,7 @@ Everything is measured in one run, on one Serve instance that holds four applica
    compute), batched / unbatched beside it.
 
 Torch threads: the served model replicas get the driver's ``torch.get_num_threads()`` (as
-``OMP_NUM_THREADS``), so both sides compute with as many threads. Machine facts (cores, torch
+``OMP_NUM_THREADS``; ``--torch-threads`` sets it), so both sides compute with as many threads. Machine facts (cores, torch
 threads, load average at start and end) are printed beside every ratio. Without trained
 checkpoints it builds untrained ones (:func:`make_untrained_checkpoints`): serving cost does not
 depend on the weights' values. Prints a table and writes JSON (``--output``).
@@ -432,6 +432,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--time-limit", type=float, default=25.0, help="Most seconds per measurement.")
     parser.add_argument("--clients", type=int, default=16,
                         help="Concurrent clients, the batched app's max_batch_size and the in-process batch size.")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="Torch threads here and in the served model replicas (default: torch's, one per core). "
+                             "On a machine shared with other work, 1 avoids threads waiting on each other.")
     parser.add_argument("--ner-model", default=None, help="NER checkpoint (default: untrained, on --size backbones).")
     parser.add_argument("--mde-model", default=None, help="MDE checkpoint (default: untrained, on --size backbones).")
     parser.add_argument("--output", default="outputs/bench/serve.json", help="Where the JSON results go.")
@@ -529,6 +532,10 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
                        "TOKENIZERS_PARALLELISM": "false"}.items():
         os.environ.setdefault(key, value)
+    if options.torch_threads:
+        import torch
+
+        torch.set_num_threads(options.torch_threads)  # the replicas get the same (bench_config)
     before = machine_facts()
     models = models_of_size(options.size)
     work = Path(tempfile.mkdtemp(prefix="tmr-bench-serve-"))

@@ -304,8 +304,16 @@ def check_text(request: NERRequest | RERequest, settings: IngressSettings) -> No
                          "send one sentence or post", 422, "too_long")
 
 
+# Below this many base64 characters (~190 kB of image) an image is decoded on the event loop: a
+# thread hand-off costs more than the decoding (on a loaded 2-core node, several ms: measured by
+# benchmarks.bench_serve); larger ones go to a thread so the ingress keeps answering meanwhile.
+INLINE_IMAGE_CHARS = 256_000
+
+
 async def request_image(request: NERRequest | RERequest, settings: IngressSettings) -> bytes | None:
     if request.image is not None:
+        if len(request.image) <= INLINE_IMAGE_CHARS:
+            return decode_base64_image(request.image, settings)
         return await asyncio.to_thread(decode_base64_image, request.image, settings)
     if request.image_uri is not None:
         return await asyncio.to_thread(read_image_uri, request.image_uri, settings)
