@@ -48,11 +48,12 @@ class GenerationArgs(BaseModel):
 
 
 class BatchingArgs(BaseModel):
-    """``@serve.batch`` settings of the model deployments."""
+    """``@serve.batch`` settings of the model deployments (NERModel, REModel, BackTranslator)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(8, ge=1, description="Most requests one forward pass takes.")
+    max_batch_size: int = Field(
+        8, ge=1, description="Most requests one batch takes (each model step runs once per batch); 1: no batching.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill.")
 
 
@@ -85,7 +86,7 @@ class AppArgs(BaseModel):
         "fast", description="Default per request: full generates the back-translation, fast only looks it up."
     )
     batching: BatchingArgs = Field(default_factory=BatchingArgs)
-    device: str = Field("cpu", description="Where the NER/RE/MDE/grounder models run (cpu | cuda).")
+    device: str = Field("cpu", description="Where NERModel/REModel run their models: extractor, MDE, grounder (cpu | cuda).")
     image_uri_prefixes: list[str] = Field(
         default_factory=list, description="Storage prefixes image_uri may read from (folders or s3://bucket/prefix)."
     )
