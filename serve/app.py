@@ -105,6 +105,9 @@ class AppArgs(BaseModel):
     storage_endpoint_url: str | None = Field(None, description="S3-compatible endpoint for s3:// URIs.")
     storage_region: str | None = Field(None, description="S3 region.")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI for models:/ URIs; null: $MLFLOW_TRACKING_URI.")
+    examples_dir: str | None = Field(
+        None, description="A synthetic benchmark folder (make_synthetic_benchmark's output) whose test items the "
+        "demo page offers as examples (GET /v1/examples); null: no examples.")
 
 
 def _back_translator_options(args: AppArgs) -> dict:
@@ -126,6 +129,7 @@ def _ingress_settings(args: AppArgs) -> IngressSettings:
         cache_uri=args.back_translation_cache,
         storage_endpoint_url=args.storage_endpoint_url,
         storage_region=args.storage_region,
+        examples_dir=args.examples_dir,
     )
 
 

@@ -304,6 +304,7 @@ class TMRModel:
 
         Returns:
             NER ``entities``; RE ``relation`` and ``probabilities``; and ``phrases`` (texts),
+            ``regions`` and ``back_translation_regions`` (the phrases' boxes in v and v'),
             ``divergence`` (or None without an image), ``back_translation`` (``uri``, ``error``,
             ``cached``), ``timing`` (milliseconds per step).
 
@@ -417,6 +418,8 @@ class TMRModel:
     def _answer(self, row: dict, timing: dict[str, float]) -> dict:
         answer = {
             "phrases": [p["text"] for p in row["phrases"]],
+            "regions": row["regions"],
+            "back_translation_regions": row["back_translation_regions"],
             "divergence": row["divergence"],
             "back_translation": {"uri": row["back_translation_uri"], "error": row["back_translation_error"],
                                  "cached": bool(row["back_translation_cached"])},

@@ -50,6 +50,7 @@ from serve.schemas import (
     Divergence,
     Entity,
     ErrorBody,
+    ExamplesResponse,
     Health,
     InputError,
     Mode,
@@ -57,6 +58,7 @@ from serve.schemas import (
     ModelsResponse,
     NERRequest,
     NERResponse,
+    Region,
     RERequest,
     REResponse,
 )
@@ -91,6 +93,7 @@ class IngressSettings(BaseModel):
     cache_uri: str = ".cache/back_translations"
     storage_endpoint_url: str | None = None
     storage_region: str | None = None
+    examples_dir: str | None = None
 
     def storage_options(self):
         from tmr_core.storage import StorageOptions
@@ -188,8 +191,10 @@ class Pipeline:
             "back_translation": BackTranslationInfo(
                 used=uri is not None, id=key, url=f"/v1/back-translations/{key}" if key else None,
                 cached=back_translation["cached"], error=back_translation["error"],
+                regions=[Region(**r) for r in answer["back_translation_regions"]],
             ),
             "phrases": answer["phrases"],
+            "regions": [Region(**r) for r in answer["regions"]],
         }
 
     def back_translation_uri(self, key: str) -> str:
@@ -526,6 +531,24 @@ def build_api(pipeline: Pipeline, settings: IngressSettings, token: str | None) 
             raise InputError("image_id", "the cached back-translated image is unreadable; a full-mode request "
                              "or the batch job regenerates it", 404, "not_found")
         return Response(content=data, media_type="image/png")
+
+    examples: list[dict] = []  # loaded on the first call that finds them, then kept
+
+    @api.get("/v1/examples", response_model=ExamplesResponse, responses=errors, tags=["demo"],
+             dependencies=[_security(bearer)])
+    async def demo_examples() -> ExamplesResponse:
+        """Test-split items of the synthetic benchmark the demo models know (one per task and
+        alignment), with their images and gold labels; 404 when the server has none (examples_dir)."""
+        from serve.examples import load_examples
+
+        if settings.examples_dir is None:
+            raise InputError("path", "this server has no examples (examples_dir is null)", 404, "not_found")
+        if not examples:
+            try:
+                examples.extend(await asyncio.to_thread(load_examples, settings.examples_dir))
+            except (FileNotFoundError, ValueError) as error:  # DataFormatError is a ValueError
+                raise InputError("path", str(error), 404, "not_found") from None
+        return ExamplesResponse(examples=examples)
 
     @api.get("/", include_in_schema=False)
     async def index() -> FileResponse:

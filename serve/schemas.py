@@ -166,6 +166,14 @@ class Divergence(BaseModel):
     weaken: float
 
 
+class Region(BaseModel):
+    """A box the grounder found for a phrase (§3.2, V^r)."""
+
+    phrase: str = Field(description="The noun phrase the box was found for.")
+    box: list[float] = Field(description="[x1, y1, x2, y2] in pixels of the image it was found in.")
+    score: float = Field(description="The detector's score.")
+
+
 class BackTranslationInfo(BaseModel):
     """The image generated from the text (Eq. 3), if the request used one."""
 
@@ -174,6 +182,8 @@ class BackTranslationInfo(BaseModel):
     url: str | None = Field(None, description="Where this server serves the image (needs the token too).")
     cached: bool = Field(False, description="The image was already in the cache.")
     error: str | None = Field(None, description="Why generation failed; the prediction then ran without it.")
+    regions: list[Region] = Field(
+        default_factory=list, description="The phrases grounded in the back-translated image (its pixels).")
 
 
 class _Prediction(BaseModel):
@@ -182,6 +192,8 @@ class _Prediction(BaseModel):
     divergence: Divergence | None = Field(description="Null when the request had no image.")
     back_translation: BackTranslationInfo
     phrases: list[str] = Field(description="The noun phrases grounded in the images.")
+    regions: list[Region] = Field(
+        default_factory=list, description="The phrases grounded in the request's image (top-k boxes, its pixels).")
 
 
 class NERResponse(_Prediction):
@@ -193,6 +205,39 @@ class REResponse(_Prediction):
     tail: TokenSpan
     relation: str
     probabilities: dict[str, float] = Field(description="Probability of every relation label.")
+
+
+class ExampleSpan(BaseModel):
+    text: str = Field(description="The span's tokens joined by spaces.")
+    start: int = Field(description="First token (0-based).")
+    end: int = Field(description="One past the last token.")
+    type: str | None = Field(None, description="NER: the entity type.")
+    box: list[float] | None = Field(None, description="Where the image shows it ([x1, y1, x2, y2] px); null: it does not.")
+
+
+class GoldLabels(BaseModel):
+    """The benchmark's answer: NER entities, or the RE pair and its relation."""
+
+    entities: list[ExampleSpan] = Field(default_factory=list, description="NER: every gold entity.")
+    head: ExampleSpan | None = Field(None, description="RE: the head entity.")
+    tail: ExampleSpan | None = Field(None, description="RE: the tail entity.")
+    relation: str | None = Field(None, description="RE: the gold relation.")
+
+
+class Example(BaseModel):
+    """A test-split item of the synthetic benchmark the demo models were trained on."""
+
+    id: str = Field(description="The benchmark's sample id (send it as `sample_id`).")
+    task: Literal["ner", "re"]
+    alignment: Literal["strengthen", "complement", "weaken"] = Field(description="How its image relates to its text.")
+    text: str
+    tokens: list[str]
+    image: str = Field(description="The image as a `data:image/png;base64,` URL (post it as `image`).")
+    gold: GoldLabels
+
+
+class ExamplesResponse(BaseModel):
+    examples: list[Example]
 
 
 class ModelInfo(BaseModel):
