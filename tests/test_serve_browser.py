@@ -8,7 +8,8 @@ labels the page shows with the benchmark's ``ground_truth.jsonl``. The page send
 token from its token field and asks for ``full`` mode, so the back-translation is generated and
 both images get grounded regions. Browser: Debian's ``chromium`` driven by playwright (never
 ``playwright install``); screenshots go to the test's ``tmp_path`` (pytest keeps the last runs'
-under its base temp folder), never into the work tree.
+under its base temp folder), never into the work tree. The last test checks ``GET /v1/examples``
+on the ingress's FastAPI app alone: the pick is deterministic, and without examples it says why.
 """
 
 from __future__ import annotations
@@ -150,3 +151,37 @@ def test_each_example_shows_its_gold_labels_beside_the_prediction(serve_app, bro
         assert drawn_gold == sum(box is not None for box in gold_boxes), sample_id  # none for weaken
         page.screenshot(path=str(tmp_path / f"example-{task}-{alignment}.png"), full_page=True)
     assert len(list(tmp_path.glob("example-*.png"))) == 6
+
+
+# Last in the file: it needs no app, so the app's tests above run back to back on one deployment.
+def test_examples_route_serves_one_test_item_per_task_and_alignment_or_says_why_not(tiny_benchmark, tmp_path):
+    """``GET /v1/examples`` on the ingress's FastAPI app alone (no Ray, no models): the pick is
+    deterministic, and a server without examples answers 404 saying why (the page then shows it)."""
+    from starlette.testclient import TestClient
+
+    from serve.ingress import IngressSettings, Pipeline, build_api
+
+    def get(examples_dir):
+        settings = IngressSettings(examples_dir=examples_dir, auth_token_env=None)
+        with TestClient(build_api(Pipeline(None, None, settings), settings, token=None)) as client:
+            assert client.get("/").status_code == 200  # the page itself never depends on examples
+            return client.get("/v1/examples")
+
+    first, again = get(str(tiny_benchmark)), get(str(tiny_benchmark))
+    assert first.status_code == 200 and first.json() == again.json()
+    examples = first.json()["examples"]
+    assert [(e["task"], e["alignment"]) for e in examples] == [
+        (task, alignment) for task in ("ner", "re") for alignment in ("strengthen", "complement", "weaken")]
+    for example in examples:
+        assert example["image"].startswith("data:image/png;base64,") and example["tokens"] == example["text"].split()
+        if example["task"] == "ner":
+            assert example["gold"]["entities"]
+        else:
+            head, tail = example["gold"]["head"], example["gold"]["tail"]
+            assert example["tokens"][head["start"]:head["end"]] == head["text"].split() and example["gold"]["relation"]
+            assert example["tokens"][tail["start"]:tail["end"]] == tail["text"].split()
+
+    missing = get(str(tmp_path / "nowhere"))
+    assert missing.status_code == 404 and "ground_truth.jsonl does not exist" in missing.json()["detail"][0]["msg"]
+    none = get(None)
+    assert none.status_code == 404 and "examples_dir is null" in none.json()["detail"][0]["msg"]
