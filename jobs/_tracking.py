@@ -171,12 +171,27 @@ def start_new_run(tracking_uri: str, experiment: str, run_name: str, params: dic
 
 
 def ensure_experiment(client: Any, name: str) -> str:
+    """The experiment's id, created (or restored) when needed. Another process may create it
+    between the look-up and the creation (run_pipeline's parallel stages share experiments)."""
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage != "active":
-            client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-    return client.create_experiment(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage != "active":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def prepare_store(tracking_uri: str | None = None) -> None:
+    """Create the tracking store's tables now (a new sqlite file), so processes that start at
+    once (run_pipeline's parallel stages) never race to create them."""
+    _client(resolve_tracking_uri(tracking_uri)).search_experiments(max_results=1)
 
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -40,10 +41,11 @@ def first_test_sentence(benchmark_dir: str):
 
 
 def gold_entities(tokens: list[str], tags: list[str]) -> list[dict]:
-    """The sentence's gold entities as the API names them (text and type)."""
+    """The sentence's gold entities as the API names them (text, type, token start and end)."""
     from tmr_core.metrics import chunks
 
-    return [{"text": " ".join(tokens[start:end]), "type": kind} for kind, start, end in chunks(tags)]
+    return [{"text": " ".join(tokens[start:end]), "type": kind, "start": start, "end": end}
+            for kind, start, end in chunks(tags)]
 
 
 def serve_one_request(cfg: Config, text: str, image: str, log: str | None) -> tuple[str, dict]:
@@ -52,20 +54,25 @@ def serve_one_request(cfg: Config, text: str, image: str, log: str | None) -> tu
     import ray
     from ray import serve
 
-    from jobs.run_pipeline import output_to
+    from jobs.run_pipeline import log_tail, output_to
     from serve.app import demo_request, deploy_config, load_serve_config
 
     config = load_serve_config(cfg.serve_config)
-    with output_to(log):
-        if ray.is_initialized():  # the pipeline's session; Serve gets a fresh local one on loopback
-            ray.shutdown()
-        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
-        try:
-            url = deploy_config(config, port=cfg.port)
-            return url, demo_request(url, image, text)
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+    try:
+        with output_to(log):
+            if ray.is_initialized():  # the pipeline's session; Serve gets a fresh local one on loopback
+                ray.shutdown()
+            ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
+            try:
+                url = deploy_config(config, port=cfg.port)
+                return url, demo_request(url, image, text)
+            finally:
+                serve.shutdown()
+                ray.shutdown()
+    except BaseException:
+        if log is not None:
+            print(f"--- last lines of {log}:\n{log_tail(log)}", file=sys.stderr, flush=True)
+        raise
 
 
 class PortInUseError(TMRError):
@@ -86,8 +93,8 @@ def print_response(response: dict, gold: list[dict]) -> None:
     def named(entities: list[dict]) -> str:
         return ", ".join(f"{e['text']} ({e['type']})" for e in entities) or "none"
 
-    predicted = {(e["text"], e["type"]) for e in response.get("entities", [])}
-    correct = sum((e["text"], e["type"]) in predicted for e in gold)
+    predicted = {(e["start"], e["end"], e["type"]) for e in response.get("entities", [])}
+    correct = sum((e["start"], e["end"], e["type"]) in predicted for e in gold)
     divergence = response.get("divergence")
     print("\n## Serve response (/v1/ner), scored against the sentence's gold labels\n")
     print(f"predicted:  {named(response.get('entities', []))}")

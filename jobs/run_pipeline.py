@@ -91,10 +91,12 @@ class Config:
     )
     parallel_stages: int = opt(
         1, "Training stages (back-translator, grounder, MDE, extractors) that may run at once, each in its own "
-        "process joined to this Ray session, beside the table stages; 1: one stage at a time, in the plan's order."
+        "process joined to this Ray session, beside the table stages, its output in <workdir>/logs/<stage>.log; "
+        "1: one stage at a time, in the plan's order."
     )
     stage_threads: int | None = opt(
-        None, "torch threads (OMP_NUM_THREADS) of each training stage run in its own process; null: torch's default."
+        None, "torch threads (OMP_NUM_THREADS) of each training stage run in its own process, for jobs in local mode "
+        "(ray.num_workers: 0, the tiny configs); Ray Train workers get theirs from Ray; null: torch's default."
     )
     stage_logs: bool = opt(
         False, "Write each stage's output to <workdir>/logs/<stage>.log and print one line per stage."
@@ -433,7 +435,7 @@ HEADLINE_METRICS = {
     "pretrain_mde": ("test_in_domain_macro_f1", "test_out_of_domain_macro_f1"),
     "finetune_text_to_image": ("test_bt_fidelity_deciding", "base_test_bt_fidelity_deciding"),
     "finetune_grounder": ("test_recall", "test_zero_area_share"),
-    "probe_mechanisms": ("bt_fidelity_deciding", "ner_grounding_recall", "re_grounding_recall",
+    "probe_mechanisms": ("bt_fidelity_deciding", "re_bt_fidelity_deciding", "ner_grounding_recall", "re_grounding_recall",
                          "ner_alpha_macro_f1", "re_alpha_macro_f1"),
     "finetune_extractor": ("test_f1", "test_ambiguous_f1"),
 }
@@ -507,8 +509,9 @@ def log_path(workdir: str, stage: Stage) -> str:
 
 @contextlib.contextmanager
 def output_to(path: str | None) -> Iterator[None]:
-    """Send this process's stdout and stderr (file descriptors 1 and 2, so Ray's, tqdm's and C
-    libraries' output too) to ``path`` while the block runs; ``None``: leave them alone."""
+    """Send this process's stdout and stderr to ``path`` while the block runs: ``sys.stdout`` and
+    ``sys.stderr`` (Python's prints, wherever they point) and file descriptors 1 and 2 (Ray's,
+    tqdm's and C libraries' output); ``None``: leave them alone."""
     if path is None:
         yield
         return
@@ -517,14 +520,14 @@ def output_to(path: str | None) -> Iterator[None]:
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
     try:
-        with open(path, "ab") as log:
+        with open(path, "a", buffering=1) as log:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
             try:
-                yield
+                with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                    yield
             finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
+                log.flush()
                 os.dup2(saved[0], 1)
                 os.dup2(saved[1], 2)
     finally:
@@ -629,6 +632,7 @@ class Scheduler:
         self.rows_by_stage: dict[str, dict[str, int]] = {}
         self.ran: dict[str, float | None] = {}
         self.running: dict[str, BackgroundStage] = {}
+        self._to_run: set[str] = set()  # stages found not up to date
         self._address: str | None = None
 
     # ---- what may run now
@@ -670,7 +674,7 @@ class Scheduler:
         are free; True when anything changed (the ready set may have grown)."""
         changed = False
         for stage in self._ready():
-            if not self._forced(stage) and is_up_to_date(self.cfg.workdir, stage, self.fingerprints[stage.id]):
+            if stage.id not in self._to_run and self._up_to_date(stage):
                 self._finish(stage, None)
                 changed = True
             elif self._in_background(stage) and len(self.running) < self.cfg.parallel_stages:
@@ -678,28 +682,40 @@ class Scheduler:
                 changed = True
         return changed
 
+    def _up_to_date(self, stage: Stage) -> bool:
+        """Checked once per stage: one waiting for a free slot is not looked at again."""
+        if not self._forced(stage) and is_up_to_date(self.cfg.workdir, stage, self.fingerprints[stage.id]):
+            return True
+        self._to_run.add(stage.id)
+        return False
+
     def _start(self, stage: Stage) -> None:
         self.pending.remove(stage)
         retire_marker(self.cfg.workdir, stage)
         if self._address is None:
+            from jobs._tracking import prepare_store
+
             with output_to(self._log_of_pipeline()):
                 self._address = ray_address()
+                prepare_store(self.cfg.tracking_uri)
         log = log_path(self.cfg.workdir, stage)
         self.running[stage.id] = start_background(stage, stage_argv(stage, self._forced(stage)), log,
                                                   self._address, self.cfg.stage_threads)
         print(f"=== [{stage.id}] started in its own process (log: {log})", flush=True)
 
     def _collect_finished(self) -> None:
-        for stage_id, job in list(self.running.items()):
-            if job.ended is None:
+        """Finish every stage whose process has exited, the successful ones first (so their
+        markers are written even when another failed in the same moment), then raise for a failure."""
+        ended = [job for job in self.running.values() if job.ended is not None]
+        for job in sorted(ended, key=lambda j: bool(j.process.returncode)):
+            del self.running[job.stage.id]
+            if not job.process.returncode:
+                self._finish(job.stage, job.seconds())
                 continue
-            del self.running[stage_id]
-            if job.process.returncode:
-                print(f"\n--- last lines of {job.log}:\n{log_tail(job.log)}", file=sys.stderr, flush=True)
-                print(f"\n[run_pipeline] stage {stage_id} failed (exit code {job.process.returncode}); log: {job.log}; "
-                      "rerun the same command to resume from it.", flush=True)
-                raise RuntimeError(f"stage {stage_id} (jobs.{job.stage.job}) exited with code {job.process.returncode}")
-            self._finish(job.stage, job.seconds())
+            print(f"\n--- last lines of {job.log}:\n{log_tail(job.log)}", file=sys.stderr, flush=True)
+            print(f"\n[run_pipeline] stage {job.stage.id} failed (exit code {job.process.returncode}); log: {job.log}; "
+                  "rerun the same command to resume from it.", flush=True)
+            raise RuntimeError(f"stage {job.stage.id} (jobs.{job.stage.job}) exited with code {job.process.returncode}")
 
     def _run_here(self, stage: Stage) -> None:
         self.pending.remove(stage)

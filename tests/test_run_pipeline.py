@@ -232,6 +232,7 @@ def test_two_pipelines_from_scratch_with_one_seed_give_the_same_scores(ray_local
     small.write_text(yaml.safe_dump({
         **base,
         "text_only_baseline": False, "compare": False, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "parallel_stages": 1,  # determinism, not scheduling: no process start per training stage
         "job_args": {
             "make_synthetic_benchmark": ["--ner_sizes", "[48, 16, 16]", "--re_sizes", "[32, 12, 12]",
                                          "--mde_sizes", "[96, 16, 16, 16]"],
@@ -292,20 +293,23 @@ def test_demo_on_a_busy_port_prints_the_summary_then_one_line_naming_the_port(mo
     assert "## Pipeline summary" in capsys.readouterr().out
 
 
-def test_independent_stages_run_side_by_side_in_their_own_processes_and_a_failed_one_stops_the_run(
-        ray_local, tmp_path, monkeypatch, capsys):
+def test_ready_stages_start_together_in_their_own_processes_logs_go_to_files_and_a_failed_one_stops_the_run(
+        ray_local, tmp_path, monkeypatch, capfd):
     # Two stages that read nothing stand in for the training stages (same scheduling, seconds to run).
     monkeypatch.setattr(run_pipeline, "BACKGROUND_JOBS", frozenset({"make_tiny_models", "make_synthetic_benchmark"}))
-    argv = [*_argv(tmp_path), "--parallel_stages", "2", "--stage_threads", "1"]
+    argv = [*_argv(tmp_path), "--parallel_stages", "2", "--stage_threads", "1", "--stage_logs", "true"]
     assert run_pipeline.main(argv) == 0
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out  # the file descriptors: what a terminal would show
     lines = [line for line in out.splitlines() if line.startswith("=== [make_")]
-    # both started before either was collected: they ran at the same time
+    # both started before either finished was collected
     assert [line.split("]")[1].split()[0] for line in lines[:2]] == ["started", "started"]
     for stage in ("make_tiny_models", "make_synthetic_benchmark"):
         assert (tmp_path / ".pipeline" / f"{stage}.json").is_file()
         assert f"python -m jobs.{stage}" in (tmp_path / "logs" / f"{stage}.log").read_text()
+    # the in-process stage's own output went to its log; the terminal has its one line
     assert re.search(r"=== \[prepare_dataset\.ner\] ran in [\d.]+ s · rows train \d+", out)
+    assert "[prepare_dataset] synthetic (ner)" in (tmp_path / "logs" / "prepare_dataset.ner.log").read_text()
+    assert "[prepare_dataset]" not in out and "resolved config" not in out
 
     import shutil
 
@@ -313,7 +317,7 @@ def test_independent_stages_run_side_by_side_in_their_own_processes_and_a_failed
     (tmp_path / "benchmark").write_text("a file where the benchmark's folder goes")
     with pytest.raises(RuntimeError, match=r"stage make_synthetic_benchmark \(jobs.make_synthetic_benchmark\) exited with code 1"):
         run_pipeline.main([*argv, "--force", "[make_synthetic_benchmark]"])
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()
     assert "last lines of" in captured.err and "Error" in captured.err  # the job's own traceback, shown
     assert "rerun the same command to resume" in captured.out
     assert not (tmp_path / ".pipeline" / "make_synthetic_benchmark.json").exists()
@@ -323,8 +327,10 @@ def test_the_demo_scores_its_request_against_the_sentences_gold_labels(capsys):
     from jobs import run_demo
 
     gold = run_demo.gold_entities(["Kevin", "Durant", "joins", "Golden", "State"], ["B-PER", "I-PER", "O", "B-ORG", "I-ORG"])
-    assert gold == [{"text": "Kevin Durant", "type": "PER"}, {"text": "Golden State", "type": "ORG"}]
-    run_demo.print_response({"entities": [{"text": "Kevin Durant", "type": "PER"}, {"text": "Golden", "type": "LOC"}],
+    assert gold == [{"text": "Kevin Durant", "type": "PER", "start": 0, "end": 2},
+                    {"text": "Golden State", "type": "ORG", "start": 3, "end": 5}]
+    run_demo.print_response({"entities": [{"text": "Kevin Durant", "type": "PER", "start": 0, "end": 2},
+                                          {"text": "Golden", "type": "LOC", "start": 3, "end": 4}],
                              "divergence": {"strengthen": 0.61234, "complement": 0.3, "weaken": 0.08766}}, gold)
     out = capsys.readouterr().out
     assert "gold:       Kevin Durant (PER), Golden State (ORG)   (1 of 2 found, 2 predicted)" in out
