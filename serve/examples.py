@@ -53,7 +53,7 @@ def load_examples(folder: str | Path) -> list[dict]:
         raise FileNotFoundError(f"examples_dir: {truth_path} does not exist; run `make demo` (or "
                                 "python -m jobs.make_synthetic_benchmark) to write the benchmark there")
     truth = {row["id"]: row for row in read_ground_truth(truth_path) if row["split"] == SPLIT}
-    return _ner_examples(folder, truth) + _re_examples(folder, truth)
+    return [_with_image(example) for example in _ner_examples(folder, truth) + _re_examples(folder, truth)]
 
 
 def _ner_examples(folder: Path, truth: dict[str, dict]) -> list[dict]:
@@ -104,9 +104,15 @@ def _pick(candidates: list[tuple[object, dict]]) -> list[dict]:
 
 def _example(sample_id: str, task: str, alignment: str, tokens: list[str], image_paths: list[str],
              gold: dict) -> dict:
-    path = next((Path(p) for p in image_paths if Path(p).is_file()), None)
-    if path is None:
-        raise FileNotFoundError(f"examples_dir: no image for {sample_id} (looked for {', '.join(image_paths)})")
-    image = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    """A candidate example; its image is read only once it is picked (:func:`_with_image`)."""
     return {"id": sample_id, "task": task, "alignment": alignment, "text": " ".join(tokens), "tokens": list(tokens),
-            "image": image, "gold": gold}
+            "image_paths": image_paths, "gold": gold}
+
+
+def _with_image(example: dict) -> dict:
+    """The picked example with its image as a data URL in place of the paths it may be at."""
+    paths = example.pop("image_paths")
+    path = next((Path(p) for p in paths if Path(p).is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"examples_dir: no image for {example['id']} (looked for {', '.join(paths)})")
+    return {**example, "image": "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")}

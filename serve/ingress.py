@@ -545,9 +545,11 @@ def build_api(pipeline: Pipeline, settings: IngressSettings, token: str | None) 
             raise InputError("path", "this server has no examples (examples_dir is null)", 404, "not_found")
         if not examples:
             try:
-                examples.extend(await asyncio.to_thread(load_examples, settings.examples_dir))
+                loaded = await asyncio.to_thread(load_examples, settings.examples_dir)
             except (FileNotFoundError, ValueError) as error:  # DataFormatError is a ValueError
                 raise InputError("path", str(error), 404, "not_found") from None
+            if not examples:  # two first requests may both have loaded them: keep one copy
+                examples.extend(loaded)
         return ExamplesResponse(examples=examples)
 
     @api.get("/", include_in_schema=False)

@@ -155,30 +155,43 @@ def relation_back_translation_fidelity(pairs: Sequence[tuple[ProbeItem, ProbeIte
     from math import comb
 
     reader = reader or GlyphReader()
-    hits = deciding = matches = undecided = unread = seen = 0
-    chance = 0.0
+    outcomes = []
     for head, tail in pairs:
         if head.id not in images:
             continue
-        seen += 1
         candidates = set(head.allowed) | set(tail.allowed)
-        wanted = frozenset((head.decided_type, tail.decided_type) if head.decided_type else (head.gold_type, tail.gold_type))
+        decided = head.decided_type is not None
+        wanted = frozenset((head.decided_type, tail.decided_type) if decided else (head.gold_type, tail.gold_type))
         read = reader.read_set(images[head.id], sorted(candidates), len(wanted))
-        unread += read is None
-        if head.decided_type is not None:
-            deciding += 1
-            hits += read == wanted
-        else:
-            undecided += 1
-            matches += read == wanted
-            chance += 1.0 / comb(len(candidates), len(wanted))
+        outcomes.append(_Outcome(read is None, decided, read == wanted, 1.0 / comb(len(candidates), len(wanted))))
+    return _fidelity_summary(outcomes)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One probe text: did the reader read nothing, does the text decide, did v' show what it
+    should, and the chance of that for a neutral text."""
+
+    unread: bool
+    deciding: bool
+    hit: bool
+    chance: float
+
+
+def _fidelity_summary(outcomes: Sequence[_Outcome]) -> dict[str, float]:
+    deciding = [o for o in outcomes if o.deciding]
+    undecided = [o for o in outcomes if not o.deciding]
+
+    def share(items: Sequence[Any], value: Any) -> float:
+        return sum(map(value, items)) / len(items) if items else float("nan")
+
     return {
-        "deciding": hits / deciding if deciding else float("nan"),
-        "undecided_gold_match": matches / undecided if undecided else float("nan"),
-        "undecided_chance": chance / undecided if undecided else float("nan"),
-        "unread": unread / seen if seen else float("nan"),
-        "deciding_n": float(deciding),
-        "undecided_n": float(undecided),
+        "deciding": share(deciding, lambda o: o.hit),
+        "undecided_gold_match": share(undecided, lambda o: o.hit),
+        "undecided_chance": share(undecided, lambda o: o.chance),
+        "unread": share(outcomes, lambda o: o.unread),
+        "deciding_n": float(len(deciding)),
+        "undecided_n": float(len(undecided)),
     }
 
 
@@ -199,29 +212,15 @@ def back_translation_fidelity(items: Sequence[ProbeItem], images: Mapping[str, A
         ``undecided_n``.
     """
     reader = reader or GlyphReader()
-    hits = deciding = matches = undecided = unread = seen = 0
-    chance = 0.0
+    outcomes = []
     for item in items:
         if item.id not in images:
             continue
-        seen += 1
         read = reader.read(images[item.id], item.allowed)
-        unread += read is None
-        if item.decided_type is not None:
-            deciding += 1
-            hits += read == item.decided_type
-        else:
-            undecided += 1
-            matches += read == item.gold_type
-            chance += 1.0 / len(item.allowed)
-    return {
-        "deciding": hits / deciding if deciding else float("nan"),
-        "undecided_gold_match": matches / undecided if undecided else float("nan"),
-        "undecided_chance": chance / undecided if undecided else float("nan"),
-        "unread": unread / seen if seen else float("nan"),
-        "deciding_n": float(deciding),
-        "undecided_n": float(undecided),
-    }
+        decided = item.decided_type is not None
+        outcomes.append(_Outcome(read is None, decided, read == (item.decided_type if decided else item.gold_type),
+                                 1.0 / len(item.allowed)))
+    return _fidelity_summary(outcomes)
 
 
 def alpha_alignment_scores(rows: Iterable[Mapping[str, Any]], truth: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
