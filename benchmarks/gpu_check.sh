@@ -57,9 +57,7 @@ run train 170 "$PY" -m benchmarks.bench_train --size paper --device cuda --batch
 run back_translation 120 "$PY" -m benchmarks.bench_back_translation --size paper --device cuda --num-gpus 1 \
     --dtype float16 --height 512 --width 512 --steps 20 --batch-size 8 --actor-cpus 4 --seconds 20 \
     --output "$OUT_DIR/back_translation.json"
-serve_device=()
-"$PY" -m benchmarks.bench_serve --help 2>/dev/null | grep -q -- "--device" && serve_device=(--device cuda)
-run serve 120 "$PY" -m benchmarks.bench_serve --size paper "${serve_device[@]}" --output "$OUT_DIR/serve.json"
+run serve 120 "$PY" -m benchmarks.bench_serve --size paper --device cuda --output "$OUT_DIR/serve.json"
 
 echo
 echo "## GPU check, $(date -u +%Y-%m-%d), $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))')"

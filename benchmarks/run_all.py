@@ -62,6 +62,10 @@ def table(folder: str | Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--table"]:
+        if len(argv) != 2:
+            print("usage: python -m benchmarks.run_all --table FOLDER (a folder of the benchmarks' JSON reports)",
+                  file=sys.stderr)
+            return 2
         print(table(argv[1]))
         return 0
     size, args = split_args(argv)

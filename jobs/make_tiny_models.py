@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 from jobs._config import opt, parse_config, print_config, run_main, save_config
 
@@ -26,7 +27,7 @@ JOB = "make_tiny_models"
 class Config:
     """Build the tiny (or paper-size) models into a cache folder (git-ignored)."""
 
-    size: str = opt("tiny", "tiny: seconds, 8 MB; paper: the paper models' architectures, random weights (~5.9 GB).")
+    size: Literal["tiny", "paper"] = opt("tiny", "tiny: seconds, 8 MB; paper: the paper models' architectures, random weights (~5.9 GB).")
     out: str = opt("", "Folder to write, one sub-folder per model; empty: .cache/tmr-models (tiny) or .cache/tmr-models-paper (paper).")
     force: bool = opt(False, "Rebuild even when the stamp says the folder matches the build spec.")
     seed: int = opt(0, "Seed of every model's initial weights.")

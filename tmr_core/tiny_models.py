@@ -793,7 +793,7 @@ def spec_for_size(size: str, **fields: Any) -> TinyModelSpec | PaperModelSpec:
 
 def ensure_models(size: str = "tiny", out_dir: str | Path | None = None) -> dict[str, str]:
     """The five models at ``size`` (``tiny``: seconds, 8 MB; ``paper``: the published architectures,
-    random weights, ~5.6 GB and a few minutes on the first call), built only when missing or stale.
+    random weights, ~5.9 GB and ~40 s on the first call), built only when missing or stale.
 
     Args:
         size: ``tiny`` or ``paper``.
