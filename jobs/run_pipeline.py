@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from jobs._config import opt, parse_config, print_config, run_main, save_config
 from tmr_core.errors import TMRError
@@ -509,9 +509,14 @@ def log_path(workdir: str, stage: Stage) -> str:
 
 @contextlib.contextmanager
 def output_to(path: str | None) -> Iterator[None]:
-    """Send this process's stdout and stderr to ``path`` while the block runs: ``sys.stdout`` and
-    ``sys.stderr`` (Python's prints, wherever they point) and file descriptors 1 and 2 (Ray's,
-    tqdm's and C libraries' output); ``None``: leave them alone."""
+    """Send this process's stdout and stderr to ``path`` while the block runs: file descriptors 1
+    and 2 (Python's prints, Ray's and tqdm's output, C libraries'); ``None``: leave them alone.
+
+    ``sys.stdout``/``sys.stderr`` stay the same objects when they write to those descriptors (a
+    terminal, a pipe), so a logging handler made inside the block never holds a file that is
+    closed after it; only when they write elsewhere (pytest's capture) are they pointed at the
+    log too.
+    """
     if path is None:
         yield
         return
@@ -524,15 +529,26 @@ def output_to(path: str | None) -> Iterator[None]:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
             try:
-                with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                with contextlib.ExitStack() as redirects:
+                    if not (_writes_to(sys.stdout, 1) and _writes_to(sys.stderr, 2)):
+                        redirects.enter_context(contextlib.redirect_stdout(log))
+                        redirects.enter_context(contextlib.redirect_stderr(log))
                     yield
             finally:
-                log.flush()
+                sys.stdout.flush()
+                sys.stderr.flush()
                 os.dup2(saved[0], 1)
                 os.dup2(saved[1], 2)
     finally:
         for fd in saved:
             os.close(fd)
+
+
+def _writes_to(stream: Any, fd: int) -> bool:
+    try:
+        return stream.fileno() == fd
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return False
 
 
 def log_tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
@@ -575,8 +591,8 @@ class BackgroundStage:
 
 
 def ray_address() -> str:
-    """The GCS address of this process's Ray session, started (as the jobs start it) if needed,
-    so every background stage joins the same cluster instead of starting its own."""
+    """The GCS address of this process's Ray session, so every background stage joins the same
+    cluster instead of starting its own."""
     import ray
 
     from jobs._data import init_ray
