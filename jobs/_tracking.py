@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any
 from jobs._config import opt
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+SQLITE_PREFIX = "sqlite:///"
 RUN_ID_FILE = "mlflow_run.json"
 MODEL_ARTIFACT_PATH = "model"
 _MAX_PARAM_VALUE = 6000  # MLflow's limit on one param value
@@ -59,9 +61,8 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     directory than the driver.
     """
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    if uri.startswith(SQLITE_PREFIX) and not uri[len(SQLITE_PREFIX):].startswith("/"):
+        uri = SQLITE_PREFIX + str(Path(uri[len(SQLITE_PREFIX):]).resolve())
     return uri
 
 
@@ -178,7 +179,7 @@ def ensure_experiment(client: Any, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, artifact_location=artifact_location_beside(str(client.tracking_uri), name))
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -186,6 +187,18 @@ def ensure_experiment(client: Any, name: str) -> str:
     if experiment.lifecycle_stage != "active":
         client.restore_experiment(experiment.experiment_id)
     return experiment.experiment_id
+
+
+def artifact_location_beside(tracking_uri: str, experiment: str) -> str | None:
+    """``<database folder>/mlruns/<experiment>`` for a local sqlite store, None for any other.
+
+    MLflow would put a new experiment's artifacts under ``./mlruns`` of whichever directory the
+    creating process runs in, wherever the database is; beside the database, a store and its
+    artifacts stay together (a test's temporary store, a pipeline's own ``--tracking_uri``)."""
+    if not tracking_uri.startswith(SQLITE_PREFIX):
+        return None
+    database = Path(tracking_uri[len(SQLITE_PREFIX):]).resolve()
+    return (database.parent / "mlruns" / re.sub(r"[^A-Za-z0-9._-]+", "_", experiment)).as_uri()
 
 
 def prepare_store(tracking_uri: str | None = None) -> None:

@@ -226,3 +226,18 @@ def test_an_empty_comparison_table_still_has_its_header():
     table = markdown_table([], [("loss", "MDE objective"), ("runs", "runs")], "Table 3")
     assert "| MDE objective | runs |" in table and "(no finished runs)" in table
     assert "| task | ablation |" in ablation_table([])
+
+
+def test_a_jobs_experiment_in_a_sqlite_store_keeps_its_artifacts_beside_the_database(tmp_path, repo_root):
+    # In a fresh process, as run_pipeline's parallel stages run: no test fixture patches MLflow there.
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    script = ("import sys; from mlflow import MlflowClient; from jobs._tracking import ensure_experiment; "
+              "client = MlflowClient(sys.argv[1]); "
+              "print(client.get_experiment(ensure_experiment(client, 'tmr-ner')).artifact_location)")
+    run = subprocess.run([sys.executable, "-c", script, f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"],
+                         cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(repo_root)}, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == (tmp_path / "store" / "mlruns" / "tmr-ner").as_uri()
+    assert not (elsewhere / "mlruns").exists()
