@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -54,25 +53,20 @@ def serve_one_request(cfg: Config, text: str, image: str, log: str | None) -> tu
     import ray
     from ray import serve
 
-    from jobs.run_pipeline import log_tail, output_to
+    from jobs.run_pipeline import output_to
     from serve.app import demo_request, deploy_config, load_serve_config
 
     config = load_serve_config(cfg.serve_config)
-    try:
-        with output_to(log):
-            if ray.is_initialized():  # the pipeline's session; Serve gets a fresh local one on loopback
-                ray.shutdown()
-            ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
-            try:
-                url = deploy_config(config, port=cfg.port)
-                return url, demo_request(url, image, text)
-            finally:
-                serve.shutdown()
-                ray.shutdown()
-    except BaseException:
-        if log is not None:
-            print(f"--- last lines of {log}:\n{log_tail(log)}", file=sys.stderr, flush=True)
-        raise
+    with output_to(log):  # on a failure it shows the log's last lines
+        if ray.is_initialized():  # the pipeline's session; Serve gets a fresh local one on loopback
+            ray.shutdown()
+        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
+        try:
+            url = deploy_config(config, port=cfg.port)
+            return url, demo_request(url, image, text)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 class PortInUseError(TMRError):

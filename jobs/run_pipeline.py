@@ -515,7 +515,7 @@ def output_to(path: str | None) -> Iterator[None]:
     ``sys.stdout``/``sys.stderr`` stay the same objects when they write to those descriptors (a
     terminal, a pipe), so a logging handler made inside the block never holds a file that is
     closed after it; only when they write elsewhere (pytest's capture) are they pointed at the
-    log too.
+    log too. When the block raises, the log's last lines are shown on the restored stderr.
     """
     if path is None:
         yield
@@ -524,6 +524,7 @@ def output_to(path: str | None) -> Iterator[None]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
+    failed = False
     try:
         with open(path, "a", buffering=1) as log:
             os.dup2(log.fileno(), 1)
@@ -534,6 +535,9 @@ def output_to(path: str | None) -> Iterator[None]:
                         redirects.enter_context(contextlib.redirect_stdout(log))
                         redirects.enter_context(contextlib.redirect_stderr(log))
                     yield
+            except BaseException:
+                failed = True
+                raise
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -542,6 +546,8 @@ def output_to(path: str | None) -> Iterator[None]:
     finally:
         for fd in saved:
             os.close(fd)
+        if failed:
+            print(f"--- last lines of {path}:\n{log_tail(path)}", file=sys.stderr, flush=True)
 
 
 def _writes_to(stream: Any, fd: int) -> bool:
@@ -561,17 +567,9 @@ def log_tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
 def run_stage(stage: Stage, argv: list[str], log: str | None = None) -> None:
     """Run a stage's job in this process (sharing its Ray session); with ``log``, its output goes there."""
     module = importlib.import_module(f"jobs.{stage.job}")
-    if log is None:
+    with output_to(log):
         print(f"\n=== [{stage.id}] python -m jobs.{stage.job} {' '.join(argv)}", flush=True)
-    try:
-        with output_to(log):
-            if log is not None:
-                print(f"=== [{stage.id}] python -m jobs.{stage.job} {' '.join(argv)}", flush=True)
-            code = module.main(list(argv))
-    except BaseException:
-        if log is not None:
-            print(f"--- last lines of {log}:\n{log_tail(log)}", file=sys.stderr, flush=True)
-        raise
+        code = module.main(list(argv))
     if code:
         raise RuntimeError(f"stage {stage.id} (jobs.{stage.job}) exited with code {code}")
 

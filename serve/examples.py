@@ -16,6 +16,7 @@ shows and posts back, so the folder need not lie under the server's ``image_uri_
 from __future__ import annotations
 
 import base64
+import functools
 from pathlib import Path
 
 from tmr_core.readers import (
@@ -32,8 +33,10 @@ from tmr_core.synthetic import read_ground_truth
 SPLIT = "test"
 
 
+@functools.cache
 def load_examples(folder: str | Path) -> list[dict]:
     """The examples of a synthetic benchmark folder: NER first, then RE, each in alignment order.
+    Read once per folder and process (a failed read is not kept, so a later call retries).
 
     Args:
         folder: a local ``make_synthetic_benchmark`` output (``ner/``, ``re/``, ``images/``,

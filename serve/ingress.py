@@ -532,8 +532,6 @@ def build_api(pipeline: Pipeline, settings: IngressSettings, token: str | None) 
                              "or the batch job regenerates it", 404, "not_found")
         return Response(content=data, media_type="image/png")
 
-    examples: list[dict] = []  # loaded on the first call that finds them, then kept
-
     @api.get("/v1/examples", response_model=ExamplesResponse, responses=errors, tags=["demo"],
              dependencies=[_security(bearer)])
     async def demo_examples() -> ExamplesResponse:
@@ -543,13 +541,10 @@ def build_api(pipeline: Pipeline, settings: IngressSettings, token: str | None) 
 
         if settings.examples_dir is None:
             raise InputError("path", "this server has no examples (examples_dir is null)", 404, "not_found")
-        if not examples:
-            try:
-                loaded = await asyncio.to_thread(load_examples, settings.examples_dir)
-            except (FileNotFoundError, ValueError) as error:  # DataFormatError is a ValueError
-                raise InputError("path", str(error), 404, "not_found") from None
-            if not examples:  # two first requests may both have loaded them: keep one copy
-                examples.extend(loaded)
+        try:
+            examples = await asyncio.to_thread(load_examples, settings.examples_dir)
+        except (FileNotFoundError, ValueError) as error:  # DataFormatError is a ValueError
+            raise InputError("path", str(error), 404, "not_found") from None
         return ExamplesResponse(examples=examples)
 
     @api.get("/", include_in_schema=False)

@@ -17,7 +17,6 @@ for key, value in {
 pytest_plugins = [
     "tests.fixtures.paths",
     "tests.fixtures.storage",
-    "tests.fixtures.mlflow_artifacts",
     "tests.fixtures.assets",
     "tests.fixtures.ray_cluster",
     "tests.fixtures.serve_app",

@@ -3,8 +3,8 @@
 Intended writes, left out of the check: `.venv/` and `*.egg-info/` (`make install`),
 `.cache/tmr-models/` (the tiny models, built once and shared with `make demo`), and Python's and
 the tools' own caches (`__pycache__/`, `.pytest_cache/`, `.ruff_cache/`). Everything else a test
-writes goes under its temporary folder: MLflow stores and artifacts
-(`tests/fixtures/mlflow_artifacts.py`), job outputs, Ray storage.
+writes goes under its temporary folder: MLflow stores and artifacts (a sqlite store keeps its
+experiments' artifacts beside it: `jobs._tracking.ensure_experiment`), job outputs, Ray storage.
 """
 
 from __future__ import annotations
