@@ -558,14 +558,18 @@ class Progress:
 
 
 class ShardRows:
-    """A worker's training shard, epoch after epoch: streamed from Ray Data the first time and, if
-    it has at most ``keep_up_to`` rows, replayed from this worker's memory afterwards.
+    """A worker's training shard, epoch after epoch: read from Ray Data once and, if it has at most
+    ``keep_up_to`` rows, kept in this worker's memory in ``id`` order and reshuffled per epoch.
 
     Each epoch over a Ray Data shard restarts its streaming split and pays Ray Data's per-batch
     iteration; on 2 cores that was ~0.5–1.7 s per epoch plus 6–9 ms per batch
-    (``benchmarks/bench_train.py``), a third of a tiny model's step. A replayed epoch is reshuffled
-    in full with its seed; a rank keeps the rows its shard gave it, so DDP ranks keep equal step
-    counts. An epoch cut short (``max_steps``) does not fill the cache.
+    (``benchmarks/bench_train.py``), a third of a tiny model's step. The order of a streamed shard
+    also depends on the cluster: how many read tasks ran and which block finished first. So a shard
+    that fits is read in full before its first step and sorted by ``id`` (stream order if a row has
+    none), and every epoch, the first included, is a seeded shuffle of that list: one worker
+    trains the same steps from the same seed on any cluster. (With several workers the rows each
+    rank gets still follow the stream; each rank keeps its rows, so DDP ranks keep equal step
+    counts.) A shard over the limit streams every epoch through a seeded local shuffle buffer.
     """
 
     def __init__(self, shard: Any, keep_up_to: int):
@@ -575,23 +579,40 @@ class ShardRows:
 
     def chunks(self, batch_size: int, shuffle_seed: int | None = None):
         """Lists of up to ``batch_size`` row dicts covering the shard once."""
-        if self.rows is not None:
-            rows = list(self.rows)
-            if shuffle_seed is not None:
-                random.Random(shuffle_seed).shuffle(rows)
-            yield from (rows[i:i + batch_size] for i in range(0, len(rows), batch_size))
+        if self.rows is None and self.keep_up_to > 0:
+            yield from self._read_or_stream(batch_size, shuffle_seed)
+            if self.rows is None:  # over the limit: that epoch was streamed
+                return
+        if self.rows is None:
+            yield from self._stream(batch_size, shuffle_seed)
             return
+        rows = list(self.rows)
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(rows)
+        yield from (rows[i:i + batch_size] for i in range(0, len(rows), batch_size))
+
+    def _stream(self, batch_size: int, shuffle_seed: int | None):
         shuffle = {} if shuffle_seed is None else {
             "local_shuffle_buffer_size": 8 * batch_size, "local_shuffle_seed": shuffle_seed}
-        seen: list[dict] | None = [] if self.keep_up_to > 0 else None
         for batch in self.shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", **shuffle):
-            rows = batch.to_pylist()
-            if seen is not None:
-                seen.extend(rows)
-                if len(seen) > self.keep_up_to:
-                    seen = None
-            yield rows
-        self.rows = seen  # reached only when the epoch ran to its end
+            yield batch.to_pylist()
+
+    def _read_or_stream(self, batch_size: int, shuffle_seed: int | None):
+        """Read the shard into ``self.rows`` without yielding; if it grows past ``keep_up_to``,
+        yield what was read and stream the rest of this epoch instead (``self.rows`` stays None and
+        ``keep_up_to`` drops to 0, so later epochs stream)."""
+        stream = self._stream(batch_size, shuffle_seed)
+        seen: list[dict] = []
+        for rows in stream:
+            seen.extend(rows)
+            if len(seen) > self.keep_up_to:
+                self.keep_up_to = 0
+                yield from (seen[i:i + batch_size] for i in range(0, len(seen), batch_size))
+                yield from stream
+                return
+        if seen and all(row.get("id") is not None for row in seen):
+            seen.sort(key=lambda row: str(row["id"]))
+        self.rows = seen
 
 
 def shard_batches(shard: Any, batch_size: int, collate: Any, max_steps: int | None = None,
@@ -599,8 +620,8 @@ def shard_batches(shard: Any, batch_size: int, collate: Any, max_steps: int | No
     """Rows of a :class:`ShardRows`, a Ray Data shard, or a list of row dicts (evaluation, tests,
     benchmarks) as collated batches.
 
-    ``shuffle_seed`` shuffles a streamed shard through a local buffer of 8 batches (cheap,
-    streaming), with a different order per epoch when the caller passes ``seed + epoch``.
+    ``shuffle_seed`` shuffles the epoch (a kept shard in full, a streamed one through a local buffer
+    of 8 batches), with a different order per epoch when the caller passes ``seed + epoch``.
     """
     if isinstance(shard, list):
         chunks = (shard[i:i + batch_size] for i in range(0, len(shard), batch_size))

@@ -295,25 +295,47 @@ class _FakeShard:
             yield self.table.slice(start, batch_size)
 
 
-def test_shard_rows_streams_once_then_replays_every_row_reshuffled_per_epoch():
-    from jobs._train import ShardRows, shard_batches
+def _epochs(rows, n: int, batch_size: int = 4, **kwargs) -> list[list[int]]:
+    from jobs._train import shard_batches
+
+    return [[r["id"] for batch in shard_batches(rows, batch_size, lambda b: b, shuffle_seed=e, **kwargs)
+             for r in batch] for e in range(n)]
+
+
+def test_shard_rows_reads_once_then_replays_every_row_reshuffled_per_epoch():
+    from jobs._train import ShardRows
 
     shard = _FakeShard([{"id": i} for i in range(10)])
-    rows = ShardRows(shard, keep_up_to=100)
-    epochs = [[r["id"] for batch in shard_batches(rows, 4, lambda b: b, shuffle_seed=e) for r in batch] for e in range(3)]
-    assert shard.passes == 1  # epochs 2 and 3 came from memory
+    epochs = _epochs(ShardRows(shard, keep_up_to=100), 3)
+    assert shard.passes == 1  # read once; every epoch came from memory
     assert all(sorted(ids) == list(range(10)) for ids in epochs)
     assert epochs[1] != epochs[2]  # a new order per epoch seed
-    # an epoch cut short does not fill the cache; a shard over the limit always streams
-    short = _FakeShard([{"id": i} for i in range(10)])
-    cut = ShardRows(short, keep_up_to=100)
-    list(shard_batches(cut, 4, lambda b: b, max_steps=1))
-    assert cut.rows is None
+    # an epoch cut short still leaves the whole shard in memory (it was read before the first step)
+    cut = ShardRows(_FakeShard([{"id": i} for i in range(10)]), keep_up_to=100)
+    assert len(_epochs(cut, 1, max_steps=1)[0]) == 4 and len(cut.rows) == 10
+    # a shard over the limit streams every epoch, each epoch whole
     big = _FakeShard([{"id": i} for i in range(10)])
     streamed = ShardRows(big, keep_up_to=5)
-    for _ in range(2):
-        list(shard_batches(streamed, 4, lambda b: b))
+    assert all(sorted(ids) == list(range(10)) for ids in _epochs(streamed, 2))
     assert big.passes == 2 and streamed.rows is None
+
+
+def test_shard_rows_trains_in_the_same_order_whatever_order_the_stream_delivers():
+    """Ray Data's streaming order depends on the cluster (read tasks, which block finishes first):
+    with the same seed, one worker must see the same batches from any stream order, first epoch
+    included (a 5-CPU session trained another MDE than a 2-CPU one before this)."""
+    from jobs._train import ShardRows
+
+    ids = [f"r{i:02d}" for i in range(23)]
+    stream_orders = [ids, ids[::-1], ids[7:] + ids[:7]]
+    runs = [_epochs(ShardRows(_FakeShard([{"id": i} for i in order]), keep_up_to=100), 3, batch_size=5)
+            for order in stream_orders]
+    assert runs[0] == runs[1] == runs[2]
+    # rows without an id keep the stream's order (nothing to sort by), still read once
+    anonymous = _FakeShard([{"x": i} for i in range(6)])
+    rows = ShardRows(anonymous, keep_up_to=100)
+    list(_train.shard_batches(rows, 4, lambda b: b))
+    assert [r["x"] for r in rows.rows] == list(range(6)) and anonymous.passes == 1
 
 
 def test_alpha_alignment_probe_scores_the_estimators_argmax_against_the_ground_truth():
