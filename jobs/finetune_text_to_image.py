@@ -109,7 +109,7 @@ class OptimConfig:
 class ProbeConfig:
     """Back-translation fidelity probe (tmr_core.probes); runs with a ground truth."""
 
-    enabled: bool = opt(True, "Sample v' for the probe splits' NER texts and read their glyph types.")
+    enabled: bool = opt(True, "Sample v' for the probe splits' texts (NER, and RE when a dataset has it) and read their glyph types.")
     splits: list[str] = opt(["valid", "test"], "Splits probed (the ground truth's split field).")
     compare_base: bool = opt(True, "Probe the untrained base pipeline too (metrics base_<split>_bt_fidelity_*).")
     scheduler: str | None = opt("EulerDiscreteScheduler", "Sampling scheduler (as generate_back_translations).")
@@ -380,17 +380,21 @@ def probe_settings(cfg: Config, model: str):
 
 
 def probe_fidelity(cfg: Config, pipeline: Any, truth: dict[str, dict], prefix: str) -> dict[str, float]:
-    """``<prefix><split>_bt_fidelity_*`` for each probe split: v' sampled through the back-translation
-    code path (one seed for every prompt, as the batch job), read by the glyph reader."""
+    """``<prefix><split>_bt_fidelity_*`` (NER texts) and ``<prefix>re_<split>_bt_fidelity_*`` (RE texts,
+    when a dataset holds them) for each probe split: v' sampled through the back-translation code
+    path (one seed for every prompt, as the batch job), read by the glyph reader."""
     from jobs import _train
     from tmr_core.back_translation import BackTranslator, generation_seed, prompt_from_tokens
-    from tmr_core.probes import back_translation_fidelity, probe_items
+    from tmr_core.probes import (
+        back_translation_fidelity,
+        probe_items,
+        relation_back_translation_fidelity,
+        relation_probe_items,
+    )
 
     translator = BackTranslator(probe_settings(cfg, cfg.model.base), cache_uri="", pipeline=pipeline)
-    metrics: dict[str, float] = {}
-    for split in cfg.probe.splits:
-        items = probe_items(truth.values(), split)[:cfg.probe.max_rows]
-        wanted = {item.id for item in items}
+
+    def sample(split: str, wanted: set[str]) -> dict[str, Any]:
         rows = [row for dataset in cfg.data.datasets
                 for row in _train.read_rows(dataset, split, cfg.storage.options()) if row["id"] in wanted]
         images: dict[str, Any] = {}
@@ -399,8 +403,19 @@ def probe_fidelity(cfg: Config, pipeline: Any, truth: dict[str, dict], prefix: s
             prompts = [prompt_from_tokens(row["tokens"]) for row in chunk]
             seeds = [generation_seed(row["id"], prompt, cfg.probe.seed) for row, prompt in zip(chunk, prompts, strict=True)]
             images.update(zip([row["id"] for row in chunk], translator.generate(prompts, seeds), strict=True))
-        scores = back_translation_fidelity(items, images)
-        metrics |= {f"{prefix}{split}_bt_fidelity_{key}": value for key, value in scores.items()}
+        return images
+
+    metrics: dict[str, float] = {}
+    for split in cfg.probe.splits:
+        items = probe_items(truth.values(), split)[:cfg.probe.max_rows]
+        pairs = relation_probe_items(truth.values(), split)[:cfg.probe.max_rows]
+        images = sample(split, {item.id for item in items} | {head.id for head, _ in pairs})
+        if any(item.id in images for item in items):
+            scores = back_translation_fidelity(items, images)
+            metrics |= {f"{prefix}{split}_bt_fidelity_{key}": value for key, value in scores.items()}
+        if any(head.id in images for head, _ in pairs):
+            scores = relation_back_translation_fidelity(pairs, images)
+            metrics |= {f"{prefix}re_{split}_bt_fidelity_{key}": value for key, value in scores.items()}
     return metrics
 
 

@@ -231,6 +231,28 @@ def test_focus_object_crop_fills_the_training_image_with_the_focus_glyph(tiny_be
     assert min(gains) > 3.0  # the glyph's share of the pixels grows several-fold
 
 
+def test_re_pairs_train_the_back_translator_only_when_their_relation_decides_both_types():
+    """An RE text whose relation is None (and every reverse pair) decides no argument type: its
+    image's glyphs are random types, so it is left out of the back-translator's pairs."""
+    from tmr_core.text_to_image_training import agreeing_rows, crop_rows
+
+    truth = {
+        "a-0": {"task": "re", "alignment": "strengthen", "relation": "/per/loc/place_of_residence",
+                "head_box": [4, 10, 14, 20], "tail_box": [40, 30, 52, 42]},
+        "a-1": {"task": "re", "alignment": "strengthen", "relation": "None",
+                "head_box": [40, 30, 52, 42], "tail_box": [4, 10, 14, 20]},
+        "b-0": {"task": "re", "alignment": "strengthen", "relation": "None",
+                "head_box": [4, 4, 12, 12], "tail_box": [40, 40, 50, 50]},
+        "c-0": {"task": "re", "alignment": "complement", "relation": "/org/loc/locate_at",
+                "head_box": [4, 4, 12, 12], "tail_box": [40, 40, 50, 50]},
+    }
+    rows = [{"id": key, "prompt": "p", "image_uri": f"{key[0]}.png"} for key in truth]
+    kept, counts = agreeing_rows(rows, truth, ["strengthen"])
+    assert [row["id"] for row in kept] == ["a-0"]
+    assert counts == {"re_untyped": 2, "strengthen": 1, "complement": 1}
+    assert crop_rows(kept, truth, "focus_object")[0][0]["crop"] == [4, 10, 52, 42]  # head and tail together
+
+
 def test_crop_needs_the_ground_truth(tiny_models):
     from jobs import finetune_text_to_image
     from jobs._config import ConfigError, parse_config

@@ -329,15 +329,26 @@ def prompt_and_image_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
 
 def agreeing_rows(rows: Sequence[Mapping[str, Any]], truth: Mapping[str, Mapping[str, Any]],
                   keep_alignments: Sequence[str]) -> tuple[list[Mapping[str, Any]], dict[str, int]]:
-    """The rows whose image agrees with the text by the ground truth's alignment label.
+    """The rows whose image agrees with the text by the ground truth's alignment label, and whose
+    text names the objects to draw.
+
+    An RE row without a typed relation (``None``, and every reverse pair) names no argument types:
+    its image's two glyphs are of types the text does not decide, so it would teach a name → some
+    type; such rows are dropped (counted as ``"re_untyped"``).
 
     Returns:
-        ``(kept rows, {alignment: count kept or dropped, "unlabelled": rows the truth lacks})``;
-        unlabelled rows are dropped.
+        ``(kept rows, {alignment: count kept or dropped, "unlabelled": rows the truth lacks,
+        "re_untyped": RE rows left out for their relation})``; unlabelled rows are dropped.
     """
+    from tmr_core.synthetic import RELATIONS
+
     kept, counts = [], {}
     for row in rows:
-        label = truth.get(row["id"], {}).get("alignment", "unlabelled")
+        known = truth.get(row["id"], {})
+        if known.get("task") == "re" and known.get("relation") not in RELATIONS:
+            counts["re_untyped"] = counts.get("re_untyped", 0) + 1
+            continue
+        label = known.get("alignment", "unlabelled")
         counts[label] = counts.get(label, 0) + 1
         if label in keep_alignments:
             kept.append(row)
