@@ -13,7 +13,8 @@ The loss is the set-prediction loss of DETR (Carion et al., 2020) in the sigmoid
 ``linear_sum_assignment``), then on the matched pairs an L1 and a GIoU box loss, and a sigmoid focal
 loss on every (box, query) logit — positive for a matched box and its target's query, negative
 everywhere else, so unmatched boxes and target-less phrases learn to stay quiet. Each term is
-normalised by the number of target boxes, as DETR does.
+normalised by the number of target boxes, as DETR does (under DDP, the count averaged over the
+ranks, so the averaged gradient is that of one batch of every rank's images).
 """
 
 from __future__ import annotations
@@ -181,7 +182,8 @@ class GroundingLossOutput:
 
 
 def grounding_loss(logits: torch.Tensor, pred_boxes: torch.Tensor, query_mask: torch.Tensor,
-                   targets: Sequence[dict], cfg: GroundingLossConfig, matcher: Any = None) -> GroundingLossOutput:
+                   targets: Sequence[dict], cfg: GroundingLossConfig, matcher: Any = None,
+                   num_targets: float | None = None) -> GroundingLossOutput:
     """DETR's set loss with sigmoid classification over the phrase queries.
 
     Args:
@@ -191,6 +193,8 @@ def grounding_loss(logits: torch.Tensor, pred_boxes: torch.Tensor, query_mask: t
         targets: per image ``{"class_labels": (n,) query indices, "boxes": (n, 4) cxcywh}``.
         cfg: loss and matching weights.
         matcher: a transformers Hungarian matcher; None builds one from ``cfg``.
+        num_targets: what every term is divided by (at least 1); None: this batch's target boxes.
+            Under DDP, the count per rank averaged over the ranks (:func:`mean_target_count`).
 
     Returns:
         :class:`GroundingLossOutput`.
@@ -215,7 +219,7 @@ def grounding_loss(logits: torch.Tensor, pred_boxes: torch.Tensor, query_mask: t
     matcher = matcher or build_matcher(cfg)
     masked = logits.masked_fill(~query_mask[:, None, :], PAD_QUERY_LOGIT)  # (B, N, Q)
     indices = matcher({"logits": masked.detach(), "pred_boxes": pred_boxes.detach()}, list(targets))
-    num_targets = max(1, sum(len(t["class_labels"]) for t in targets))
+    num_targets = max(1.0, float(sum(len(t["class_labels"]) for t in targets) if num_targets is None else num_targets))
 
     positives = torch.zeros_like(logits)
     for image, (box_index, target_index) in enumerate(indices):
@@ -279,6 +283,25 @@ def reset_detection_heads(detector: nn.Module, prior_prob: float = 0.01) -> None
         class_head.logit_scale.bias.zero_()  # elu(0) + 1 = 1
 
 
+def mean_target_count(targets: Sequence[dict], device: torch.device | str) -> float:
+    """The batch's target boxes, averaged over the DDP ranks when a process group runs (DETR's
+    ``num_boxes``; transformers' own detection losses reduce it the same way).
+
+    DDP averages the ranks' gradients. Divided by its own count, a rank with few boxes (or only
+    target-less images, count 1) would weigh each of its terms several times more than a rank with
+    many; divided by the mean count, the averaged gradient is the one-process gradient of a batch
+    holding every rank's images. A collective: every rank must call it for every batch.
+    """
+    import torch.distributed as dist
+
+    count = float(sum(len(t["class_labels"]) for t in targets))
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return count
+    total = torch.tensor([count], dtype=torch.float32, device=device)
+    dist.all_reduce(total)
+    return float(total.item()) / dist.get_world_size()
+
+
 class GrounderWithLoss(nn.Module):
     """A detector plus the set loss, so ``tmr_core.training.train_epoch`` can step on it.
 
@@ -294,4 +317,5 @@ class GrounderWithLoss(nn.Module):
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 query_mask: torch.Tensor, targets: Sequence[dict]) -> GroundingLossOutput:
         outputs = self.detector(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
-        return grounding_loss(outputs.logits, outputs.pred_boxes, query_mask, targets, self.cfg, self.matcher)
+        return grounding_loss(outputs.logits, outputs.pred_boxes, query_mask, targets, self.cfg, self.matcher,
+                              num_targets=mean_target_count(targets, outputs.logits.device))
