@@ -292,6 +292,52 @@ def vae_batches(rows: list[dict], cfg: Config, collate):
         epoch += 1
 
 
+def share_rank_zero_vae(model) -> None:
+    """Under DDP, give every rank rank 0's VAE and latent scale after the reconstruction phase.
+
+    The phase trains the VAE outside DDP (it is frozen when DDP wraps the model, so its gradients are
+    never all-reduced), separately on each rank. On CPU the ranks' runs are bitwise equal, but CUDA's
+    convolution backward is nondeterministic (torch.use_deterministic_algorithms' list), so the
+    ranks' VAEs would drift apart over the phase's steps: each rank's UNet would then learn latents of
+    another encoder while rank 0's alone is checkpointed and exported. (DDP's per-forward buffer
+    broadcast already overwrites the latent scale, but not the VAE's weights nor ``config.latent_scale``.)
+    """
+    import torch
+
+    from jobs import _train
+
+    if _train.world_size() == 1:
+        return
+    core = _train.unwrap(model)
+    with torch.no_grad():
+        for tensor in [*core.vae.parameters(), *core.vae.buffers(), core.latent_scale]:
+            torch.distributed.broadcast(tensor, src=0)
+    core.config.latent_scale = float(core.latent_scale)
+
+
+def rank_agreement(model, steps: int) -> dict:
+    """``world_size``, every rank's ``rank_steps`` this epoch and ``ranks_agree``: whether every rank
+    holds the tensors rank 0 checkpoints (``state_dict``: the trained modules, the VAE, the latent
+    scale). A collective under DDP: every rank calls it. Rank 0 alone writes the checkpoint the
+    export comes from, so a rank that drifted (weights DDP does not all-reduce, as the VAE's) or
+    stepped differently would otherwise go unseen; the digest is float64 sums on the tensors' device,
+    so nothing is copied and equal weights give equal sums."""
+    import torch
+
+    from jobs import _train
+
+    world = _train.world_size()
+    if world == 1:
+        return {"world_size": 1, "rank_steps": [steps], "ranks_agree": True}
+    with torch.no_grad():
+        digest = [(float(t.double().sum()), float(t.double().square().sum()))
+                  for t in _train.unwrap(model).state_dict().values()]
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, (steps, digest))
+    return {"world_size": world, "rank_steps": [s for s, _ in gathered],
+            "ranks_agree": all(d == gathered[0][1] for _, d in gathered)}
+
+
 def train_loop_per_worker(loop: dict) -> None:
     """One Ray Train worker: (fresh run) the VAE phase, then DDP denoising epochs; rank 0 scores
     valid, logs and checkpoints each epoch."""
@@ -319,13 +365,15 @@ def train_loop_per_worker(loop: dict) -> None:
     if rank0 and state.attempts > 1:
         print(f"[{JOB}] resumed at epoch {state.epoch}, step {state.global_step} (attempt {state.attempts})", flush=True)
     if cfg.model.train_vae and state.epoch == 0:
-        # every rank runs the same phase on the same rows and seeds, so the VAEs agree without a broadcast
+        # every rank runs the same phase on the same rows and seeds (no rank waits for another), and
+        # share_rank_zero_vae then makes the VAEs equal: on CUDA the phase is not bitwise reproducible
         def vae_progress(step: int, loss: float) -> None:
             if rank0 and step % 50 == 0:
                 print(f"[{JOB}] VAE step {step}/{cfg.optim.vae_steps} loss {loss:.4f}", flush=True)
 
         vae = reconstruction_phase(_train.unwrap(model), vae_batches(loop["train_rows"], cfg, plain_collate),
                                    cfg.optim.vae_lr, device, on_step=vae_progress)
+        share_rank_zero_vae(model)
         if rank0:
             print(f"[{JOB}] VAE reconstruction phase: {vae['vae_steps']} steps, loss {vae['vae_loss']:.4f}, "
                   f"latent scale {vae['latent_scale']:.4f}", flush=True)
@@ -343,7 +391,10 @@ def train_loop_per_worker(loop: dict) -> None:
                                        shuffle_seed=cfg.seed + epoch)
         stats = train_epoch(model, batches, optimizer, scheduler, device, cfg.optim.grad_clip,
                             on_step=lambda step, loss, e=epoch: rank0 and progress.step(e, step, state.global_step, loss))
-        metrics = {"epoch": epoch + 1, "train_loss": stats["loss"], "lr": scheduler.get_last_lr()[0]}
+        metrics = {"epoch": epoch + 1, "train_loss": stats["loss"], "lr": scheduler.get_last_lr()[0],
+                   **rank_agreement(model, stats["steps"])}
+        if rank0 and not metrics["ranks_agree"]:
+            print(f"[{JOB}] warning: the ranks' weights differ after epoch {epoch + 1}; rank 0's are saved", flush=True)
         if rank0:
             loss = validation_loss(_train.unwrap(model),
                                    _train.shard_batches(valid_rows, cfg.optim.eval_batch_size, plain_collate),
