@@ -478,6 +478,12 @@ def reconstruction_phase(model: TextToImageModel, batches: Iterable[Mapping[str,
         loss_value, steps, last = loss.item(), steps + 1, pixels
         if on_step:
             on_step(steps, loss_value)
+    # drop the last step's gradients with the phase: left on the frozen VAE, they entered every later
+    # denoising step's clip_grad_norm_ over model.parameters() (tmr_core.training.train_epoch). Alone a
+    # small error in the norm (tiny pipeline: 0.06 next to 2.0), but under DDP each rank's stale
+    # gradients differ (the VAE phase is not bitwise reproducible on CUDA), so each rank clipped by its
+    # own factor and the ranks' UNets drifted apart although DDP averaged their gradients
+    optimizer.zero_grad(set_to_none=True)
     for p in vae_params:
         p.requires_grad_(False)
     model.vae.eval()
