@@ -101,6 +101,11 @@ class Config:
     stage_logs: bool = opt(
         False, "Write each stage's output to <workdir>/logs/<stage>.log and print one line per stage."
     )
+    critical_path_first: bool = opt(
+        True, "With parallel_stages > 1: ready stages are taken longest chain of dependent stages first, and a "
+        "training stage in its own process gets a lower CPU priority (nice) the shorter its chain, so on a machine "
+        "with few cores the stages the end waits on get them."
+    )
     job_args: dict[str, list[str]] = opt(
         {}, "Extra --key value arguments per job, after the pipeline's own (e.g. {finetune_extractor: [--optim.epochs, '2']})."
     )
@@ -287,7 +292,24 @@ def plan(cfg: Config) -> list[Stage]:
                              *tracking], os.path.join(wd, "comparison"), trained, summary="none"))
     for stage in stages:
         stage.argv = [*stage.argv, *cfg.job_args.get(stage.job, [])]
+    if models:
+        declare_model_needs(stages, models)
     return stages
+
+
+def declare_model_needs(stages: list[Stage], models: str) -> None:
+    """A stage that names a model under ``models`` (an argument or its config file) needs the stage
+    that builds them: the scheduler may otherwise start it first (it orders by needs, not by plan)."""
+    builder = stages[0].id
+    prefix = os.path.normpath(models)
+    for stage in stages[1:]:
+        names_one = any(os.path.normpath(arg).startswith(prefix) for arg in stage.argv)
+        config = stage.argv[stage.argv.index("--config") + 1] if "--config" in stage.argv else None
+        if not names_one and config and os.path.isfile(config):
+            with open(config, encoding="utf-8") as handle:
+                names_one = prefix in handle.read()
+        if names_one and builder not in stage.needs:
+            stage.needs = [builder, *stage.needs]
 
 
 def check_job_args(stages: list[Stage], job_args: dict[str, list[str]]) -> None:
@@ -599,7 +621,8 @@ def ray_address() -> str:
     return ray.get_runtime_context().gcs_address
 
 
-def start_background(stage: Stage, argv: list[str], log: str, address: str, threads: int | None) -> BackgroundStage:
+def start_background(stage: Stage, argv: list[str], log: str, address: str, threads: int | None,
+                     niceness: int = 0) -> BackgroundStage:
     os.makedirs(os.path.dirname(log), exist_ok=True)
     env = {**os.environ, "RAY_ADDRESS": address}
     if threads:
@@ -609,6 +632,7 @@ def start_background(stage: Stage, argv: list[str], log: str, address: str, thre
         handle.flush()
         process = subprocess.Popen([sys.executable, "-m", f"jobs.{stage.job}", *argv], stdout=handle,
                                    stderr=subprocess.STDOUT, env=env)
+    lower_priority(process.pid, niceness)
     running = BackgroundStage(stage, process, log, time.perf_counter())
 
     def watch() -> None:
@@ -617,6 +641,13 @@ def start_background(stage: Stage, argv: list[str], log: str, address: str, thre
 
     threading.Thread(target=watch, name=f"watch-{stage.id}", daemon=True).start()
     return running
+
+
+def lower_priority(pid: int, niceness: int) -> None:
+    """Raise a process's nice value by ``niceness`` over this one's. Set from here, not in a
+    ``preexec_fn`` (unsafe in a process with threads): the child is still importing by then."""
+    if niceness > 0:
+        os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness))
 
 
 def stop_background(running: dict[str, BackgroundStage]) -> None:
@@ -631,10 +662,43 @@ def stop_background(running: dict[str, BackgroundStage]) -> None:
             job.process.kill()
 
 
+NICE_PER_LEVEL = 5  # CFS weights: each +5 of nice is ~3x less CPU when cores are contended
+
+
+def chain_lengths(stages: list[Stage]) -> dict[str, int]:
+    """Per stage, the number of stages on the longest chain that waits on it (0: nothing does):
+    the classic list-scheduling priority (highest level first) when run times are unknown."""
+    dependents: dict[str, list[str]] = {s.id: [] for s in stages}
+    for stage in stages:
+        for need in stage.needs:
+            dependents.setdefault(need, []).append(stage.id)
+    lengths: dict[str, int] = {}
+
+    def length(stage_id: str) -> int:
+        if stage_id not in lengths:
+            lengths[stage_id] = max((1 + length(d) for d in dependents.get(stage_id, [])), default=0)
+        return lengths[stage_id]
+
+    for stage in stages:
+        length(stage.id)
+    return {s.id: lengths[s.id] for s in stages}
+
+
+def background_niceness(stages: list[Stage], lengths: dict[str, int], background: frozenset[str]) -> dict[str, int]:
+    """``NICE_PER_LEVEL`` per level a training stage's chain is shorter than the longest training
+    stage's (at most 19): the back-translator whose chain runs to the RE extractor keeps full
+    priority, an extractor that only the comparison waits on yields to the table stages."""
+    trained = [s for s in stages if s.job in background]
+    top = max((lengths[s.id] for s in trained), default=0)
+    return {s.id: min(19, NICE_PER_LEVEL * (top - lengths[s.id])) for s in trained}
+
+
 class Scheduler:
     """Runs the planned stages in dependency order: table stages one at a time in this process,
     training stages (``BACKGROUND_JOBS``) up to ``parallel_stages`` at once in their own processes
-    as soon as the stages they read are done. With ``parallel_stages: 1`` it is the plan's order."""
+    as soon as the stages they read are done. With ``parallel_stages: 1`` it is the plan's order.
+    With ``critical_path_first`` (and parallel stages) ready stages are taken longest chain first
+    (:func:`chain_lengths`) and training stages run at :func:`background_niceness`."""
 
     def __init__(self, cfg: Config, stages: list[Stage]) -> None:
         self.cfg = cfg
@@ -648,11 +712,16 @@ class Scheduler:
         self.running: dict[str, BackgroundStage] = {}
         self._to_run: set[str] = set()  # stages found not up to date
         self._address: str | None = None
+        prioritise = cfg.critical_path_first and cfg.parallel_stages > 1
+        lengths = chain_lengths(stages)
+        self._rank = {s.id: -lengths[s.id] if prioritise else 0 for s in stages}
+        self._niceness = background_niceness(stages, lengths, BACKGROUND_JOBS) if prioritise else {}
 
     # ---- what may run now
 
     def _ready(self) -> list[Stage]:
-        return [s for s in self.pending if all(n in self.done or n not in self.fingerprints for n in s.needs)]
+        ready = [s for s in self.pending if all(n in self.done or n not in self.fingerprints for n in s.needs)]
+        return sorted(ready, key=lambda s: self._rank[s.id])  # stable: the plan's order among equals
 
     def _forced(self, stage: Stage) -> bool:
         return "all" in self.cfg.force or stage.id in self.cfg.force
@@ -714,7 +783,8 @@ class Scheduler:
                 prepare_store(self.cfg.tracking_uri)
         log = log_path(self.cfg.workdir, stage)
         self.running[stage.id] = start_background(stage, stage_argv(stage, self._forced(stage)), log,
-                                                  self._address, self.cfg.stage_threads)
+                                                  self._address, self.cfg.stage_threads,
+                                                  self._niceness.get(stage.id, 0))
         print(f"=== [{stage.id}] started in its own process (log: {log})", flush=True)
 
     def _collect_finished(self) -> None:

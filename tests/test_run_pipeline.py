@@ -9,7 +9,7 @@ import re
 import pytest
 
 from jobs import run_pipeline
-from jobs._config import ConfigError, load_config_file
+from jobs._config import ConfigError, load_config_file, parse_config
 
 
 def _argv(workdir, *extra):
@@ -321,6 +321,55 @@ def test_ready_stages_start_together_in_their_own_processes_logs_go_to_files_and
     assert "last lines of" in captured.err and "Error" in captured.err  # the job's own traceback, shown
     assert "rerun the same command to resume" in captured.out
     assert not (tmp_path / ".pipeline" / "make_synthetic_benchmark.json").exists()
+
+
+def test_the_stages_the_end_waits_on_longest_run_first_and_the_others_yield_the_cpu(tmp_path, monkeypatch):
+    """Critical path first: on 2 cores the back-translator (whose chain runs through generation,
+    grounding and divergence to the RE extractor) must not share a core evenly with an MDE or an
+    extractor that fewer stages wait on."""
+    import subprocess
+    import sys
+
+    cfg = parse_config(run_pipeline.Config, ["--config", "configs/pipeline.tiny.yaml", "--workdir", str(tmp_path)], prog="t")
+    stages = run_pipeline.plan(cfg)
+    lengths = run_pipeline.chain_lengths(stages)
+    assert lengths["finetune_text_to_image"] > lengths["finetune_grounder"] > lengths["pretrain_mde"] \
+        > lengths["finetune_extractor.re.full"] > lengths["compare_runs"] == 0
+    niceness = run_pipeline.background_niceness(stages, lengths, run_pipeline.BACKGROUND_JOBS)
+    assert niceness["finetune_text_to_image"] == 0
+    assert 0 < niceness["finetune_grounder"] < niceness["pretrain_mde"] < niceness["finetune_extractor.ner.full"] <= 19
+    # every stage that loads a tiny model waits for the stage that builds them (the order is by needs)
+    by_id = {s.id: s for s in stages}
+    for stage_id in ("finetune_text_to_image", "generate_back_translations.re", "ground_phrases.ner", "pretrain_mde",
+                     "finetune_extractor.re.text_only"):
+        assert "make_tiny_models" in by_id[stage_id].needs
+    assert "make_tiny_models" not in by_id["extract_phrases.ner"].needs  # the benchmark's trees, no model
+
+    # the scheduler takes ready stages longest chain first and starts training stages at their niceness
+    started = []
+    monkeypatch.setattr(run_pipeline, "start_background",
+                        lambda stage, argv, log, address, threads, nice=0: started.append((stage.id, nice)))
+    scheduler = run_pipeline.Scheduler(dataclasses.replace(cfg, parallel_stages=3), stages)
+    scheduler.done = {"make_tiny_models", "make_synthetic_benchmark", "prepare_dataset.ner", "prepare_dataset.re",
+                      "extract_phrases.ner", "extract_phrases.re"}
+    scheduler.pending = [s for s in stages if s.id not in scheduler.done]
+    assert [s.id for s in scheduler._ready()] == ["finetune_text_to_image", "finetune_grounder", "pretrain_mde"]
+    scheduler._address = "local"
+    scheduler._start(by_id["pretrain_mde"])
+    assert started == [("pretrain_mde", niceness["pretrain_mde"])]
+    first = run_pipeline.Scheduler(dataclasses.replace(cfg, parallel_stages=3), stages)
+    assert [s.id for s in first._ready()] == ["make_synthetic_benchmark", "make_tiny_models"]  # 7 stages wait on it, 6
+    plain = run_pipeline.Scheduler(dataclasses.replace(cfg, parallel_stages=3, critical_path_first=False), stages)
+    assert [s.id for s in plain._ready()] == ["make_tiny_models", "make_synthetic_benchmark"]  # the plan's order
+    assert plain._niceness == {}
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        run_pipeline.lower_priority(sleeper.pid, 7)
+        assert os.getpriority(os.PRIO_PROCESS, sleeper.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_the_demo_scores_its_request_against_the_sentences_gold_labels(capsys):
