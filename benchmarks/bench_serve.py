@@ -320,6 +320,9 @@ class InProcessArm:
         return percentiles(self.latencies)
 
 
+TIME_LIMIT_S = {"tiny": 25.0, "paper": 120.0}  # per measurement (see --time-limit)
+
+
 def interleaved(arms: dict[str, Any], count: int, time_limit_s: float) -> None:
     """Every arm sends ``ROUND`` requests in turn, round after round, up to ``count`` requests per
     arm or the time limit; the first round warms every arm up and is not kept."""
@@ -429,7 +432,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Backbones: tiny, or the paper's architectures with random weights (real FLOPs).")
     parser.add_argument("--device", default="cpu", help="Where the models run: cpu or cuda.")
     parser.add_argument("--requests", type=int, default=200, help="Most requests per arm and measurement.")
-    parser.add_argument("--time-limit", type=float, default=25.0, help="Most seconds per measurement.")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="Most seconds per measurement; default per size: tiny 25, paper 120 (a paper-size batch "
+                             "of 16 takes ~11 s on 2 CPU cores: 25 s held ~2 batches per arm, mostly start and tail).")
     parser.add_argument("--clients", type=int, default=16,
                         help="Concurrent clients, the batched app's max_batch_size and the in-process batch size.")
     parser.add_argument("--torch-threads", type=int, default=None,
@@ -441,6 +446,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     if options.smoke_test:
         options.requests, options.time_limit = 2 * ROUND, 10.0
+    elif options.time_limit is None:
+        options.time_limit = TIME_LIMIT_S[options.size]
     return options
 
 
