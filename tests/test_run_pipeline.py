@@ -384,3 +384,20 @@ def test_the_demo_scores_its_request_against_the_sentences_gold_labels(capsys):
     out = capsys.readouterr().out
     assert "gold:       Kevin Durant (PER), Golden State (ORG)   (1 of 2 found, 2 predicted)" in out
     assert "strengthen 0.61, complement 0.30, weaken 0.09" in out
+
+
+def test_the_demos_fast_request_starts_no_back_translator_replica_and_leaves_the_config_as_it_was():
+    from jobs import run_demo
+    from serve.app import load_serve_config
+
+    config = load_serve_config("configs/serve.tiny.yaml")
+    demo = run_demo.without_idle_back_translator(config)
+
+    def deployments(cfg):
+        return {d["name"]: d for app in cfg["applications"] for d in app["deployments"]}
+
+    assert deployments(demo)["BackTranslator"]["autoscaling_config"]["min_replicas"] == 0
+    assert deployments(config)["BackTranslator"]["autoscaling_config"]["min_replicas"] == 1  # serve run keeps it warm
+    assert {k: v for k, v in deployments(demo).items() if k != "BackTranslator"} == \
+        {k: v for k, v in deployments(config).items() if k != "BackTranslator"}
+
