@@ -246,13 +246,34 @@ def fit(train_loop: Any, loop_config: dict, cfg: RayTrainConfig, name: str, data
 
     trainer = TorchTrainer(
         train_loop_per_worker=train_loop,
-        train_loop_config={**loop_config, "local_mode": cfg.num_workers == 0},
+        train_loop_config=absolute_local_paths({**loop_config, "local_mode": cfg.num_workers == 0}),
         scaling_config=scaling_config(cfg),
         run_config=run_config(cfg, name, storage_options, metric),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     return trainer.fit()
+
+
+def absolute_local_paths(value: Any) -> Any:
+    """``value`` (configs, dicts, lists) with every relative path that exists here made absolute.
+
+    Ray Train's workers are actors, which start in Ray's own working directory, not the driver's:
+    ``--model.base .cache/tmr-models/text-to-image`` worked in local mode and failed with one worker
+    or more. Strings holding a path separator that name no local file (s3:// URIs, hub ids such as
+    ``bert-base-uncased``, plain words) are left alone.
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changed = {f.name: absolute_local_paths(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **changed)
+    if isinstance(value, dict):
+        return {key: absolute_local_paths(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(absolute_local_paths(item) for item in value)
+    if (isinstance(value, str) and os.sep in value and "://" not in value and not os.path.isabs(value)
+            and os.path.exists(value)):
+        return os.path.abspath(value)
+    return value
 
 
 def init_ray(cfg: RayTrainConfig) -> None:
@@ -276,6 +297,27 @@ def world_size() -> int:
     import ray.train
 
     return ray.train.get_context().get_world_size()
+
+
+def rank_agreement(model: Any, steps: int) -> dict:
+    """``world_size``, every rank's ``rank_steps`` this epoch and ``ranks_agree``: whether every rank
+    holds the tensors rank 0 checkpoints (the model's ``state_dict``). A collective under DDP: every
+    rank calls it. Rank 0 alone writes the checkpoint the export comes from, so a rank that drifted
+    (weights DDP does not all-reduce, such as a VAE trained before it) or stepped differently would
+    otherwise go unseen; the digest is float64 sums on the tensors' device, so nothing is copied
+    and equal weights give equal sums."""
+    import torch
+
+    world = world_size()
+    if world == 1:
+        return {"world_size": 1, "rank_steps": [steps], "ranks_agree": True}
+    with torch.no_grad():
+        digest = [(float(t.double().sum()), float(t.double().square().sum()))
+                  for t in unwrap(model).state_dict().values()]
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, (steps, digest))
+    return {"world_size": world, "rank_steps": [s for s, _ in gathered],
+            "ranks_agree": all(d == gathered[0][1] for _, d in gathered)}
 
 
 def is_rank_zero() -> bool:

@@ -315,29 +315,6 @@ def share_rank_zero_vae(model) -> None:
     core.config.latent_scale = float(core.latent_scale)
 
 
-def rank_agreement(model, steps: int) -> dict:
-    """``world_size``, every rank's ``rank_steps`` this epoch and ``ranks_agree``: whether every rank
-    holds the tensors rank 0 checkpoints (``state_dict``: the trained modules, the VAE, the latent
-    scale). A collective under DDP: every rank calls it. Rank 0 alone writes the checkpoint the
-    export comes from, so a rank that drifted (weights DDP does not all-reduce, as the VAE's) or
-    stepped differently would otherwise go unseen; the digest is float64 sums on the tensors' device,
-    so nothing is copied and equal weights give equal sums."""
-    import torch
-
-    from jobs import _train
-
-    world = _train.world_size()
-    if world == 1:
-        return {"world_size": 1, "rank_steps": [steps], "ranks_agree": True}
-    with torch.no_grad():
-        digest = [(float(t.double().sum()), float(t.double().square().sum()))
-                  for t in _train.unwrap(model).state_dict().values()]
-    gathered: list = [None] * world
-    torch.distributed.all_gather_object(gathered, (steps, digest))
-    return {"world_size": world, "rank_steps": [s for s, _ in gathered],
-            "ranks_agree": all(d == gathered[0][1] for _, d in gathered)}
-
-
 def train_loop_per_worker(loop: dict) -> None:
     """One Ray Train worker: (fresh run) the VAE phase, then DDP denoising epochs; rank 0 scores
     valid, logs and checkpoints each epoch."""
@@ -392,7 +369,7 @@ def train_loop_per_worker(loop: dict) -> None:
         stats = train_epoch(model, batches, optimizer, scheduler, device, cfg.optim.grad_clip,
                             on_step=lambda step, loss, e=epoch: rank0 and progress.step(e, step, state.global_step, loss))
         metrics = {"epoch": epoch + 1, "train_loss": stats["loss"], "lr": scheduler.get_last_lr()[0],
-                   **rank_agreement(model, stats["steps"])}
+                   **_train.rank_agreement(model, stats["steps"])}
         if rank0 and not metrics["ranks_agree"]:
             print(f"[{JOB}] warning: the ranks' weights differ after epoch {epoch + 1}; rank 0's are saved", flush=True)
         if rank0:

@@ -16,6 +16,7 @@ the ranks, and the VAE phase leaves no gradient behind for the denoising steps' 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -53,7 +54,10 @@ def test_text_to_image_ddp_two_ranks_train_in_step_and_rank_zero_exports(
     start = time.perf_counter()
     # 16 pairs, 4 per step: one worker would step 4 times an epoch, each of 2 ranks (8 pairs) steps twice
     assert finetune_text_to_image.main([
-        "--config", "configs/finetune_text_to_image.tiny.yaml", "--model.base", tiny_models["text_to_image"],
+        # a path relative to the driver's working directory, as the tiny configs name it: the workers
+        # (actors, started in Ray's own directory) get it made absolute
+        "--config", "configs/finetune_text_to_image.tiny.yaml",
+        "--model.base", os.path.relpath(tiny_models["text_to_image"], repo_root),
         "--data.datasets", f"[{ner_pairs}]", "--data.ground_truth", str(tiny_benchmark / "ground_truth.jsonl"),
         "--output", str(tmp_path / "out"), "--ray.storage_path", str(tmp_path / "ray"), "--ray.name", "t2i-ddp",
         "--data.max_train_rows", "16", "--optim.batch_size", "4", "--optim.vae_steps", "2",

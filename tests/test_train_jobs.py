@@ -347,3 +347,32 @@ def test_alpha_alignment_probe_scores_the_estimators_argmax_against_the_ground_t
     assert alpha_alignment_scores(right, truth) == {"macro_f1": 1.0, "accuracy": 1.0, "support": 3.0}
     always_weaken = [dict(r, divergence=[0.1, 0.2, 0.7]) for r in right[:3]]
     assert alpha_alignment_scores(always_weaken, truth)["macro_f1"] == pytest.approx(1 / 6)
+
+
+def test_paths_relative_to_the_driver_reach_the_workers_absolute(tmp_path, monkeypatch):
+    """Ray Train's workers start in Ray's working directory, not the driver's: a relative model path
+    that loads in local mode must reach them absolute; URIs, hub ids and words stay as they are."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Model:
+        base: str = "models/t2i"
+        hub: str = "stabilityai/stable-diffusion-2"
+        remote: str = "s3://bucket/models/t2i"
+
+    @dataclasses.dataclass
+    class Cfg:
+        model: Model = dataclasses.field(default_factory=Model)
+        datasets: list = dataclasses.field(default_factory=lambda: ["data/ner", "data/missing"])
+        task: str = "ner"
+
+    (tmp_path / "models" / "t2i").mkdir(parents=True)
+    (tmp_path / "data" / "ner").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    loop = _train.absolute_local_paths({"cfg": Cfg(), "run_folder": "models", "local_mode": False})
+    cfg = loop["cfg"]
+    assert cfg.model.base == str(tmp_path / "models" / "t2i") and cfg.datasets == [str(tmp_path / "data" / "ner"), "data/missing"]
+    assert (cfg.model.hub, cfg.model.remote, cfg.task) == ("stabilityai/stable-diffusion-2", "s3://bucket/models/t2i", "ner")
+    assert loop["run_folder"] == "models" and loop["local_mode"] is False  # no separator: a word, not a path
+    assert Cfg().model.base == "models/t2i"  # the driver's config is left as it was
+
