@@ -6,7 +6,8 @@ One tiny pipeline (both tasks, every stage up to ``probe_mechanisms``) runs once
 the probes read what the extractor would read. Goals: v' shows the type its text decides on
 ≥ 80 % of such texts; the mention's object is among the top-3 regions at IoU ≥ 0.5 for ≥ 80 % of
 mentions (NER and RE together) with ≤ 5 % zero-area boxes; argmax α agrees with the alignment labels at macro F1 ≥ 0.6
-on NER pairs (RE is reported, see the README: 0.51 on test with the tiny corpus).
+on NER and on RE pairs. RE's v' fidelity (both argument types) is reported, not asserted: the tiny
+back-translator does not learn two-glyph scenes (docs/mechanisms.md).
 """
 
 import json
@@ -42,7 +43,6 @@ def test_the_grounder_finds_the_mentions_objects_in_its_top_three_boxes(probed):
     assert probed["grounder"]["untrained_test_recall"] < 0.1
 
 
-def test_the_estimator_transfers_to_the_ner_pairs(probed):
+def test_the_estimator_transfers_to_the_ner_and_re_pairs(probed):
     assert probed["probes"]["ner_alpha_macro_f1"] >= 0.6
-    # RE is measured and reported, not yet at the goal
-    assert probed["probes"]["re_alpha_macro_f1"] > 1 / 3
+    assert probed["probes"]["re_alpha_macro_f1"] >= 0.6
