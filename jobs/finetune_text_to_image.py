@@ -59,8 +59,9 @@ class DataConfig:
     crop_to: str | None = opt(
         None, "null: whole images train | focus_object: each train/valid image is cut to a square around the object "
         "its text is about (ground truth's box: the NER focus mention's, RE's head and tail boxes together; pairs "
-        "without a box drop), so the text-decided glyph fills the image. Synthetic only: real data has no boxes, "
-        "and sampling never sees one."
+        "without a box drop), so the text-decided glyph fills the image | object_panels: the same window per object "
+        "the text decides, side by side (RE: head left, tail right; NER: the focus object alone). Synthetic only: "
+        "real data has no boxes, and sampling never sees one."
     )
     crop_margin: float = opt(0.25, "focus_object crop: margin added on each side, as a share of the box's longer side.")
 
@@ -164,10 +165,10 @@ def check_config(cfg: Config) -> None:
         problems.append(f"--optim.vae_steps: expected >= 0, got {cfg.optim.vae_steps}")
     if cfg.model.train_vae and cfg.optim.vae_steps == 0:
         problems.append("--model.train_vae true needs --optim.vae_steps > 0 (the VAE trains in its own phase)")
-    if cfg.data.crop_to not in (None, "focus_object"):
-        problems.append(f"--data.crop_to {cfg.data.crop_to}: null or focus_object")
+    if cfg.data.crop_to not in (None, "focus_object", "object_panels"):
+        problems.append(f"--data.crop_to {cfg.data.crop_to}: null, focus_object or object_panels")
     if cfg.data.crop_to and not cfg.data.ground_truth:
-        problems.append("--data.crop_to focus_object needs --data.ground_truth (the objects' boxes)")
+        problems.append(f"--data.crop_to {cfg.data.crop_to} needs --data.ground_truth (the objects' boxes)")
     if cfg.data.crop_margin < 0:
         problems.append(f"--data.crop_margin: expected >= 0, got {cfg.data.crop_margin}")
     if cfg.data.ground_truth and not cfg.data.ground_truth.startswith("s3://") and not os.path.isfile(cfg.data.ground_truth):

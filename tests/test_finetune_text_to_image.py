@@ -253,6 +253,47 @@ def test_re_pairs_train_the_back_translator_only_when_their_relation_decides_bot
     assert crop_rows(kept, truth, "focus_object")[0][0]["crop"] == [4, 10, 52, 42]  # head and tail together
 
 
+def test_object_panels_put_the_head_left_and_the_tail_right_each_as_large_as_a_focus_crop(tiny_benchmark, tmp_path):
+    """data.crop_to object_panels: an RE pair trains on its head's window and its tail's side by side
+    (a fixed layout the tiny model can learn: the union's window painted a prompt-independent blob)."""
+    import pyarrow.parquet as pq
+
+    from jobs import prepare_dataset
+    from tmr_core.probes import GlyphReader
+    from tmr_core.synthetic import RELATIONS, read_ground_truth
+    from tmr_core.text_to_image_training import TextImageCollator, agreeing_rows, crop_rows, prompt_and_image_rows
+
+    assert prepare_dataset.main(["--format", "synthetic", "--task", "re", "--data_dir", str(tiny_benchmark),
+                                 "--output", str(tmp_path / "re")]) == 0
+    truth = {row["id"]: row for row in read_ground_truth(tiny_benchmark / "ground_truth.jsonl")}
+    rows = prompt_and_image_rows(pq.read_table(tmp_path / "re" / "train.parquet").to_pylist())
+    kept, _ = agreeing_rows(rows, truth, ["strengthen"])
+    panelled, dropped = crop_rows(kept, truth, "object_panels")
+    assert kept and dropped == 0
+    assert all(row["crop"] == [truth[row["id"]]["head_box"], truth[row["id"]]["tail_box"]] for row in panelled)
+
+    collate = TextImageCollator(_Tokenizer(), 32, crop_margin=0.25)
+    reader = GlyphReader()
+
+    def pixels(row):
+        return ((collate.image_tensor(row["image_uri"], row["crop"]) + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+    union, _ = crop_rows(kept, truth, "focus_object")  # one window around head and tail together
+    for row, together in zip(panelled, union, strict=True):
+        head_type, tail_type = RELATIONS[truth[row["id"]]["relation"]]
+        image = pixels(row)
+        assert reader.read(image[:, :16]) == head_type and reader.read(image[:, 16:]) == tail_type
+        shares, union_shares = reader.type_fractions(image), reader.type_fractions(pixels(together))
+        assert min(shares[t] / union_shares[t] for t in (head_type, tail_type)) > 1.2  # each object larger
+    # one box (NER's focus object) is one panel, the whole image: the focus_object crop
+    ner_like = [[8.0, 8.0, 20.0, 20.0]]
+    assert collate.image_tensor(panelled[0]["image_uri"], ner_like).shape == (3, 32, 32)
+
+
+class _Tokenizer:
+    model_max_length = 8
+
+
 def test_crop_needs_the_ground_truth(tiny_models):
     from jobs import finetune_text_to_image
     from jobs._config import ConfigError, parse_config
