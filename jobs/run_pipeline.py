@@ -646,7 +646,7 @@ def start_background(stage: Stage, argv: list[str], log: str, address: str, thre
 def lower_priority(pid: int, niceness: int) -> None:
     """Raise a process's nice value by ``niceness`` over this one's. Set from here, not in a
     ``preexec_fn`` (unsafe in a process with threads): the child is still importing by then."""
-    if niceness > 0:
+    if niceness > 0 and hasattr(os, "setpriority"):  # POSIX only
         os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness))
 
 
