@@ -103,8 +103,9 @@ class Config:
     )
     critical_path_first: bool = opt(
         True, "With parallel_stages > 1: ready stages are taken longest chain of dependent stages first, and a "
-        "training stage in its own process gets a lower CPU priority (nice) the shorter its chain, so on a machine "
-        "with few cores the stages the end waits on get them."
+        "training stage in its own process runs at the CPU priority (nice) of Ray's workers, where the table stages "
+        "compute, lowered a step per level its chain is shorter, so on a machine with few cores the stages the end "
+        "waits on get them (training in local mode, as the tiny configs; Ray Train workers keep Ray's priority)."
     )
     job_args: dict[str, list[str]] = opt(
         {}, "Extra --key value arguments per job, after the pipeline's own (e.g. {finetune_extractor: [--optim.epochs, '2']})."
@@ -647,7 +648,10 @@ def lower_priority(pid: int, niceness: int) -> None:
     """Raise a process's nice value by ``niceness`` over this one's. Set from here, not in a
     ``preexec_fn`` (unsafe in a process with threads): the child is still importing by then."""
     if niceness > 0 and hasattr(os, "setpriority"):  # POSIX only
-        os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness))
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + niceness))
+        except OSError as error:  # a sandbox may forbid it; the stage runs at this process's priority
+            print(f"[run_pipeline] could not lower the priority of process {pid}: {error}", file=sys.stderr, flush=True)
 
 
 def stop_background(running: dict[str, BackgroundStage]) -> None:
@@ -662,7 +666,7 @@ def stop_background(running: dict[str, BackgroundStage]) -> None:
             job.process.kill()
 
 
-NICE_PER_LEVEL = 5  # CFS weights: each +5 of nice is ~3x less CPU when cores are contended
+MAX_NICE_PER_LEVEL = 5  # CFS weights: each +5 of nice is ~3x less CPU when cores are contended
 
 
 def chain_lengths(stages: list[Stage]) -> dict[str, int]:
@@ -684,13 +688,33 @@ def chain_lengths(stages: list[Stage]) -> dict[str, int]:
     return {s.id: lengths[s.id] for s in stages}
 
 
-def background_niceness(stages: list[Stage], lengths: dict[str, int], background: frozenset[str]) -> dict[str, int]:
-    """``NICE_PER_LEVEL`` per level a training stage's chain is shorter than the longest training
-    stage's (at most 19): the back-translator whose chain runs to the RE extractor keeps full
-    priority, an extractor that only the comparison waits on yields to the table stages."""
+def background_niceness(stages: list[Stage], lengths: dict[str, int], background: frozenset[str],
+                        base: int = 0) -> dict[str, int]:
+    """Nice increments (over this process) of the training stages: ``base`` — how much nicer Ray
+    runs its workers, where the table stages do their work (Ray's ``worker_niceness``, 15 by
+    default) — for the longest training chain, and a step more per level shorter (at most 19).
+
+    Ranked against the table stages' workers, not above them: a back-translator at nice 0 would
+    starve the generation and grounding stages that wait on it, which run at 15.
+    """
     trained = [s for s in stages if s.job in background]
-    top = max((lengths[s.id] for s in trained), default=0)
-    return {s.id: min(19, NICE_PER_LEVEL * (top - lengths[s.id])) for s in trained}
+    if not trained:
+        return {}
+    top, bottom = max(lengths[s.id] for s in trained), min(lengths[s.id] for s in trained)
+    step = max(1, min(MAX_NICE_PER_LEVEL, (19 - base) // max(1, top - bottom)))
+    return {s.id: min(19, base + step * (top - lengths[s.id])) for s in trained}
+
+
+def ray_worker_niceness() -> int:
+    """How much nicer than this process the connected Ray cluster runs its workers (Ray's
+    ``worker_niceness``: 15 unless the cluster sets it), measured with one task."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.nice(0)
+
+    return max(0, ray.get(niceness.remote()) - os.nice(0))
 
 
 class Scheduler:
@@ -713,9 +737,11 @@ class Scheduler:
         self._to_run: set[str] = set()  # stages found not up to date
         self._address: str | None = None
         prioritise = cfg.critical_path_first and cfg.parallel_stages > 1
-        lengths = chain_lengths(stages)
-        self._rank = {s.id: -lengths[s.id] if prioritise else 0 for s in stages}
-        self._niceness = background_niceness(stages, lengths, BACKGROUND_JOBS) if prioritise else {}
+        self.stages = list(stages)
+        self._prioritise = prioritise
+        self._lengths = chain_lengths(stages)
+        self._rank = {s.id: -self._lengths[s.id] if prioritise else 0 for s in stages}
+        self._niceness: dict[str, int] = {}  # set when the first training stage starts (Ray is up)
 
     # ---- what may run now
 
@@ -780,6 +806,9 @@ class Scheduler:
 
             with output_to(self._log_of_pipeline()):
                 self._address = ray_address()
+                if self._prioritise:
+                    self._niceness = background_niceness(self.stages, self._lengths, BACKGROUND_JOBS,
+                                                         base=ray_worker_niceness())
                 prepare_store(self.cfg.tracking_uri)
         log = log_path(self.cfg.workdir, stage)
         self.running[stage.id] = start_background(stage, stage_argv(stage, self._forced(stage)), log,
