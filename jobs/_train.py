@@ -64,8 +64,9 @@ class RayTrainConfig:
     )
     address: str | None = opt(None, "ray.init address; null: a running cluster if any, else a local one.")
     cache_shard_rows: int = opt(
-        100_000, "Keep a worker's training shard in its memory after the first epoch when it has at most this "
-        "many rows (stage tables hold text and URIs, not pixels); 0: stream it from Ray Data every epoch."
+        100_000, "Read a worker's training shard into its memory before the first step when it has at most this "
+        "many rows (stage tables hold text and URIs, not pixels): every epoch is then a seeded shuffle of it in id "
+        "order, the same on any cluster; 0: stream it from Ray Data every epoch."
     )
 
     def __post_init__(self) -> None:
@@ -268,6 +269,8 @@ def absolute_local_paths(value: Any) -> Any:
         return dataclasses.replace(value, **changed)
     if isinstance(value, dict):
         return {key: absolute_local_paths(item) for key, item in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple takes its fields as arguments
+        return type(value)(*(absolute_local_paths(item) for item in value))
     if isinstance(value, (list, tuple)):
         return type(value)(absolute_local_paths(item) for item in value)
     if (isinstance(value, str) and os.sep in value and "://" not in value and not os.path.isabs(value)

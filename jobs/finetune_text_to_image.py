@@ -120,7 +120,7 @@ class ProbeConfig:
     width: int = opt(768, "Image width.")
     seed: int = opt(0, "Every prompt's seed (generate_back_translations' generation.seed).")
     batch_size: int = opt(16, "Prompts per pipeline call.")
-    max_rows: int | None = opt(None, "Probe only the first N texts per split; null: all.")
+    max_rows: int | None = opt(None, "Probe only the first N texts per split and task (NER, RE); null: all.")
 
 
 @dataclass
@@ -321,6 +321,7 @@ def train_loop_per_worker(loop: dict) -> None:
     valid, logs and checkpoints each epoch."""
     import ray.train
     import ray.train.torch
+    import torch
 
     from jobs import _tracking, _train
     from tmr_core.text_to_image_training import TextImageCollator, reconstruction_phase, validation_loss
@@ -355,6 +356,10 @@ def train_loop_per_worker(loop: dict) -> None:
         if rank0:
             print(f"[{JOB}] VAE reconstruction phase: {vae['vae_steps']} steps, loss {vae['vae_loss']:.4f}, "
                   f"latent scale {vae['latent_scale']:.4f}", flush=True)
+    if _train.world_size() > 1:
+        # one seed on every rank would give each DDP step only batch_size noise and timestep draws
+        # (the ranks' weights stay equal: DDP broadcast them and averages every gradient)
+        torch.manual_seed(cfg.seed + 1_000_003 * _train.world_rank())
     _train.announce_pid(cfg.debug)
     train_shard = _train.ShardRows(ray.train.get_dataset_shard("train"), cfg.ray.cache_shard_rows)
     valid_rows = loop["valid_rows"] if rank0 else []

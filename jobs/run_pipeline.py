@@ -304,7 +304,8 @@ def declare_model_needs(stages: list[Stage], models: str) -> None:
     builder = stages[0].id
     prefix = os.path.normpath(models)
     for stage in stages[1:]:
-        names_one = any(os.path.normpath(arg).startswith(prefix) for arg in stage.argv)
+        names_one = any(os.path.normpath(arg) == prefix or os.path.normpath(arg).startswith(prefix + os.sep)
+                        for arg in stage.argv)
         config = stage.argv[stage.argv.index("--config") + 1] if "--config" in stage.argv else None
         if not names_one and config and os.path.isfile(config):
             with open(config, encoding="utf-8") as handle:

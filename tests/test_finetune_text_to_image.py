@@ -253,7 +253,7 @@ def test_re_pairs_train_the_back_translator_only_when_their_relation_decides_bot
     assert crop_rows(kept, truth, "focus_object")[0][0]["crop"] == [4, 10, 52, 42]  # head and tail together
 
 
-def test_object_panels_put_the_head_left_and_the_tail_right_each_as_large_as_a_focus_crop(tiny_benchmark, tmp_path):
+def test_object_panels_put_the_head_left_and_the_tail_right_each_larger_than_in_their_joint_window(tiny_benchmark, tmp_path):
     """data.crop_to object_panels: an RE pair trains on its head's window and its tail's side by side
     (a fixed layout the tiny model can learn: the union's window painted a prompt-independent blob)."""
     import pyarrow.parquet as pq
@@ -261,7 +261,12 @@ def test_object_panels_put_the_head_left_and_the_tail_right_each_as_large_as_a_f
     from jobs import prepare_dataset
     from tmr_core.probes import GlyphReader
     from tmr_core.synthetic import RELATIONS, read_ground_truth
-    from tmr_core.text_to_image_training import TextImageCollator, agreeing_rows, crop_rows, prompt_and_image_rows
+    from tmr_core.text_to_image_training import (
+        TextImageCollator,
+        agreeing_rows,
+        crop_rows,
+        prompt_and_image_rows,
+    )
 
     assert prepare_dataset.main(["--format", "synthetic", "--task", "re", "--data_dir", str(tiny_benchmark),
                                  "--output", str(tmp_path / "re")]) == 0
@@ -286,8 +291,62 @@ def test_object_panels_put_the_head_left_and_the_tail_right_each_as_large_as_a_f
         shares, union_shares = reader.type_fractions(image), reader.type_fractions(pixels(together))
         assert min(shares[t] / union_shares[t] for t in (head_type, tail_type)) > 1.2  # each object larger
     # one box (NER's focus object) is one panel, the whole image: the focus_object crop
-    ner_like = [[8.0, 8.0, 20.0, 20.0]]
-    assert collate.image_tensor(panelled[0]["image_uri"], ner_like).shape == (3, 32, 32)
+    box = [8.0, 8.0, 20.0, 20.0]
+    assert torch.equal(collate.image_tensor(panelled[0]["image_uri"], [box]), collate.image_tensor(panelled[0]["image_uri"], box))
+
+
+def test_the_jobs_probe_reads_ner_and_re_texts_from_the_same_datasets(tiny_benchmark, ner_pairs, tiny_models, tmp_path,
+                                                                     monkeypatch):
+    """probe_fidelity samples v' for both tasks' probe texts and scores RE with the relation reader
+    (re_<split>_bt_fidelity_*): here the "back-translator" returns each text's own image."""
+    from PIL import Image
+
+    from jobs import finetune_text_to_image, prepare_dataset
+    from jobs._config import parse_config
+    from tmr_core import back_translation
+    from tmr_core.back_translation import prompt_from_tokens
+    from tmr_core.probes import (
+        back_translation_fidelity,
+        probe_items,
+        relation_back_translation_fidelity,
+        relation_probe_items,
+    )
+    from tmr_core.synthetic import read_ground_truth
+
+    re_pairs = tmp_path / "re"
+    assert prepare_dataset.main(["--format", "synthetic", "--task", "re", "--data_dir", str(tiny_benchmark),
+                                 "--output", str(re_pairs)]) == 0
+    cfg = parse_config(finetune_text_to_image.Config, [
+        *job_args(tiny_models, f"{ner_pairs}, {re_pairs}", tiny_benchmark, tmp_path), "--probe.splits", "[valid]"],
+        prog="t")
+    truth = {row["id"]: row for row in read_ground_truth(tiny_benchmark / "ground_truth.jsonl")}
+    cap = cfg.probe.max_rows  # per split and task
+    items, pairs = probe_items(truth.values(), "valid")[:cap], relation_probe_items(truth.values(), "valid")[:cap]
+    probed = {item.id for item in items} | {head.id for head, _ in pairs}
+    rows = [row for folder in (ner_pairs, re_pairs) for row in pq_rows(folder / "valid.parquet") if row["id"] in probed]
+    image_of = {prompt_from_tokens(row["tokens"]): row["image_uri"] for row in rows}
+    assert len(image_of) == len(rows)  # every probed text is its own prompt
+
+    class OwnImage:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def generate(self, prompts, seeds):
+            return [Image.open(image_of[prompt]).convert("RGB") for prompt in prompts]
+
+    monkeypatch.setattr(back_translation, "BackTranslator", OwnImage)
+    metrics = finetune_text_to_image.probe_fidelity(cfg, None, truth, "")
+    images = {row["id"]: Image.open(row["image_uri"]).convert("RGB") for row in rows}
+    expected_ner, expected_re = back_translation_fidelity(items, images), relation_back_translation_fidelity(pairs, images)
+    assert metrics["valid_bt_fidelity_deciding"] == pytest.approx(expected_ner["deciding"])
+    assert metrics["re_valid_bt_fidelity_deciding"] == pytest.approx(expected_re["deciding"])
+    assert metrics["re_valid_bt_fidelity_deciding_n"] == expected_re["deciding_n"] > 0
+
+
+def pq_rows(path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
 
 
 class _Tokenizer:

@@ -424,8 +424,8 @@ def panels(image: Any, boxes: Sequence[Sequence[float]], size: int, margin: floa
 
     RE's head and tail lie anywhere in their halves of the scene; their union's window is most of
     the image at 32 px, and a tiny text-to-image model trained on it painted one prompt-independent
-    blob (valid fidelity 0.16). Side by side in a fixed layout, each object is as large as NER's
-    focus crop and its place says its role.
+    blob (valid fidelity 0.16). Side by side in a fixed layout, each object's own window fills a panel
+    (half the side: 1.4–3× the pixel share it had in the union's window) and its place says its role.
     """
     from PIL import Image
 
