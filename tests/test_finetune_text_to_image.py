@@ -20,16 +20,6 @@ FAST = ["--data.max_train_rows", "16", "--debug.max_eval_rows", "8", "--optim.ba
         "--optim.vae_steps", "2", "--probe.max_rows", "8", "--probe.steps", "2"]
 
 
-@pytest.fixture(scope="module")
-def ner_pairs(tiny_benchmark, tmp_path_factory) -> Path:
-    from jobs import prepare_dataset
-
-    out = tmp_path_factory.mktemp("t2i-pairs") / "ner"
-    assert prepare_dataset.main(["--format", "synthetic", "--task", "ner", "--data_dir", str(tiny_benchmark),
-                                 "--output", str(out)]) == 0
-    return out
-
-
 def job_args(tiny_models, pairs: Path, benchmark: Path, tmp_path: Path, *extra: str) -> list[str]:
     return ["--config", "configs/finetune_text_to_image.tiny.yaml",
             "--model.base", tiny_models["text_to_image"], "--data.datasets", f"[{pairs}]",

@@ -27,16 +27,6 @@ TWO_WORKERS = ["--ray.num_workers", "2", "--ray.cpus_per_worker", "1", "--optim.
                "--tracking.enabled", "false"]
 
 
-@pytest.fixture(scope="module")
-def ner_pairs(tiny_benchmark, tmp_path_factory) -> Path:
-    from jobs import prepare_dataset
-
-    out = tmp_path_factory.mktemp("ddp-pairs") / "ner"
-    assert prepare_dataset.main(["--format", "synthetic", "--task", "ner", "--data_dir", str(tiny_benchmark),
-                                 "--output", str(out)]) == 0
-    return out
-
-
 def last_epoch(folder: Path) -> tuple[dict, dict]:
     state = json.loads((folder / "checkpoint_epoch_0001" / "train_state.json").read_text())
     return state, state["history"][-1]
