@@ -317,9 +317,8 @@ class GrounderWithLoss(nn.Module):
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 query_mask: torch.Tensor, targets: Sequence[dict]) -> GroundingLossOutput:
         outputs = self.detector(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
-        # the count is a collective only in training, where every rank steps: a rank-0-only
-        # evaluation through this module must not wait on the other ranks
-        count = (mean_target_count(targets, outputs.logits.device) if self.training
-                 else float(sum(len(t["class_labels"]) for t in targets)))
+        # the ranks' mean count is a collective, so only in training, where every rank steps: a
+        # rank-0-only evaluation through this module divides by its own batch's count
+        count = mean_target_count(targets, outputs.logits.device) if self.training else None
         return grounding_loss(outputs.logits, outputs.pred_boxes, query_mask, targets, self.cfg, self.matcher,
                               num_targets=count)
