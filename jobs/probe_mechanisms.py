@@ -148,12 +148,21 @@ def probe_table(metrics: dict[str, float], split: str) -> str:
     def cell(key: str) -> str:
         return f"{metrics[key]:.3f}" if key in metrics else "–"
 
+    def interval(prefix: str) -> str:
+        key = prefix + "undecided_read_gold_match"
+        if key not in metrics:
+            return "–"
+        return f"{metrics[key]:.3f} [{metrics[key + '_low']:.2f}, {metrics[key + '_high']:.2f}]"
+
     lines = [f"| probe ({split} split) | NER | RE | both | goal |", "|---|---|---|---|---|",
              f"| v' fidelity, texts that decide a type (RE: both argument types) | {cell('bt_fidelity_deciding')} "
              f"| {cell('re_bt_fidelity_deciding')} | – | ≥ 0.8 |",
              f"| v' reads the gold type, neutral texts (chance NER {cell('bt_fidelity_undecided_chance')}, "
              f"RE {cell('re_bt_fidelity_undecided_chance')}) | {cell('bt_fidelity_undecided_gold_match')} "
-             f"| {cell('re_bt_fidelity_undecided_gold_match')} | – | ≈ chance |"]
+             f"| {cell('re_bt_fidelity_undecided_gold_match')} | – | – |",
+             f"| … of those whose v' shows a type, 95 % interval (chance NER {cell('bt_fidelity_undecided_read_chance')}, "
+             f"RE {cell('re_bt_fidelity_undecided_read_chance')}) | {interval('bt_fidelity_')} "
+             f"| {interval('re_bt_fidelity_')} | – | holds chance |"]
     for label, key, goal in (("grounding recall@IoU0.5, top 3", "grounding_recall", "≥ 0.8"),
                              ("zero-area boxes", "grounding_zero_area_share", "≤ 0.05"),
                              ("argmax α vs alignment, macro F1", "alpha_macro_f1", "≥ 0.6")):

@@ -43,3 +43,24 @@ def test_relation_fidelity_needs_both_argument_types_of_the_decided_relation():
     assert relation_back_translation_fidelity(pairs, {"e-0": _painted("LOC")})["deciding"] == 1.0
     assert relation_back_translation_fidelity(pairs, {"e-0": _painted("PER", "LOC", "LOC")})["deciding"] == 1.0
     assert relation_back_translation_fidelity(pairs, {"e-0": _painted("PER")})["deciding"] == 0.0
+
+
+def test_neutral_texts_are_judged_on_the_back_translations_that_show_a_type():
+    """An unread v' guesses nothing: counted as 'not the gold type' it pulled the neutral NER share
+    below chance (0.30 vs 0.45 on test), which read as hiding the answer. Among the v' the reader
+    reads, the share is compared with those texts' chance through its interval."""
+    from tmr_core.probes import ProbeItem, back_translation_fidelity
+
+    items = [ProbeItem(f"n{i}", "PER", ("PER", "LOC"), None, "complement") for i in range(6)]
+    blank = np.full((64, 64, 3), 238, dtype=np.uint8)
+    images = {"n0": _painted("PER"), "n1": _painted("LOC"), "n2": _painted("PER"), "n3": _painted("LOC"),
+              "n4": blank, "n5": blank}
+    scores = back_translation_fidelity(items, images)
+    assert scores["undecided_gold_match"] == 2 / 6 and scores["undecided_chance"] == 0.5
+    assert scores["undecided_read_n"] == 4 and scores["undecided_read_gold_match"] == 0.5
+    assert scores["undecided_read_chance"] == 0.5
+    assert scores["undecided_read_gold_match_low"] < 0.5 < scores["undecided_read_gold_match_high"]
+    # a v' that always shows the gold type leaks it: its interval stays above chance
+    leaking = back_translation_fidelity([ProbeItem(f"l{i}", "PER", ("PER", "LOC"), None, "complement") for i in range(30)],
+                                        {f"l{i}": _painted("PER") for i in range(30)})
+    assert leaking["undecided_read_gold_match_low"] > leaking["undecided_read_chance"]

@@ -181,18 +181,37 @@ class _Outcome:
 def _fidelity_summary(outcomes: Sequence[_Outcome]) -> dict[str, float]:
     deciding = [o for o in outcomes if o.deciding]
     undecided = [o for o in outcomes if not o.deciding]
+    # a v' the reader reads nothing in guesses nothing: leaking (or hiding) the gold type is judged
+    # on the neutral texts whose v' shows a type, against those texts' own chance
+    guessed = [o for o in undecided if not o.unread]
 
     def share(items: Sequence[Any], value: Any) -> float:
         return sum(map(value, items)) / len(items) if items else float("nan")
 
+    low, high = wilson_interval(sum(o.hit for o in guessed), len(guessed))
     return {
         "deciding": share(deciding, lambda o: o.hit),
         "undecided_gold_match": share(undecided, lambda o: o.hit),
         "undecided_chance": share(undecided, lambda o: o.chance),
+        "undecided_read_gold_match": share(guessed, lambda o: o.hit),
+        "undecided_read_chance": share(guessed, lambda o: o.chance),
+        "undecided_read_gold_match_low": low,
+        "undecided_read_gold_match_high": high,
         "unread": share(outcomes, lambda o: o.unread),
         "deciding_n": float(len(deciding)),
         "undecided_n": float(len(undecided)),
+        "undecided_read_n": float(len(guessed)),
     }
+
+
+def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial share (scipy's); ``(nan, nan)`` without trials."""
+    if trials == 0:
+        return float("nan"), float("nan")
+    from scipy.stats import binomtest
+
+    interval = binomtest(successes, trials).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def back_translation_fidelity(items: Sequence[ProbeItem], images: Mapping[str, Any],
@@ -207,9 +226,12 @@ def back_translation_fidelity(items: Sequence[ProbeItem], images: Mapping[str, A
     Returns:
         ``deciding``: share of deciding texts (strengthen/weaken) whose v' reads as the decided type;
         ``undecided_gold_match``: share of neutral texts (complement) whose v' reads as the gold type
-        (faithful ≈ ``undecided_chance``, the mean of 1/|allowed types|);
+        (``undecided_chance``: the mean of 1/|allowed types|);
+        ``undecided_read_gold_match``: the same share among the neutral texts whose v' the reader
+        reads (an unread v' guesses nothing), its 95 % Wilson interval ``…_low``/``…_high`` and
+        ``undecided_read_chance``: faithful when the interval holds that chance, leaking when above;
         ``unread``: share of all v' the reader reads nothing in; and the counts ``deciding_n``,
-        ``undecided_n``.
+        ``undecided_n``, ``undecided_read_n``.
     """
     reader = reader or GlyphReader()
     outcomes = []
