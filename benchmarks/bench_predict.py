@@ -85,14 +85,13 @@ def plain_loop(argv: list[str]) -> dict:
 
     from jobs import predict
     from jobs._config import parse_config
-    from jobs.generate_back_translations import model_identity
     from tmr_core import storage
 
     start = time.perf_counter()
     cfg = parse_config(predict.Config, argv)
     rows = predict.input_rows(cfg, predict.read_records(cfg.input), storage.parent(cfg.input))
     steps = [predict.Phrases(cfg),
-             predict.BackTranslate(cfg, model_identity(cfg.back_translation.generation, cfg.tracking_uri)),
+             predict.BackTranslate(cfg, predict.back_translation_identities(cfg)),
              predict.Ground(cfg), predict.Divergence(cfg), predict.RecognizeEntities(cfg)]
     loaded = time.perf_counter()
     size = cfg.phrases.compute.batch_size

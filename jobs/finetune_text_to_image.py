@@ -14,11 +14,13 @@ short reconstruction phase, its VAE) or with LoRA on the UNet attention (Stable 
 checkpoint per epoch (the trained tensors only), resumable; the best epoch on the valid denoising
 loss (fixed noise) is exported as a diffusers pipeline folder ``<output>/model`` that
 ``DiffusionPipeline.from_pretrained`` and ``jobs.generate_back_translations`` load, with
-``metrics.json``; ``--tracking.register_as tmr-t2i`` registers it as ``models:/tmr-t2i@champion``.
+``metrics.json``; ``--tracking.register_as tmr-t2i`` registers it as ``models:/tmr-t2i@champion``
+(``tmr-t2i-ner`` / ``tmr-t2i-re``: a back-translator of one task's pairs, as ``run_pipeline
+--back_translators per_task`` trains them).
 
 With a ground truth, the back-translation fidelity probe (:mod:`tmr_core.probes`) samples v' for the
-valid and test NER texts with ``probe`` (keep it equal to generate_back_translations' sampling) and
-reports how often v' shows the type the text decides, for the base and the trained pipeline.
+valid and test NER and RE texts with ``probe`` (keep it equal to generate_back_translations' sampling)
+and reports how often v' shows the type(s) the text decides, for the base and the trained pipeline.
 """
 
 from __future__ import annotations
@@ -145,6 +147,9 @@ class Config:
     debug: DebugConfig = opt(DebugConfig, "Test knobs.")
 
 
+REGISTERED_NAMES = ("tmr-t2i", "tmr-t2i-ner", "tmr-t2i-re")
+
+
 def check_config(cfg: Config) -> None:
     problems = []
     if not cfg.data.datasets:
@@ -173,8 +178,9 @@ def check_config(cfg: Config) -> None:
         problems.append(f"--data.crop_margin: expected >= 0, got {cfg.data.crop_margin}")
     if cfg.data.ground_truth and not cfg.data.ground_truth.startswith("s3://") and not os.path.isfile(cfg.data.ground_truth):
         problems.append(f"--data.ground_truth {cfg.data.ground_truth}: no such file")
-    if cfg.tracking.register_as and cfg.tracking.register_as != "tmr-t2i":
-        problems.append(f"--tracking.register_as {cfg.tracking.register_as}: the back-translator registers as tmr-t2i")
+    if cfg.tracking.register_as and cfg.tracking.register_as not in REGISTERED_NAMES:
+        problems.append(f"--tracking.register_as {cfg.tracking.register_as}: the back-translator registers as "
+                        f"{' or '.join(REGISTERED_NAMES)} (one for both tasks, or a task's own)")
     try:
         training_config(cfg)
     except ValueError as error:
@@ -390,7 +396,7 @@ def train_loop_per_worker(loop: dict) -> None:
             if loop["tracking_uri"] and state.mlflow_run_id:
                 _tracking.log_metrics(loop["tracking_uri"], state.mlflow_run_id, metrics, step=epoch + 1)
         _train.report_epoch(metrics, state, model, optimizer, scheduler, loop["run_folder"], loop["local_mode"],
-                            options)
+                            options, keep=loop.get("checkpoints_to_keep"))
 
 
 # --------------------------------------------------------------------------- driver

@@ -6,7 +6,8 @@
 One Ray Data pipeline over the input rows, each model step on its own actor pool with its own
 CPU/GPU request (``<step>.compute``), every step the one the stage jobs and Serve run
 (:mod:`tmr_core.inference`): phrases → back-translation (``mode: full`` generates what the cache
-lacks; ``fast`` uses the cache or none, as Serve's modes) → grounding → divergence → NER → RE.
+lacks; ``fast`` uses the cache or none, as Serve's modes; each task's v' from its own
+back-translator when ``back_translation.task_models`` names one) → grounding → divergence → NER → RE.
 
 Input (JSONL, CSV or Parquet; local or ``s3://``), one row per post:
 
@@ -60,7 +61,24 @@ class BackTranslationConfig:
     enabled: bool = opt(True, "Back-translate (false: every row without v', as --ablation no_back_translation would see).")
     cache_uri: str = opt("outputs/cache/back_translations", "Image cache shared with generate_back_translations and Serve.")
     generation: GenerationConfig = opt(GenerationConfig, "The diffusion pipeline (same settings as the batch job, or the cache misses).")
+    task_models: dict[str, str] = opt(
+        {}, "A back-translator per task (e.g. jobs.run_pipeline --back_translators per_task), overriding "
+        "generation.model for that task: folder, s3:// or models:/tmr-t2i-re@champion; tasks not named use "
+        "generation.model; every other generation setting is shared.")
     compute: ComputeConfig = opt(ComputeConfig, "Actor pool of the pipeline (GPUs in full mode).")
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.task_models) - set(TASKS))
+        if unknown:
+            raise ConfigError([f"--back_translation.task_models: unknown task(s) {', '.join(map(repr, unknown))}; "
+                               f"expected keys among {', '.join(TASKS)}"])
+
+    def generation_for(self, task: str) -> GenerationConfig:
+        """The generation settings of ``task``'s v': ``generation`` with its own model, if given."""
+        import dataclasses
+
+        model = self.task_models.get(task)
+        return self.generation if not model else dataclasses.replace(self.generation, model=model)
 
 
 @dataclass
@@ -272,10 +290,14 @@ def _run_isolated(step: Any, rows: list[dict], name: str, source: str) -> list[d
     return rows
 
 
+BACK_TRANSLATION_COLUMNS = ("back_translation_uri", "back_translation_error", "back_translation_cached")
+
+
 def _as_task(row: dict, task: str) -> dict:
-    """The row with ``task``'s phrases and regions under the column names the steps read."""
+    """The row with ``task``'s phrases, v' and regions under the column names the steps read."""
     return {**row, "phrases": row.get(f"phrases_{task}"), "regions": row.get(f"regions_{task}"),
-            "back_translation_regions": row.get(f"back_translation_regions_{task}")}
+            "back_translation_regions": row.get(f"back_translation_regions_{task}"),
+            **{column: row.get(f"{column}_{task}") for column in BACK_TRANSLATION_COLUMNS}}
 
 
 class Phrases:
@@ -302,25 +324,58 @@ class Phrases:
         return _table(_run_isolated(self._parse, _rows(batch), "phrases", self.cfg.input))
 
 
-class BackTranslate:
-    """v' through the cache; generated on a miss in full mode."""
+def back_translation_identities(cfg: Config) -> dict[str, str]:
+    """The cache identity of each distinct back-translator ``cfg.tasks`` use, by model
+    (:func:`jobs.generate_back_translations.model_identity`, once per job: a folder's hash…)."""
+    from jobs.generate_back_translations import model_identity
 
-    def __init__(self, cfg: Config, identity: str):
+    identities: dict[str, str] = {}
+    for task in cfg.tasks:
+        generation = cfg.back_translation.generation_for(task)
+        if generation.model not in identities:
+            identities[generation.model] = model_identity(generation, cfg.tracking_uri)
+    return identities
+
+
+class BackTranslate:
+    """Each task's v' (``back_translation_{uri,error,cached}_<task>``) through the cache, from the
+    task's back-translator (``back_translation.task_models``, else ``generation.model``); generated
+    on a miss in full mode. Tasks that share a model share its images (made once).
+
+    Args:
+        identities: each model's cache identity (:func:`back_translation_identities`, computed
+            once on the driver); ``None``: computed here.
+    """
+
+    def __init__(self, cfg: Config, identities: dict[str, str] | None = None):
         from jobs._tracking import resolve_model_uri
         from jobs.generate_back_translations import _settings
         from tmr_core.back_translation import BackTranslator
         from tmr_core.inference import BackTranslationStep
 
-        generation = cfg.back_translation.generation
-        model = resolve_model_uri(generation.model, tracking_uri=cfg.tracking_uri)
-        translator = BackTranslator(_settings(generation, identity, model), cfg.back_translation.cache_uri,
-                                    cfg.storage.options())
+        identities = back_translation_identities(cfg) if identities is None else identities
         self.cfg = cfg
-        self.step = BackTranslationStep(translator, generation.seed, generation.seed_per_sample,
-                                        generate=cfg.mode == "full")
+        self.steps: dict[str, Any] = {}  # model -> its step, one per distinct model
+        self.task_model: dict[str, str] = {}
+        for task in cfg.tasks:
+            generation = cfg.back_translation.generation_for(task)
+            self.task_model[task] = generation.model
+            if generation.model in self.steps:
+                continue
+            model = resolve_model_uri(generation.model, tracking_uri=cfg.tracking_uri)
+            translator = BackTranslator(_settings(generation, identities[generation.model], model),
+                                        cfg.back_translation.cache_uri, cfg.storage.options())
+            self.steps[generation.model] = BackTranslationStep(translator, generation.seed, generation.seed_per_sample,
+                                                               generate=cfg.mode == "full")
+
+    def _translate(self, rows: list[dict]) -> list[dict]:
+        made = {model: step(rows) for model, step in self.steps.items()}
+        return [{**row, **{f"{column}_{task}": made[model][i][column]
+                           for task, model in self.task_model.items() for column in BACK_TRANSLATION_COLUMNS}}
+                for i, row in enumerate(rows)]
 
     def __call__(self, batch: Any) -> Any:
-        return _table(_run_isolated(self.step, _rows(batch), "back-translation", self.cfg.input))
+        return _table(_run_isolated(self._translate, _rows(batch), "back-translation", self.cfg.input))
 
 
 class Ground:
@@ -476,13 +531,16 @@ def output_schema() -> Any:
 
 
 def output_row(row: dict, tasks: list[str]) -> dict:
-    """A finished row in the output's columns (``entities``/``relations`` null for a task not run)."""
+    """A finished row in the output's columns (``entities``/``relations`` null for a task not run):
+    ``back_translation_used`` when every task had its v', ``back_translation_cached`` when every
+    v' used came from the cache."""
     ok = not row.get("error")
+    used = [task for task in tasks if row.get(f"back_translation_uri_{task}")]
     return {
         "id": row["id"], "line": row["line"], "text": row.get("text"), "tokens": row.get("tokens") or [],
         "image": row.get("image"), "image_used": bool(ok and row.get("image_uri")),
-        "back_translation_used": bool(ok and row.get("back_translation_uri")),
-        "back_translation_cached": bool(ok and row.get("back_translation_cached")),
+        "back_translation_used": bool(ok and tasks and len(used) == len(tasks)),
+        "back_translation_cached": bool(ok and used and all(row.get(f"back_translation_cached_{t}") for t in used)),
         "divergence": row.get("divergence") if ok else None,
         "entities": row.get("entities") if ok and "ner" in tasks else None,
         "relations": row.get("relations") if ok and "re" in tasks else None,
@@ -667,13 +725,11 @@ def pipeline(cfg: Config, rows: list[dict]) -> Any:
     if cfg.back_translation.enabled:
         import dataclasses
 
-        from jobs.generate_back_translations import model_identity
-
-        identity = model_identity(cfg.back_translation.generation, cfg.tracking_uri)
+        identities = back_translation_identities(cfg)  # each back-translator's, once per job
         compute = cfg.back_translation.compute
         if cfg.mode == "fast":  # cache look-ups only: the pool must not wait for a GPU it will not use
             compute = dataclasses.replace(compute, num_gpus=0.0, accelerator_resource=None)
-        ds = ds.map_batches(BackTranslate, fn_constructor_kwargs={"cfg": cfg, "identity": identity},
+        ds = ds.map_batches(BackTranslate, fn_constructor_kwargs={"cfg": cfg, "identities": identities},
                             **actor_pool_args(compute, *uris))
     ds = ds.map_batches(Ground, fn_constructor_kwargs={"cfg": cfg}, **actor_pool_args(cfg.grounding.compute, *uris))
     ds = ds.map_batches(Divergence, fn_constructor_kwargs={"cfg": cfg}, **actor_pool_args(cfg.divergence.compute, *uris))

@@ -70,14 +70,15 @@ def serve_one_request(cfg: Config, text: str, image: str, log: str | None) -> tu
 
 
 def without_idle_back_translator(config: dict) -> dict:
-    """The config with no back-translator replica kept warm: the demo's one request is fast mode,
-    which never calls it, and starting one costs ~10 s of the demo on 2 cores (the page's full
-    mode under ``serve run`` still gets the config's replica)."""
+    """The config with no back-translator replica kept warm (``BackTranslator`` and every task's
+    own, e.g. ``REBackTranslator``): the demo's one request is fast mode, which never calls them,
+    and starting one costs ~10 s of the demo on 2 cores (the page's full mode under ``serve run``
+    still gets the config's replicas)."""
     config = copy.deepcopy(config)
     for app in config.get("applications", []):
         for deployment in app.get("deployments", []):
             scaling = deployment.get("autoscaling_config")
-            if deployment.get("name") == "BackTranslator" and scaling:
+            if str(deployment.get("name", "")).endswith("BackTranslator") and scaling:
                 scaling.update(min_replicas=0, initial_replicas=0)
     return config
 

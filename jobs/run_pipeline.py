@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -81,9 +82,15 @@ class Config:
         None, "Fine-tune the text-to-image model on the training pairs (finetune_text_to_image) and back-translate "
         "with it; null: on for synthetic data (its tiny pipeline starts random), off for real data."
     )
+    back_translators: Literal["per_task", "shared"] = opt(
+        "per_task", "per_task: one back-translator per task, each fine-tuned on its own task's pairs "
+        "(finetune_text_to_image.<task>, configs/finetune_text_to_image[.re].<configs>.yaml, registered as "
+        "tmr-t2i-<task>): the tiny model holds NER's one object or RE's head | tail panels, not both. "
+        "shared: one, on the pairs of back_translator_tasks (the paper's single Stable Diffusion)."
+    )
     back_translator_tasks: list[Literal["ner", "re"]] = opt(
-        ["ner"], "Tasks whose training pairs fine-tune the back-translator (of those in --tasks; none left: all of "
-        "them). The tiny budget (640 steps) reaches its fidelity on NER's pairs; RE's sentences use the same names."
+        ["ner", "re"], "back_translators: shared only: tasks whose training pairs fine-tune it (of those in --tasks; "
+        "none left: all of them)."
     )
     train_grounder: bool | None = opt(
         None, "Fine-tune the detector on the benchmark's boxes (finetune_grounder) and ground with it; "
@@ -107,6 +114,11 @@ class Config:
         "compute, lowered a step per level its chain is shorter, so on a machine with few cores the stages the end "
         "waits on get them (training in local mode, as the tiny configs; Ray Train workers keep Ray's priority)."
     )
+    stage_weights: dict[str, float] = opt(
+        {}, "With critical_path_first: how long a stage runs relative to the others (by stage id or job; "
+        "default 1), so the chain the end waits on longest is taken first (e.g. {finetune_text_to_image.re: 2}: "
+        "RE's back-translator trains twice NER's steps)."
+    )
     job_args: dict[str, list[str]] = opt(
         {}, "Extra --key value arguments per job, after the pipeline's own (e.g. {finetune_extractor: [--optim.epochs, '2']})."
     )
@@ -126,15 +138,16 @@ class Stage:
 
 def _job_config(cfg: Config, job: str, variant: str = "") -> str:
     """The config file a stage runs with (see ``Config.configs``)."""
-    stem = f"{job}.{variant}" if variant else job
+    stems = [f"{job}.{variant}", job] if variant else [job]
     if cfg.configs == "tiny":
-        return os.path.join("configs", stem + ".tiny.yaml")
-    if cfg.configs == "paper":
-        for candidate in (f"{job}.{cfg.source}.yaml", f"{job}.yaml"):
-            path = os.path.join("configs", "paper", candidate)
-            if os.path.isfile(path):
-                return path
-    return os.path.join("configs", stem + ".yaml")
+        candidates = [os.path.join("configs", stem + ".tiny.yaml") for stem in stems]
+    elif cfg.configs == "paper":
+        candidates = [os.path.join("configs", "paper", f"{job}.{cfg.source}.yaml"),
+                      os.path.join("configs", "paper", f"{job}.yaml"), os.path.join("configs", f"{job}.yaml")]
+    else:
+        candidates = [os.path.join("configs", stem + ".yaml") for stem in stems]
+    # a variant (e.g. RE's) without a file of its own runs the job's config
+    return next((path for path in candidates if os.path.isfile(path)), candidates[-1])
 
 
 PIPELINE_JOBS = frozenset({"make_tiny_models", "make_synthetic_benchmark", "prepare_dataset", "extract_phrases",
@@ -158,6 +171,9 @@ def check_config(cfg: Config) -> None:
     problems = []
     if cfg.parallel_stages < 1:
         problems.append(f"--parallel_stages: expected >= 1, got {cfg.parallel_stages}")
+    bad_weights = {k: v for k, v in cfg.stage_weights.items() if not v > 0}
+    if bad_weights:
+        problems.append(f"--stage_weights: expected > 0, got {bad_weights}")
     if cfg.stage_threads is not None and cfg.stage_threads < 1:
         problems.append(f"--stage_threads: expected >= 1 or null, got {cfg.stage_threads}")
     unknown = sorted(set(cfg.job_args) - PIPELINE_JOBS)
@@ -224,24 +240,22 @@ def plan(cfg: Config) -> list[Stage]:
                   ["--config", _job_config(cfg, "extract_phrases"), "--input", dataset, "--output", phrases,
                    *phrase_args(task), "--max_phrase_len", "4" if task == "ner" else "6"], phrases, [f"prepare_dataset.{task}"]),
         ]
-    generator = model_args("--generation.model", "text-to-image")
+    back_translator_stage = {task: [] for task in cfg.tasks}
+    generator = {task: model_args("--generation.model", "text-to-image") for task in cfg.tasks}
     if trains_back_translator(cfg):
-        t2i = os.path.join(wd, "t2i")
-        t2i_tasks = [t for t in cfg.tasks if t in cfg.back_translator_tasks] or list(cfg.tasks)
-        stages.append(Stage("finetune_text_to_image", "finetune_text_to_image",
-                            ["--config", _job_config(cfg, "finetune_text_to_image"),
-                             "--data.datasets", json.dumps([task_dir(t, "dataset") for t in t2i_tasks]),
-                             "--data.dataset_name", cfg.source, *(["--data.ground_truth", truth] if synthetic else []),
-                             "--output", t2i, *storage_args, *model_args("--model.base", "text-to-image"), *tracking],
-                            t2i, [f"prepare_dataset.{t}" for t in t2i_tasks], summary="metrics"))
-        generator = ["--generation.model", os.path.join(t2i, "model")]
+        for stage, used_by in back_translator_stages(cfg, task_dir, truth if synthetic else None,
+                                                     [*storage_args, *tracking], model_args("--model.base", "text-to-image")):
+            stages.append(stage)
+            for task in used_by:
+                back_translator_stage[task] = [stage.id]
+                generator[task] = ["--generation.model", os.path.join(stage.output, "model")]
     for task in cfg.tasks:
         stages.append(Stage(f"generate_back_translations.{task}", "generate_back_translations",
                             ["--config", _job_config(cfg, "generate_back_translations"), "--input", task_dir(task, "phrases"),
                              "--output", task_dir(task, "back_translations"),
-                             "--cache_uri", os.path.join(wd, "cache", "back_translations"), *generator],
+                             "--cache_uri", os.path.join(wd, "cache", "back_translations"), *generator[task]],
                             task_dir(task, "back_translations"),
-                            [f"extract_phrases.{task}", *(["finetune_text_to_image"] if trains_back_translator(cfg) else [])]))
+                            [f"extract_phrases.{task}", *back_translator_stage[task]]))
     detector = model_args("--detector.model", "detector")
     if trains_grounder(cfg):
         grounder = os.path.join(wd, "grounder")
@@ -298,6 +312,32 @@ def plan(cfg: Config) -> list[Stage]:
     return stages
 
 
+def back_translator_stages(cfg: Config, task_dir: Any, truth: str | None, common: list[str],
+                           base: list[str]) -> list[tuple[Stage, list[str]]]:
+    """``finetune_text_to_image`` stages, each with the tasks that back-translate with it: one per
+    task (``finetune_text_to_image.<task>`` in ``<workdir>/t2i/<task>``, on that task's pairs, RE with
+    its own config variant) or one shared by every task (``finetune_text_to_image`` in
+    ``<workdir>/t2i``, on the pairs of ``back_translator_tasks``)."""
+    if cfg.back_translators == "per_task":
+        groups = [(f"finetune_text_to_image.{task}", os.path.join(cfg.workdir, "t2i", task), [task], task)
+                  for task in cfg.tasks]
+    else:
+        tasks = [t for t in cfg.tasks if t in cfg.back_translator_tasks] or list(cfg.tasks)
+        groups = [("finetune_text_to_image", os.path.join(cfg.workdir, "t2i"), tasks, None)]
+    stages = []
+    for stage_id, output, tasks, own in groups:
+        variant = "re" if own == "re" else ""
+        register = ["--tracking.register_as", f"tmr-t2i-{own}"] if own else []
+        argv = ["--config", _job_config(cfg, "finetune_text_to_image", variant),
+                "--data.datasets", json.dumps([task_dir(t, "dataset") for t in tasks]),
+                "--data.dataset_name", cfg.source, *(["--data.ground_truth", truth] if truth else []),
+                "--output", output, *common, *base, *register]
+        stages.append((Stage(stage_id, "finetune_text_to_image", argv, output,
+                             [f"prepare_dataset.{t}" for t in tasks], summary="metrics"),
+                       [own] if own else list(cfg.tasks)))
+    return stages
+
+
 def declare_model_needs(stages: list[Stage], models: str) -> None:
     """A stage that names a model under ``models`` (an argument or its config file) needs the stage
     that builds them: the scheduler may otherwise start it first (it orders by needs, not by plan)."""
@@ -328,6 +368,17 @@ def check_job_args(stages: list[Stage], job_args: dict[str, list[str]]) -> None:
                                 "change it through the pipeline's own options instead")
     if problems:
         raise ConfigError(sorted(set(problems)))
+
+
+def check_stage_weights(stages: list[Stage], weights: dict[str, float]) -> None:
+    """Reject weights for stages (or jobs) the plan does not have."""
+    from jobs._config import ConfigError
+
+    known = {s.id for s in stages} | {s.job for s in stages}
+    unknown = sorted(set(weights) - known)
+    if unknown:
+        raise ConfigError([f"--stage_weights: {unknown} name no stage or job of this plan "
+                           f"(stages: {', '.join(s.id for s in stages)})"])
 
 
 # --------------------------------------------------------------------------- skipping
@@ -457,7 +508,8 @@ def read_metrics(output: str) -> dict:
 
 HEADLINE_METRICS = {
     "pretrain_mde": ("test_in_domain_macro_f1", "test_out_of_domain_macro_f1"),
-    "finetune_text_to_image": ("test_bt_fidelity_deciding", "base_test_bt_fidelity_deciding"),
+    "finetune_text_to_image": ("test_bt_fidelity_deciding", "base_test_bt_fidelity_deciding",
+                               "re_test_bt_fidelity_deciding", "base_re_test_bt_fidelity_deciding"),
     "finetune_grounder": ("test_recall", "test_zero_area_share"),
     "probe_mechanisms": ("bt_fidelity_deciding", "re_bt_fidelity_deciding", "ner_grounding_recall", "re_grounding_recall",
                          "ner_alpha_macro_f1", "re_alpha_macro_f1"),
@@ -670,18 +722,25 @@ def stop_background(running: dict[str, BackgroundStage]) -> None:
 MAX_NICE_PER_LEVEL = 5  # CFS weights: each +5 of nice is ~3x less CPU when cores are contended
 
 
-def chain_lengths(stages: list[Stage]) -> dict[str, int]:
-    """Per stage, the number of stages on the longest chain that waits on it (0: nothing does):
-    the classic list-scheduling priority (highest level first) when run times are unknown."""
+def chain_lengths(stages: list[Stage], weights: dict[str, float] | None = None) -> dict[str, float]:
+    """Per stage, the length of the longest chain of stages from it to the end (itself and what
+    waits on it), each stage counting its weight (``weights`` by stage id, else by job, else 1):
+    the classic list-scheduling priority (highest level first), with run times as far as known."""
+    weights = weights or {}
+    by_id = {s.id: s for s in stages}
     dependents: dict[str, list[str]] = {s.id: [] for s in stages}
     for stage in stages:
         for need in stage.needs:
             dependents.setdefault(need, []).append(stage.id)
-    lengths: dict[str, int] = {}
+    lengths: dict[str, float] = {}
 
-    def length(stage_id: str) -> int:
+    def weight(stage_id: str) -> float:
+        stage = by_id.get(stage_id)
+        return weights.get(stage_id, weights.get(stage.job, 1.0) if stage else 1.0)
+
+    def length(stage_id: str) -> float:
         if stage_id not in lengths:
-            lengths[stage_id] = max((1 + length(d) for d in dependents.get(stage_id, [])), default=0)
+            lengths[stage_id] = weight(stage_id) + max((length(d) for d in dependents.get(stage_id, [])), default=0)
         return lengths[stage_id]
 
     for stage in stages:
@@ -689,7 +748,7 @@ def chain_lengths(stages: list[Stage]) -> dict[str, int]:
     return {s.id: lengths[s.id] for s in stages}
 
 
-def background_niceness(stages: list[Stage], lengths: dict[str, int], background: frozenset[str],
+def background_niceness(stages: list[Stage], lengths: dict[str, float], background: frozenset[str],
                         base: int = 0) -> dict[str, int]:
     """Nice increments (over this process) of the training stages: ``base`` — how much nicer Ray
     runs its workers, where the table stages do their work (Ray's ``worker_niceness``, 15 by
@@ -702,8 +761,8 @@ def background_niceness(stages: list[Stage], lengths: dict[str, int], background
     if not trained:
         return {}
     top, bottom = max(lengths[s.id] for s in trained), min(lengths[s.id] for s in trained)
-    step = max(1, min(MAX_NICE_PER_LEVEL, (19 - base) // max(1, top - bottom)))
-    return {s.id: min(19, base + step * (top - lengths[s.id])) for s in trained}
+    step = max(1, min(MAX_NICE_PER_LEVEL, (19 - base) // max(1, math.ceil(top - bottom))))
+    return {s.id: min(19, base + math.ceil(step * (top - lengths[s.id]))) for s in trained}
 
 
 def ray_worker_niceness() -> int:
@@ -740,7 +799,7 @@ class Scheduler:
         prioritise = cfg.critical_path_first and cfg.parallel_stages > 1
         self.stages = list(stages)
         self._prioritise = prioritise
-        self._lengths = chain_lengths(stages)
+        self._lengths = chain_lengths(stages, cfg.stage_weights)
         self._rank = {s.id: -self._lengths[s.id] if prioritise else 0 for s in stages}
         self._niceness: dict[str, int] = {}  # set when the first training stage starts (Ray is up)
 
@@ -874,6 +933,7 @@ def execute(cfg: Config) -> tuple[list[Stage], dict[str, float | None], float]:
         os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
     stages = plan(cfg)
     check_job_args(stages, cfg.job_args)
+    check_stage_weights(stages, cfg.stage_weights)
     known = {s.id for s in stages}
     unknown = [s for s in cfg.force if s != "all" and s not in known] + (
         [cfg.stop_after] if cfg.stop_after and cfg.stop_after not in known else [])

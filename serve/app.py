@@ -6,7 +6,9 @@
 
 ``build_app(AppArgs)`` binds the ingress to one model deployment per task, ``NERModel`` and
 ``REModel``, each running the whole composite model for a batch of requests in its own process,
-and to the ``BackTranslator`` they call for a full-mode cache miss (see :mod:`serve.deployments`).
+and to the back-translator they call for a full-mode cache miss (see :mod:`serve.deployments`):
+``BackTranslator`` for ``generation.model``, and ``REBackTranslator`` (``NERBackTranslator``) when
+``back_translation_task_models`` gives that task a model of its own.
 A request's hot path is proxy → ingress → model. Resources, replicas and autoscaling of each
 deployment are set in the config file's ``deployments:`` section, by deployment name.
 
@@ -75,6 +77,12 @@ class AppArgs(BaseModel):
     stanza_dir: str | None = Field(None, description="stanza models folder; null: stanza's default.")
     max_phrase_len: int = Field(4, ge=1, description="Longest noun phrase, in words.")
     generation: GenerationArgs = Field(default_factory=GenerationArgs)
+    back_translation_task_models: dict[Literal["ner", "re"], str] = Field(
+        default_factory=dict,
+        description="A back-translator per task (e.g. jobs.run_pipeline --back_translators per_task), overriding "
+        "generation.model for that task: folder, s3:// or models:/tmr-t2i-re@champion; tasks not named use "
+        "generation.model. Every other generation setting is shared; each task's images are cached under its "
+        "own model's content hash, in the same back_translation_cache.")
     back_translation_cache: str = Field(
         ".cache/back_translations", description="Content-addressed image cache shared with generate_back_translations."
     )
@@ -110,6 +118,42 @@ class AppArgs(BaseModel):
         "demo page offers as examples (GET /v1/examples); null: no examples.")
 
 
+    def generation_for(self, task: str) -> GenerationArgs:
+        """The generation settings ``task``'s v' is made and looked up with: ``generation`` with its
+        model replaced by ``back_translation_task_models[task]`` when one is given."""
+        model = self.back_translation_task_models.get(task)
+        if model is None or model == self.generation.model:
+            return self.generation
+        return self.generation.model_copy(update={"model": model})
+
+
+TASKS = ("ner", "re")
+DEFAULT_BACK_TRANSLATOR = "BackTranslator"
+
+
+def back_translator_names(args: AppArgs, tasks: tuple[str, ...] = TASKS) -> dict[str, str]:
+    """The back-translator deployment each served task calls, one per distinct model:
+    ``BackTranslator`` for ``generation.model``, ``<TASK>BackTranslator`` (e.g. ``REBackTranslator``)
+    for a task's own model (two tasks overridden with one model share the first task's)."""
+    by_model: dict[str, str] = {}
+    names = {}
+    for task in tasks:
+        if getattr(args, f"{task}_model") is None:
+            continue
+        model = args.generation_for(task).model
+        if model not in by_model:
+            by_model[model] = DEFAULT_BACK_TRANSLATOR if model == args.generation.model else f"{task.upper()}BackTranslator"
+        names[task] = by_model[model]
+    return names
+
+
+def deployment_names(args: AppArgs) -> list[str]:
+    """Every deployment ``build_app(args)`` creates, the names a config's ``deployments:`` may set
+    options for (Serve refuses to deploy a config naming a deployment the app does not have)."""
+    models = [f"{task.upper()}Model" for task in TASKS if getattr(args, f"{task}_model") is not None]
+    return ["TMRIngress", *models, *dict.fromkeys(back_translator_names(args).values())]
+
+
 def _back_translator_options(args: AppArgs) -> dict:
     return {"batching": args.batching.model_dump(), "tracking_uri": args.tracking_uri,
             "storage": {"endpoint_url": args.storage_endpoint_url, "region": args.storage_region}}
@@ -135,19 +179,25 @@ def _ingress_settings(args: AppArgs) -> IngressSettings:
 
 def build_app(args: AppArgs) -> Application:
     """The TMR application: the ingress bound to one model deployment per task (``NERModel``,
-    ``REModel``), which share the ``BackTranslator`` deployment for full-mode cache misses.
+    ``REModel``), each bound to its task's back-translator for full-mode cache misses: one
+    deployment per distinct model (:func:`back_translator_names`), so the tasks share
+    ``BackTranslator`` unless ``back_translation_task_models`` gives one its own (``REBackTranslator``).
 
     Serve reads the annotation to build ``AppArgs`` from the config's ``args`` (so this module
     does not use ``from __future__ import annotations``, which would make it a string).
     """
-    back_translator = BackTranslator.bind(args.generation.model_dump(), args.back_translation_cache,
-                                          **_back_translator_options(args))
-    models = {task: TMRModel.options(name=f"{task.upper()}Model").bind(task, args.model_dump(), back_translator)
-              for task in ("ner", "re") if getattr(args, f"{task}_model") is not None}
+    names = back_translator_names(args)
+    translators = {}
+    for task, name in names.items():
+        if name not in translators:
+            translators[name] = BackTranslator.options(name=name).bind(
+                args.generation_for(task).model_dump(), args.back_translation_cache, **_back_translator_options(args))
+    models = {task: TMRModel.options(name=f"{task.upper()}Model").bind(task, args.model_dump(), translators[name])
+              for task, name in names.items()}
     return TMRIngress.bind(models["ner"], models.get("re"), settings=_ingress_settings(args).model_dump())
 
 
-def in_process_pipeline(args: AppArgs, cache_uri: str | None = None, tasks: tuple[str, ...] = ("ner", "re"),
+def in_process_pipeline(args: AppArgs, cache_uri: str | None = None, tasks: tuple[str, ...] = TASKS,
                         back_translator: bool = True) -> Any:
     """The ingress's :class:`serve.ingress.Pipeline` over model objects built in this process (no
     Serve, no HTTP, no batching: each request is a batch of one): what benchmarks compare the
@@ -156,18 +206,23 @@ def in_process_pipeline(args: AppArgs, cache_uri: str | None = None, tasks: tupl
     Args:
         cache_uri: another back-translation cache than the app's (e.g. an empty one).
         tasks: build only these tasks' models (the others are ``None``).
-        back_translator: build the diffusion pipeline for full mode (fast mode never needs it).
+        back_translator: build the diffusion pipelines for full mode, one per distinct model the
+            tasks use, as :func:`build_app` (fast mode never needs them).
     """
     from serve.ingress import Pipeline
 
     if cache_uri is not None:
         args = args.model_copy(update={"back_translation_cache": cache_uri})
-    generator = None
+    names = back_translator_names(args, tasks)
+    generators: dict[str, Any] = {}
     if back_translator:
         options = {**_back_translator_options(args), "batching": None}
-        generator = BackTranslator.func_or_class(args.generation.model_dump(), args.back_translation_cache, **options)
-    models = {task: TMRModel.func_or_class(task, args.model_dump(), generator, batched=False)
-              for task in tasks if getattr(args, f"{task}_model") is not None}
+        for task, name in names.items():
+            if name not in generators:
+                generators[name] = BackTranslator.func_or_class(
+                    args.generation_for(task).model_dump(), args.back_translation_cache, **options)
+    models = {task: TMRModel.func_or_class(task, args.model_dump(), generators.get(name), batched=False)
+              for task, name in names.items()}
     return Pipeline(models.get("ner"), models.get("re"), settings=_ingress_settings(args))
 
 
@@ -177,7 +232,12 @@ def in_process_pipeline(args: AppArgs, cache_uri: str | None = None, tasks: tupl
 def load_serve_config(path: str | Path, app_overrides: dict[str, Any] | None = None,
                       deployment_overrides: dict[str, dict] | None = None) -> dict:
     """A Serve config file as a dict, with ``args`` of the first application and per-deployment
-    options overridden (tests point it at their own checkpoints; the demo at its port)."""
+    options overridden (tests point it at their own checkpoints; the demo at its port).
+
+    A back-translator entry (``*BackTranslator``) in ``deployments:`` that the resulting args do not
+    create is dropped (e.g. ``--set back_translation_task_models={}`` over configs/serve.tiny.yaml's
+    ``REBackTranslator``): Serve would refuse to deploy a config naming a deployment the app lacks.
+    """
     import yaml
 
     config = yaml.safe_load(Path(path).read_text())
@@ -187,7 +247,12 @@ def load_serve_config(path: str | Path, app_overrides: dict[str, Any] | None = N
     for name, options in (deployment_overrides or {}).items():
         by_name.setdefault(name, {"name": name})
         by_name[name].update(options)
-    app["deployments"] = list(by_name.values())
+    try:
+        created = set(deployment_names(AppArgs.model_validate(app["args"])))
+    except ValueError:  # bad args: Serve reports them when it builds the app
+        created = None
+    app["deployments"] = [d for name, d in by_name.items()
+                          if created is None or not name.endswith(DEFAULT_BACK_TRANSLATOR) or name in created]
     return config
 
 

@@ -139,7 +139,8 @@ class Pipeline:
         self.storage_options = settings.storage_options()
 
     async def models(self) -> list[dict]:
-        """Every step's model once (the NER and RE deployments share all but the extractor)."""
+        """Every step's model once (the NER and RE deployments share all but the extractor, and a
+        task's own back-translator, ``back_translator_<task>``)."""
         infos = await asyncio.gather(*(call(m, "info") for m in (self.ner, self.re) if m is not None))
         return list({info["name"]: info for answer in infos for info in answer}.values())
 

@@ -37,15 +37,33 @@ def test_plan_orders_stages_and_wires_outputs_to_inputs():
         argv = by_id[stage_id].argv
         return argv[argv.index(flag) + 1]
 
-    assert arg("generate_back_translations.re", "--generation.model") == by_id["finetune_text_to_image"].output + "/model"
+    for task in ("ner", "re"):  # a back-translator per task, trained on that task's pairs
+        trainer = by_id[f"finetune_text_to_image.{task}"]
+        assert arg(f"generate_back_translations.{task}", "--generation.model") == trainer.output + "/model"
+        assert trainer.id in by_id[f"generate_back_translations.{task}"].needs
+        assert json.loads(arg(trainer.id, "--data.datasets")) == [by_id[f"prepare_dataset.{task}"].output]
+        assert arg(trainer.id, "--tracking.register_as") == f"tmr-t2i-{task}"
+    assert arg("finetune_text_to_image.re", "--config") == "configs/finetune_text_to_image.re.tiny.yaml"
+    assert arg("finetune_text_to_image.ner", "--config") == "configs/finetune_text_to_image.tiny.yaml"
+    # or one shared by both tasks, on the pairs of back_translator_tasks
+    shared = {s.id: s for s in run_pipeline.plan(dataclasses.replace(cfg, back_translators="shared",
+                                                                     back_translator_tasks=["ner"]))}
+    assert not any(i.startswith("finetune_text_to_image.") for i in shared)
+    for task in ("ner", "re"):
+        argv = shared[f"generate_back_translations.{task}"].argv
+        assert argv[argv.index("--generation.model") + 1] == shared["finetune_text_to_image"].output + "/model"
+    argv = shared["finetune_text_to_image"].argv
+    assert json.loads(argv[argv.index("--data.datasets") + 1]) == [by_id["prepare_dataset.ner"].output]
     assert arg("ground_phrases.ner", "--detector.model") == by_id["finetune_grounder"].output + "/model"
-    assert "finetune_text_to_image" in by_id["generate_back_translations.ner"].needs
     assert "finetune_grounder" in by_id["ground_phrases.re"].needs
     assert ids.index("probe_mechanisms") < ids.index("finetune_extractor.ner.full")
     # real data has no boxes: no grounder training, and the configs' back-translator unless asked
     real = dataclasses.replace(cfg, source="twitter2017", data_dir="d", mde_corpus="m", tasks=["ner"])
     real_ids = [s.id for s in run_pipeline.plan(real)]
-    assert "finetune_grounder" not in real_ids and "finetune_text_to_image" not in real_ids
+    assert "finetune_grounder" not in real_ids and not any(i.startswith("finetune_text_to_image") for i in real_ids)
+    # a config variant without a file of its own runs the job's config
+    assert run_pipeline._job_config(dataclasses.replace(cfg, configs="default"), "finetune_text_to_image", "re") \
+        == "configs/finetune_text_to_image.yaml"
     assert "probe_mechanisms" not in real_ids
     with pytest.raises(ConfigError, match="train_grounder"):
         run_pipeline.check_config(dataclasses.replace(real, train_grounder=True))
@@ -238,8 +256,7 @@ def test_two_pipelines_from_scratch_with_one_seed_give_the_same_scores(ray_local
                                          "--mde_sizes", "[96, 16, 16, 16]"],
             "pretrain_mde": ["--optim.epochs", "1", "--optim.head_fit_epochs", "3", "--tracking.register_as", "null"],
             "finetune_extractor": ["--optim.epochs", "2", "--tracking.register_as", "null"],
-            "finetune_text_to_image": ["--optim.epochs", "1", "--optim.vae_steps", "5", "--probe.enabled", "false",
-                                       "--tracking.register_as", "null"],
+            "finetune_text_to_image": ["--optim.epochs", "1", "--optim.vae_steps", "5", "--probe.enabled", "false"],
             "finetune_grounder": ["--optim.epochs", "1", "--eval_untrained", "false", "--tracking.register_as", "null"],
         },
     }))
@@ -333,17 +350,24 @@ def test_the_stages_the_end_waits_on_longest_run_first_and_the_others_yield_the_
     cfg = parse_config(run_pipeline.Config, ["--config", "configs/pipeline.tiny.yaml", "--workdir", str(tmp_path)], prog="t")
     stages = run_pipeline.plan(cfg)
     lengths = run_pipeline.chain_lengths(stages)
-    assert lengths["finetune_text_to_image"] > lengths["finetune_grounder"] > lengths["pretrain_mde"] \
-        > lengths["finetune_extractor.re.full"] > lengths["compare_runs"] == 0
+    assert lengths["finetune_text_to_image.re"] == lengths["finetune_text_to_image.ner"] > lengths["finetune_grounder"] \
+        > lengths["pretrain_mde"] > lengths["finetune_extractor.re.full"] > lengths["compare_runs"] == 1
+    # run times break the tie: RE's back-translator trains twice NER's steps (configs/pipeline.tiny.yaml)
+    weighted = run_pipeline.chain_lengths(stages, cfg.stage_weights)
+    assert weighted["finetune_text_to_image.re"] == lengths["finetune_text_to_image.re"] + 1 \
+        > weighted["finetune_text_to_image.ner"] == lengths["finetune_text_to_image.ner"]
+    with pytest.raises(ConfigError, match="stage_weights"):
+        run_pipeline.check_stage_weights(stages, {"finetune_text_to_image.xx": 2.0})
     # ranked against Ray's workers (nice 15 by default), where generation, grounding and divergence run
-    niceness = run_pipeline.background_niceness(stages, lengths, run_pipeline.BACKGROUND_JOBS, base=15)
-    assert niceness["finetune_text_to_image"] == 15
-    assert 15 < niceness["finetune_grounder"] < niceness["pretrain_mde"] < niceness["finetune_extractor.ner.full"] == 19
-    unniced = run_pipeline.background_niceness(stages, lengths, run_pipeline.BACKGROUND_JOBS, base=0)
-    assert unniced["finetune_text_to_image"] == 0 and unniced["finetune_grounder"] >= 4 and unniced["finetune_extractor.re.full"] < 19
+    niceness = run_pipeline.background_niceness(stages, weighted, run_pipeline.BACKGROUND_JOBS, base=15)
+    assert niceness["finetune_text_to_image.re"] == 15 < niceness["finetune_text_to_image.ner"]
+    assert niceness["finetune_text_to_image.ner"] < niceness["finetune_grounder"] < niceness["pretrain_mde"] \
+        < niceness["finetune_extractor.ner.full"] == 19
+    unniced = run_pipeline.background_niceness(stages, weighted, run_pipeline.BACKGROUND_JOBS, base=0)
+    assert unniced["finetune_text_to_image.re"] == 0 and unniced["finetune_grounder"] >= 4 and unniced["finetune_extractor.re.full"] < 19
     # every stage that loads a tiny model waits for the stage that builds them (the order is by needs)
     by_id = {s.id: s for s in stages}
-    for stage_id in ("finetune_text_to_image", "generate_back_translations.re", "ground_phrases.ner", "pretrain_mde",
+    for stage_id in ("finetune_text_to_image.re", "generate_back_translations.re", "ground_phrases.ner", "pretrain_mde",
                      "finetune_extractor.re.text_only"):
         assert "make_tiny_models" in by_id[stage_id].needs
     assert "make_tiny_models" not in by_id["extract_phrases.ner"].needs  # the benchmark's trees, no model
@@ -356,7 +380,8 @@ def test_the_stages_the_end_waits_on_longest_run_first_and_the_others_yield_the_
     scheduler.done = {"make_tiny_models", "make_synthetic_benchmark", "prepare_dataset.ner", "prepare_dataset.re",
                       "extract_phrases.ner", "extract_phrases.re"}
     scheduler.pending = [s for s in stages if s.id not in scheduler.done]
-    assert [s.id for s in scheduler._ready()] == ["finetune_text_to_image", "finetune_grounder", "pretrain_mde"]
+    assert [s.id for s in scheduler._ready()] == ["finetune_text_to_image.re", "finetune_text_to_image.ner",
+                                                  "finetune_grounder", "pretrain_mde"]
     monkeypatch.setattr(run_pipeline, "ray_address", lambda: "local")
     monkeypatch.setattr(run_pipeline, "ray_worker_niceness", lambda: 15)
     monkeypatch.setattr("jobs._tracking.prepare_store", lambda uri: None)
@@ -409,8 +434,10 @@ def test_the_demos_fast_request_starts_no_back_translator_replica_and_leaves_the
     from ray.serve.schema import ServeDeploySchema
 
     ServeDeploySchema.model_validate(demo)  # what Serve itself checks before deploying
-    assert deployments(demo)["BackTranslator"]["autoscaling_config"]["min_replicas"] == 0
-    assert deployments(config)["BackTranslator"]["autoscaling_config"]["min_replicas"] == 1  # serve run keeps it warm
-    assert {k: v for k, v in deployments(demo).items() if k != "BackTranslator"} == \
-        {k: v for k, v in deployments(config).items() if k != "BackTranslator"}
+    translators = ("BackTranslator", "REBackTranslator")  # the shared one and RE's own
+    for name in translators:
+        assert deployments(demo)[name]["autoscaling_config"]["min_replicas"] == 0
+        assert deployments(config)[name]["autoscaling_config"]["min_replicas"] == 1  # serve run keeps it warm
+    assert {k: v for k, v in deployments(demo).items() if k not in translators} == \
+        {k: v for k, v in deployments(config).items() if k not in translators}
 

@@ -33,14 +33,21 @@ TEXT = "Kevin Durant joins the Golden State Warriors in Oakland"
 def test_serve_configs_are_valid_serve_configs_with_typed_args(name):
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.app import AppArgs
+    from serve.app import AppArgs, deployment_names
 
     config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "configs" / name).read_text()))
     (app,) = config.applications
     assert app.import_path == "serve.app:build_app"
     args = AppArgs.model_validate(app.args)
     deployments = {d.name: d for d in app.deployments}
-    assert set(deployments) == {"TMRIngress", "NERModel", "REModel", "BackTranslator"}
+    # exactly the app's deployments: Serve refuses an entry naming one the app does not create
+    assert set(deployments) == set(deployment_names(args))
+    if name == "serve.tiny.yaml":  # the demo's back-translator per task
+        assert set(deployments) == {"TMRIngress", "NERModel", "REModel", "BackTranslator", "REBackTranslator"}
+        assert args.generation_for("re").model == "outputs/demo/t2i/re/model"
+        assert args.generation_for("ner").model == args.generation.model == "outputs/demo/t2i/ner/model"
+    else:
+        assert set(deployments) == {"TMRIngress", "NERModel", "REModel", "BackTranslator"}
     if name == "serve.yaml":
         assert args.ner_model == "models:/tmr-ner@champion" and args.mde_model == "models:/tmr-mde@champion"
         assert deployments["BackTranslator"].ray_actor_options.num_gpus == 1

@@ -51,6 +51,7 @@ def predict_args(models: dict, posts: Path, output: Path, *extra: str) -> list[s
         "--ner_model", checkpoints["ner"], "--re_model", checkpoints["re"],
         "--divergence.checkpoint", checkpoints["mde"], "--grounding.detector.model", tiny["detector"],
         "--back_translation.generation.model", tiny["text_to_image"], "--back_translation.generation.steps", "2",
+        "--back_translation.task_models", "{}",  # one back-translator for both tasks, as the served app's
         "--back_translation.cache_uri", str(models["root"] / "cache"),
         # two rows per batch, so several parts: what a rerun resumes from
         *(arg for step in ("phrases", "back_translation", "grounding", "divergence", "ner", "re")
