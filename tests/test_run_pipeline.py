@@ -357,7 +357,13 @@ def test_the_stages_the_end_waits_on_longest_run_first_and_the_others_yield_the_
     assert weighted["finetune_text_to_image.re"] == lengths["finetune_text_to_image.re"] + 1 \
         > weighted["finetune_text_to_image.ner"] == lengths["finetune_text_to_image.ner"]
     with pytest.raises(ConfigError, match="stage_weights"):
-        run_pipeline.check_stage_weights(stages, {"finetune_text_to_image.xx": 2.0})
+        run_pipeline.check_config(dataclasses.replace(cfg, stage_weights={"finetune_text_to_imag.re": 2.0}))
+    with pytest.raises(ConfigError, match="stage_weights"):
+        run_pipeline.check_config(dataclasses.replace(cfg, stage_weights={"pretrain_mde": 0.0}))
+    # the tiny config's RE weight does not stop a run without RE
+    run_pipeline.check_config(dataclasses.replace(cfg, tasks=["ner"]))
+    assert "finetune_text_to_image.re" not in run_pipeline.chain_lengths(run_pipeline.plan(dataclasses.replace(cfg, tasks=["ner"])),
+                                                                         cfg.stage_weights)
     # ranked against Ray's workers (nice 15 by default), where generation, grounding and divergence run
     niceness = run_pipeline.background_niceness(stages, weighted, run_pipeline.BACKGROUND_JOBS, base=15)
     assert niceness["finetune_text_to_image.re"] == 15 < niceness["finetune_text_to_image.ner"]
