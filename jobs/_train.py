@@ -357,7 +357,7 @@ class TrainState:
     mlflow_run_id: str | None = None
     attempts: int = 1  # how many times the loop has (re)started on this run
     history: list[dict] = field(default_factory=list)  # per-epoch metrics, for the final report
-    scores: dict[str, float] = field(default_factory=dict)  # checkpoint folder -> its metric, those still kept
+    scores: dict[str, float] = field(default_factory=dict)  # checkpoint folder -> its metric (local mode: kept ones)
 
     def finish_epoch(self, metric: float, steps: int, metrics: dict) -> bool:
         """Advance the counters after an epoch; returns True when ``metric`` is a new best."""
@@ -435,12 +435,14 @@ def report_epoch(metrics: dict, state: TrainState, model: Any, optimizer: Any, s
     Every rank calls it (it is a barrier). In local mode the checkpoint is also copied to
     ``folder/checkpoint_epoch_NNNN`` because Ray keeps no storage there, and ``keep``
     (``ray.checkpoints_to_keep``, which Ray applies to its own storage) is applied here:
-    :func:`prune_local_checkpoints`.
+    :func:`forget_superseded_checkpoints`.
     """
     import ray.train
     from ray.train import Checkpoint
 
     name = checkpoint_name(state.epoch)
+    # decided before the state is written, so train_state.json lists only the checkpoints that stay
+    superseded = forget_superseded_checkpoints(state, keep) if local_mode and keep else []
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if is_rank_zero():
@@ -448,25 +450,31 @@ def report_epoch(metrics: dict, state: TrainState, model: Any, optimizer: Any, s
             if local_mode:
                 persisted = persist_local_checkpoint(tmp, folder, name, storage_options)
                 checkpoint = Checkpoint(persisted) if persisted else Checkpoint.from_directory(tmp)
-                if keep:
-                    prune_local_checkpoints(folder, state, keep, storage_options)
+                remove_checkpoints(folder, superseded, storage_options)
             else:
                 checkpoint = Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
-def prune_local_checkpoints(folder: str, state: TrainState, keep: int, storage_options: Any = None) -> None:
-    """Remove the local-mode checkpoints of ``folder`` but the ``keep`` best by the monitored
-    metric (the best one, which the job exports, among them) and the latest (where a restart
-    resumes), as Ray's ``CheckpointConfig(num_to_keep)`` does with its own storage. A tiny
-    back-translator checkpoints 13 MB for each of ~180 short epochs: 2.4 GB kept otherwise."""
+def forget_superseded_checkpoints(state: TrainState, keep: int) -> list[str]:
+    """The local-mode checkpoints to remove now, dropped from ``state.scores``: all but the
+    ``keep`` best by the monitored metric, the best one (which the job exports) and the latest
+    (where a restart resumes), as Ray's ``CheckpointConfig(num_to_keep)`` does with its own
+    storage. A tiny back-translator checkpoints 13 MB for each of ~180 short epochs: 2.4 GB kept
+    otherwise."""
+    ranked = sorted(state.scores, key=lambda name: state.scores[name], reverse=True)
+    kept = set(ranked[:keep]) | {state.best_checkpoint, checkpoint_name(state.epoch)}
+    superseded = [name for name in state.scores if name not in kept]
+    for name in superseded:
+        del state.scores[name]
+    return superseded
+
+
+def remove_checkpoints(folder: str, names: list[str], storage_options: Any = None) -> None:
     from tmr_core import storage
 
-    ranked = sorted(state.scores, key=lambda name: state.scores[name], reverse=True)  # stable: earlier wins ties
-    kept = set(ranked[:keep]) | {checkpoint_name(state.epoch)}
-    for name in [n for n in state.scores if n not in kept]:
+    for name in names:
         storage.remove(storage.join(folder, name), storage_options)
-        del state.scores[name]
 
 
 def persist_local_checkpoint(source: str, folder: str, name: str, storage_options: Any = None) -> str | None:

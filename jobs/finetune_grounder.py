@@ -239,7 +239,7 @@ def train_loop_per_worker(loop: dict) -> None:
             if loop["tracking_uri"] and state.mlflow_run_id:
                 _tracking.log_metrics(loop["tracking_uri"], state.mlflow_run_id, metrics, step=epoch + 1)
         _train.report_epoch(metrics, state, detector, optimizer, scheduler, loop["run_folder"], loop["local_mode"],
-                            cfg.storage.options(), keep=loop.get("checkpoints_to_keep"))
+                            cfg.storage.options(), keep=loop["checkpoints_to_keep"])
 
 
 # --------------------------------------------------------------------------- driver

@@ -69,16 +69,21 @@ class BackTranslationConfig:
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.task_models) - set(TASKS))
-        if unknown:
-            raise ConfigError([f"--back_translation.task_models: unknown task(s) {', '.join(map(repr, unknown))}; "
-                               f"expected keys among {', '.join(TASKS)}"])
+        empty = sorted(task for task, model in self.task_models.items() if not model)
+        problems = [f"--back_translation.task_models: unknown task(s) {', '.join(map(repr, unknown))}; "
+                    f"expected keys among {', '.join(TASKS)}"] if unknown else []
+        if empty:
+            problems.append(f"--back_translation.task_models: an empty model for {empty}; leave the task out to "
+                            "use generation.model")
+        if problems:
+            raise ConfigError(problems)
 
     def generation_for(self, task: str) -> GenerationConfig:
         """The generation settings of ``task``'s v': ``generation`` with its own model, if given."""
         import dataclasses
 
         model = self.task_models.get(task)
-        return self.generation if not model else dataclasses.replace(self.generation, model=model)
+        return self.generation if model is None else dataclasses.replace(self.generation, model=model)
 
 
 @dataclass

@@ -83,7 +83,7 @@ class Config:
         "with it; null: on for synthetic data (its tiny pipeline starts random), off for real data."
     )
     back_translators: Literal["per_task", "shared"] = opt(
-        "per_task", "per_task: one back-translator per task, each fine-tuned on its own task's pairs "
+        "shared", "per_task: one back-translator per task, each fine-tuned on its own task's pairs "
         "(finetune_text_to_image.<task>, configs/finetune_text_to_image[.re].<configs>.yaml, registered as "
         "tmr-t2i-<task>): the tiny model holds NER's one object or RE's head | tail panels, not both. "
         "shared: one, on the pairs of back_translator_tasks (the paper's single Stable Diffusion)."
@@ -311,7 +311,8 @@ def plan(cfg: Config) -> list[Stage]:
                             ["--config", _job_config(cfg, "compare_runs"), "--output", os.path.join(wd, "comparison"),
                              *tracking], os.path.join(wd, "comparison"), trained, summary="none"))
     for stage in stages:
-        stage.argv = [*stage.argv, *cfg.job_args.get(stage.job, [])]
+        extra = cfg.job_args.get(stage.job, [])
+        stage.argv = [*without_flags(stage.argv, OVERRIDABLE_FLAGS & set(extra)), *extra]
     if models:
         declare_model_needs(stages, models)
     return stages
@@ -322,13 +323,13 @@ def back_translator_stages(cfg: Config, task_dir: Any, truth: str | None, common
     """``finetune_text_to_image`` stages, each with the tasks that back-translate with it: one per
     task (``finetune_text_to_image.<task>`` in ``<workdir>/t2i/<task>``, on that task's pairs, RE with
     its own config variant) or one shared by every task (``finetune_text_to_image`` in
-    ``<workdir>/t2i``, on the pairs of ``back_translator_tasks``)."""
+    ``<workdir>/t2i/shared``, on the pairs of ``back_translator_tasks``)."""
     if cfg.back_translators == "per_task":
         groups = [(f"finetune_text_to_image.{task}", os.path.join(cfg.workdir, "t2i", task), [task], task)
                   for task in cfg.tasks]
     else:
         tasks = [t for t in cfg.tasks if t in cfg.back_translator_tasks] or list(cfg.tasks)
-        groups = [("finetune_text_to_image", os.path.join(cfg.workdir, "t2i"), tasks, None)]
+        groups = [("finetune_text_to_image", os.path.join(cfg.workdir, "t2i", "shared"), tasks, None)]
     stages = []
     for stage_id, output, tasks, own in groups:
         variant = "re" if own == "re" else ""
@@ -359,14 +360,33 @@ def declare_model_needs(stages: list[Stage], models: str) -> None:
             stage.needs = [builder, *stage.needs]
 
 
+# flags the pipeline sets that --job_args may still override (the pipeline then leaves its own out)
+OVERRIDABLE_FLAGS = frozenset({"--tracking.register_as"})
+
+
+def without_flags(argv: list[str], flags: set[str]) -> list[str]:
+    """``argv`` without each ``--flag value`` pair of ``flags``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
 def check_job_args(stages: list[Stage], job_args: dict[str, list[str]]) -> None:
-    """Reject extra arguments that repeat a flag the pipeline sets itself (paths, tracking …)."""
+    """Reject extra arguments that repeat a flag the pipeline sets itself (paths, tracking …),
+    but for :data:`OVERRIDABLE_FLAGS` (e.g. ``--tracking.register_as null``: register nothing)."""
     from jobs._config import ConfigError
 
     problems = []
     for stage in stages:
         extra = job_args.get(stage.job, [])
         own = {a.replace("-", "_") for a in stage.argv[: len(stage.argv) - len(extra)] if a.startswith("--")}
+        own -= {flag.replace("-", "_") for flag in OVERRIDABLE_FLAGS}
         for flag in (a for a in extra if a.startswith("--")):
             if flag.replace("-", "_") in own:
                 problems.append(f"--job_args.{stage.job}: {flag} is set by the pipeline for {stage.id}; "

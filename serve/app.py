@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.serve import Application
 
 from serve.deployments import BackTranslator, TMRModel
@@ -117,6 +117,14 @@ class AppArgs(BaseModel):
         None, description="A synthetic benchmark folder (make_synthetic_benchmark's output) whose test items the "
         "demo page offers as examples (GET /v1/examples); null: no examples.")
 
+    @field_validator("back_translation_task_models")
+    @classmethod
+    def _models_named(cls, models: dict[str, str]) -> dict[str, str]:
+        empty = sorted(task for task, model in models.items() if not model)
+        if empty:
+            raise ValueError(f"back_translation_task_models: an empty model for {empty}; leave the task out to use "
+                             "generation.model")
+        return models
 
     def generation_for(self, task: str) -> GenerationArgs:
         """The generation settings ``task``'s v' is made and looked up with: ``generation`` with its
@@ -234,9 +242,10 @@ def load_serve_config(path: str | Path, app_overrides: dict[str, Any] | None = N
     """A Serve config file as a dict, with ``args`` of the first application and per-deployment
     options overridden (tests point it at their own checkpoints; the demo at its port).
 
-    A back-translator entry (``*BackTranslator``) in ``deployments:`` that the resulting args do not
-    create is dropped (e.g. ``--set back_translation_task_models={}`` over configs/serve.tiny.yaml's
-    ``REBackTranslator``): Serve would refuse to deploy a config naming a deployment the app lacks.
+    A model or back-translator entry (``*Model``, ``*BackTranslator``) in ``deployments:`` that the
+    resulting args do not create is dropped (e.g. ``--set back_translation_task_models={}`` over
+    configs/serve.tiny.yaml's ``REBackTranslator``, or ``--set re_model=null`` and its ``REModel``):
+    Serve would refuse to deploy a config naming a deployment the app lacks.
     """
     import yaml
 
@@ -251,8 +260,8 @@ def load_serve_config(path: str | Path, app_overrides: dict[str, Any] | None = N
         created = set(deployment_names(AppArgs.model_validate(app["args"])))
     except ValueError:  # bad args: Serve reports them when it builds the app
         created = None
-    app["deployments"] = [d for name, d in by_name.items()
-                          if created is None or not name.endswith(DEFAULT_BACK_TRANSLATOR) or name in created]
+    app["deployments"] = [d for name, d in by_name.items() if created is None or name in created
+                          or not name.endswith(("Model", DEFAULT_BACK_TRANSLATOR))]  # an unknown name stays: Serve names it
     return config
 
 

@@ -90,6 +90,14 @@ def test_build_app_gives_a_task_its_own_back_translator_deployment_only_for_a_mo
     assert "REBackTranslator" in [d["name"] for d in demo["applications"][0]["deployments"]]
     assert [d["name"] for d in shared["applications"][0]["deployments"]] == \
         ["TMRIngress", "NERModel", "REModel", "BackTranslator"]
+    ner_only = load_serve_config(REPO / "configs" / "serve.tiny.yaml", {"re_model": None})  # and RE's model entry
+    assert [d["name"] for d in ner_only["applications"][0]["deployments"]] == ["TMRIngress", "NERModel", "BackTranslator"]
+    with pytest.raises(ValidationError, match="empty model"):
+        AppArgs.model_validate({**base, "back_translation_task_models": {"re": ""}})
+    # both tasks with models of their own: no shared BackTranslator at all
+    translators, calls = wiring(back_translation_task_models={"ner": "t2i/a", "re": "t2i/b"})
+    assert sorted(translators) == ["NERBackTranslator", "REBackTranslator"]
+    assert calls == {"NERModel": "NERBackTranslator", "REModel": "REBackTranslator"}
 
 
 @pytest.fixture(scope="module")

@@ -66,14 +66,16 @@ def test_job_trains_exports_a_loadable_pipeline_registers_and_resumes(ray_local,
     version = MlflowClient(tracking_uri=tracking_uri).get_model_version_by_alias("tmr-t2i", "champion")
     assert version.tags["tmr.content_hash"] == pipeline_identity(str(model_dir))
 
-    # resubmitted with more epochs: epoch 2 only, continuing the step count
-    assert finetune_text_to_image.main([*args, "--optim.epochs", "2"]) == 0
-    state = json.loads((folder / "checkpoint_epoch_0002" / "train_state.json").read_text())
-    assert (state["epoch"], state["global_step"], state["attempts"]) == (2, 4, 2)
-    # the tiny config's ray.checkpoints_to_keep 1, applied in local mode too: the best and the latest
-    assert sorted(p.name for p in folder.glob("checkpoint_epoch_*")) == sorted({state["best_checkpoint"], "checkpoint_epoch_0002"})
+    # resubmitted with more epochs: epochs 2 and 3 only, continuing the step count
+    assert finetune_text_to_image.main([*args, "--optim.epochs", "3"]) == 0
+    state = json.loads((folder / "checkpoint_epoch_0003" / "train_state.json").read_text())
+    assert (state["epoch"], state["global_step"], state["attempts"]) == (3, 6, 2)
+    # the tiny config's ray.checkpoints_to_keep 1, applied in local mode too: of three epochs, the
+    # best and the latest stay (one folder less at least), and the saved state lists them
+    kept = sorted(p.name for p in folder.glob("checkpoint_epoch_*"))
+    assert kept == sorted({state["best_checkpoint"], "checkpoint_epoch_0003"}) == sorted(state["scores"])
     # the VAE trained once, in the first run: the resumed run kept its weights and scale
-    resumed = json.loads((folder / "checkpoint_epoch_0002" / "model" / "config.json").read_text())
+    resumed = json.loads((folder / "checkpoint_epoch_0003" / "model" / "config.json").read_text())
     assert resumed["latent_scale"] == pytest.approx(saved["latent_scale"])
 
 

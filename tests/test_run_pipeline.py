@@ -256,7 +256,8 @@ def test_two_pipelines_from_scratch_with_one_seed_give_the_same_scores(ray_local
                                          "--mde_sizes", "[96, 16, 16, 16]"],
             "pretrain_mde": ["--optim.epochs", "1", "--optim.head_fit_epochs", "3", "--tracking.register_as", "null"],
             "finetune_extractor": ["--optim.epochs", "2", "--tracking.register_as", "null"],
-            "finetune_text_to_image": ["--optim.epochs", "1", "--optim.vae_steps", "5", "--probe.enabled", "false"],
+            "finetune_text_to_image": ["--optim.epochs", "1", "--optim.vae_steps", "5", "--probe.enabled", "false",
+                                       "--tracking.register_as", "null"],  # overrides the pipeline's tmr-t2i-<task>
             "finetune_grounder": ["--optim.epochs", "1", "--eval_untrained", "false", "--tracking.register_as", "null"],
         },
     }))
@@ -289,6 +290,12 @@ def test_job_args_reach_every_stage_of_their_job_but_may_not_repeat_the_pipeline
     run_pipeline.check_job_args(stages, cfg.job_args)
     assert all(s.argv[-2:] == ["--optim.epochs", "2"] for s in stages if s.job == "finetune_extractor")
     assert next(s for s in stages if s.job == "compare_runs").argv[-2:] == ["--metric", "test_f1"]
+    # the registry name the pipeline gives each back-translator may be overridden (null: no registration)
+    unregistered = dataclasses.replace(cfg, job_args={"finetune_text_to_image": ["--tracking.register_as", "null"]})
+    stages = run_pipeline.plan(unregistered)
+    run_pipeline.check_job_args(stages, unregistered.job_args)
+    for stage in (s for s in stages if s.job == "finetune_text_to_image"):
+        assert stage.argv.count("--tracking.register_as") == 1 and stage.argv[-2:] == ["--tracking.register_as", "null"]
     clash = dataclasses.replace(cfg, job_args={"finetune_extractor": ["--output", "elsewhere"]})
     with pytest.raises(ConfigError, match="--output is set by the pipeline"):
         run_pipeline.check_job_args(run_pipeline.plan(clash), clash.job_args)

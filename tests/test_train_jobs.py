@@ -377,18 +377,19 @@ def test_paths_relative_to_the_driver_reach_the_workers_absolute(tmp_path, monke
     assert Cfg().model.base == "models/t2i"  # the driver's config is left as it was
 
 
-
 def test_local_mode_keeps_only_the_best_and_the_latest_checkpoints(tmp_path):
     """Ray applies ``checkpoints_to_keep`` to its own storage only; in local mode (the tiny configs)
     every epoch's checkpoint stayed: 2.4 GB for the RE back-translator's ~180 short epochs."""
     state = _train.TrainState()
     for epoch, metric in enumerate([0.2, 0.9, 0.5, 0.9, 0.1], start=1):
         state.finish_epoch(metric, steps=1, metrics={})
+        superseded = _train.forget_superseded_checkpoints(state, keep=1)
         (tmp_path / _train.checkpoint_name(epoch)).mkdir()
-        _train.prune_local_checkpoints(str(tmp_path), state, keep=1)
+        (tmp_path / _train.checkpoint_name(epoch) / _train.STATE_FILE).write_text(state.to_json())  # as written
+        _train.remove_checkpoints(str(tmp_path), superseded)
     # epoch 2 is the best (the earlier of two ties, as finish_epoch picks), epoch 5 the latest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch_0002", "checkpoint_epoch_0005"]
-    assert state.best_checkpoint == "checkpoint_epoch_0002" and set(state.scores) == {"checkpoint_epoch_0002",
-                                                                                        "checkpoint_epoch_0005"}
-    # a resumed run reads the kept scores back from train_state.json
-    assert _train.TrainState.from_json(state.to_json()).scores == state.scores
+    # the latest checkpoint's state, which a restart resumes from, lists exactly the folders that stay
+    resumed = _train.TrainState.from_json((tmp_path / "checkpoint_epoch_0005" / _train.STATE_FILE).read_text())
+    assert resumed.best_checkpoint == "checkpoint_epoch_0002"
+    assert set(resumed.scores) == {"checkpoint_epoch_0002", "checkpoint_epoch_0005"}
