@@ -88,8 +88,8 @@ class Config:
         "tmr-t2i-<task>): the tiny model holds NER's one object or RE's head | tail panels, not both. "
         "shared: one, on the pairs of back_translator_tasks (the paper's single Stable Diffusion)."
     )
-    back_translator_tasks: list[Literal["ner", "re"]] = opt(
-        ["ner", "re"], "back_translators: shared only: tasks whose training pairs fine-tune it (of those in --tasks; "
+    back_translator_tasks: list[Literal["ner", "re"]] | None = opt(
+        None, "back_translators: shared only: tasks whose training pairs fine-tune it (of those in --tasks; null or "
         "none left: all of them)."
     )
     train_grounder: bool | None = opt(
@@ -174,11 +174,15 @@ def check_config(cfg: Config) -> None:
     bad_weights = {k: v for k, v in cfg.stage_weights.items() if not v > 0}
     if bad_weights:
         problems.append(f"--stage_weights: expected > 0, got {bad_weights}")
-    # a stage id the plan lacks is fine (--tasks [ner] has no finetune_text_to_image.re); its job must exist
-    unknown_jobs = sorted(k for k in cfg.stage_weights if k.split(".", 1)[0] not in PIPELINE_JOBS)
-    if unknown_jobs:
-        problems.append(f"--stage_weights: {unknown_jobs} name no job of the pipeline (a job, or <job>.<stage>, "
-                        f"one of {sorted(PIPELINE_JOBS)})")
+    # a stage id the plan lacks is fine (--tasks [ner] has no finetune_text_to_image.re); its job and task must exist
+    unknown = sorted(k for k in cfg.stage_weights
+                     if k.split(".")[0] not in PIPELINE_JOBS or (k.count(".") and k.split(".")[1] not in TASKS))
+    if unknown:
+        problems.append(f"--stage_weights: {unknown} name no stage of the pipeline (a job, or <job>.<task>[.<ablation>]; "
+                        f"jobs: {sorted(PIPELINE_JOBS)}; tasks: {list(TASKS)})")
+    if cfg.back_translators == "per_task" and cfg.back_translator_tasks is not None:
+        problems.append("--back_translator_tasks: only for --back_translators shared (per_task trains each task's "
+                        "back-translator on that task's pairs); set it to null")
     if cfg.stage_threads is not None and cfg.stage_threads < 1:
         problems.append(f"--stage_threads: expected >= 1 or null, got {cfg.stage_threads}")
     unknown = sorted(set(cfg.job_args) - PIPELINE_JOBS)
@@ -328,7 +332,7 @@ def back_translator_stages(cfg: Config, task_dir: Any, truth: str | None, common
         groups = [(f"finetune_text_to_image.{task}", os.path.join(cfg.workdir, "t2i", task), [task], task)
                   for task in cfg.tasks]
     else:
-        tasks = [t for t in cfg.tasks if t in cfg.back_translator_tasks] or list(cfg.tasks)
+        tasks = [t for t in cfg.tasks if t in (cfg.back_translator_tasks or cfg.tasks)] or list(cfg.tasks)
         groups = [("finetune_text_to_image", os.path.join(cfg.workdir, "t2i", "shared"), tasks, None)]
     stages = []
     for stage_id, output, tasks, own in groups:

@@ -364,8 +364,11 @@ def test_the_stages_the_end_waits_on_longest_run_first_and_the_others_yield_the_
     weighted = run_pipeline.chain_lengths(stages, cfg.stage_weights)
     assert weighted["finetune_text_to_image.re"] == lengths["finetune_text_to_image.re"] + 1 \
         > weighted["finetune_text_to_image.ner"] == lengths["finetune_text_to_image.ner"]
-    with pytest.raises(ConfigError, match="stage_weights"):
-        run_pipeline.check_config(dataclasses.replace(cfg, stage_weights={"finetune_text_to_imag.re": 2.0}))
+    for typo in ("finetune_text_to_imag.re", "finetune_text_to_image.rr"):
+        with pytest.raises(ConfigError, match="stage_weights"):
+            run_pipeline.check_config(dataclasses.replace(cfg, stage_weights={typo: 2.0}))
+    with pytest.raises(ConfigError, match="back_translator_tasks: only for --back_translators shared"):
+        run_pipeline.check_config(dataclasses.replace(cfg, back_translator_tasks=["ner"]))
     with pytest.raises(ConfigError, match="stage_weights"):
         run_pipeline.check_config(dataclasses.replace(cfg, stage_weights={"pretrain_mde": 0.0}))
     # the tiny config's RE weight does not stop a run without RE
