@@ -39,6 +39,7 @@ from jobs._config import ConfigError, opt, parse_config, print_config, run_main,
 from jobs._data import ComputeConfig
 from jobs.generate_back_translations import GenerationConfig
 from jobs.ground_phrases import DetectorConfig
+from tmr_core.inference import BACK_TRANSLATION_COLUMNS
 
 JOB = "predict"
 TASKS = ("ner", "re")
@@ -294,8 +295,6 @@ def _run_isolated(step: Any, rows: list[dict], name: str, source: str) -> list[d
                    if isinstance(result, Exception) else result)
     return rows
 
-
-BACK_TRANSLATION_COLUMNS = ("back_translation_uri", "back_translation_error", "back_translation_cached")
 
 
 def _as_task(row: dict, task: str) -> dict:

@@ -49,10 +49,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve.schemas import InputError
-from tmr_core.inference import answer_each, has_image
+from tmr_core.inference import BACK_TRANSLATION_COLUMNS, answer_each, has_image
 
 logger = logging.getLogger("ray.serve")
-BACK_TRANSLATION_COLUMNS = ("back_translation_uri", "back_translation_error", "back_translation_cached")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -140,6 +140,10 @@ def prompts_and_seeds(rows: list[Row], seed: int = 0, per_sample: bool = False) 
     return prompts, seeds
 
 
+# what BackTranslationStep adds to each row
+BACK_TRANSLATION_COLUMNS = ("back_translation_uri", "back_translation_error", "back_translation_cached")
+
+
 class BackTranslationStep:
     """v' for each row's sentence (Eq. 3) through the content-addressed cache.
 
