@@ -39,6 +39,9 @@ class DataConfig:
         ["test_in_domain", "test_out_of_domain"], "Splits scored at the end (Table 3: in domain, out of domain)."
     )
     max_train_rows: int | None = opt(None, "Use only the first N training rows; null: all.")
+    pixel_cache_mb: int = opt(
+        512, "Per worker: processed image pixels kept for the next epoch (LRU); 0: process every epoch."
+    )
 
 
 @dataclass
@@ -124,7 +127,8 @@ def build_collator(cfg: Config):
     from tmr_core.mde import MDECollator
 
     processor = ViltProcessor.from_pretrained(cfg.model.backbone)
-    return MDECollator(processor, max_length=cfg.model.max_length, storage_options=cfg.storage.options())
+    return MDECollator(processor, max_length=cfg.model.max_length, storage_options=cfg.storage.options(),
+                       pixel_cache_bytes=cfg.data.pixel_cache_mb * 2**20)
 
 
 def predict_categories(model, batch) -> tuple[list, list]:

@@ -350,3 +350,28 @@ def test_collator_names_the_bad_row(processor):
         )
     with pytest.raises(ValueError, match="label 'aligned' is not one of"):
         collate([{"caption": "a", "image": image("red"), "label": "aligned"}])
+
+
+def test_collator_pads_as_the_processor_and_reuses_the_pixels_it_kept(processor, tmp_path, monkeypatch):
+    """Images processed one by one and padded here equal the processor's batch (sizes differ:
+    ViLT pads bottom-right to the largest); a row read by URI again is not processed again."""
+    paths = []
+    for colour, size in (("green", (40, 24)), ("red", (32, 32)), ("blue", (24, 56))):
+        paths.append(tmp_path / f"{colour}.png")
+        image(colour, size).save(paths[-1])
+    rows = [{"caption": f"a {c} car", "image_uri": str(p)} for c, p in zip(("green", "red", "blue"), paths, strict=True)]
+    expected = processor(images=[Image.open(p).convert("RGB") for p in paths], text=[r["caption"] for r in rows],
+                         padding="longest", truncation=True, max_length=8, return_tensors="pt")
+    collate = MDECollator(processor, max_length=8, pixel_cache_bytes=2**20)
+    first = collate(rows)
+    for key in ("input_ids", "attention_mask", "pixel_values", "pixel_mask"):
+        assert torch.equal(first[key], expected[key]), key
+    processed = []
+    original = collate._processed
+    monkeypatch.setattr(collate, "_processed", lambda images: processed.append(len(images)) or original(images))
+    again = collate([rows[2], rows[0]])
+    assert processed == []  # both kept
+    assert torch.equal(again["pixel_values"][0], first["pixel_values"][2, :, :, :again["pixel_values"].shape[-1]])
+    collate([rows[1], {"caption": "a red car", "image": image("red")}])  # an in-memory image is never kept
+    assert processed == [1]
+    assert len(MDECollator(processor, pixel_cache_bytes=0)._pixels) == 0

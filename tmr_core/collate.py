@@ -39,7 +39,6 @@ training and inference.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +47,7 @@ import torch
 
 from tmr_core import storage
 from tmr_core.heads import repair_bio
-from tmr_core.images import crop_regions, load_image
+from tmr_core.images import PixelCache, crop_regions, load_image
 
 IGNORE_INDEX = -100
 # A stage that could not use a row's image says why in this column (the row itself is kept).
@@ -116,8 +115,7 @@ class TMRCollator:
         self.storage_options = storage_options
         self.skip_unreadable_images = skip_unreadable_images
         self.pixel_cache_bytes = pixel_cache_bytes
-        self._pixels: OrderedDict[tuple, tuple[torch.Tensor | None, torch.Tensor]] = OrderedDict()
-        self._pixel_bytes = 0
+        self._pixels = PixelCache(pixel_cache_bytes)
         self.label_ids = {label: index for index, label in enumerate(config.labels)}
         self.cls_id, self.sep_id, self.pad_id = (
             tokenizer.cls_token_id,
@@ -276,16 +274,6 @@ class TMRCollator:
                       for r in regions if isinstance(r, Mapping))
         return uri, boxes, limit
 
-    def _remember(self, key: tuple, pixels: tuple[torch.Tensor | None, torch.Tensor]) -> None:
-        size = sum(t.numel() * t.element_size() for t in pixels if t is not None)
-        if size > self.pixel_cache_bytes:
-            return
-        self._pixels[key] = pixels
-        self._pixel_bytes += size
-        while self._pixel_bytes > self.pixel_cache_bytes:
-            _, old = self._pixels.popitem(last=False)
-            self._pixel_bytes -= sum(t.numel() * t.element_size() for t in old if t is not None)
-
     def _row_pixels(self, rows: Sequence[Mapping], uri_key: str, regions_key: str, where: list[str],
                     limit: int) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
         """Per row: the processed image (None without one) and its processed crops (k, C, H, W);
@@ -299,8 +287,7 @@ class TMRCollator:
             regions = _listed(row.get(regions_key))
             key = self._pixel_key(row.get(uri_key), regions, limit, row.get(ERROR_COLUMNS[uri_key]))
             if key is not None and key in self._pixels:
-                self._pixels.move_to_end(key)
-                found[i] = self._pixels[key]
+                found[i] = self._pixels.get(key)
                 continue
             if key is not None and key in pending_keys:
                 pending_keys[key].append(i)
@@ -321,7 +308,7 @@ class TMRCollator:
             for i in indices:
                 found[i] = (pixels, crop_pixels)
             if key is not None:  # copies: a view would keep the whole batch's tensor alive
-                self._remember(key, (None if pixels is None else pixels.clone(), crop_pixels.clone()))
+                self._pixels.put(key, (None if pixels is None else pixels.clone(), crop_pixels.clone()))
         return found
 
     def images(

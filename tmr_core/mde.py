@@ -435,6 +435,8 @@ class MDECollator:
         max_length: word pieces per caption after truncation (≤ the backbone's 40 text positions
             in ViLT checkpoints).
         storage_options: where ``s3://`` URIs are served.
+        pixel_cache_bytes: keep up to this many bytes of processed pixels of rows read by
+            ``image_uri``, for the next epoch (:class:`tmr_core.images.PixelCache`); 0: off.
 
     The batch holds ``input_ids``, ``attention_mask``, ``token_type_ids``, ``pixel_values``,
     ``pixel_mask``; ``labels`` when every row has a label; ``source_ids`` when every row has a
@@ -444,13 +446,17 @@ class MDECollator:
     """
 
     def __init__(
-        self, processor: Any, max_length: int = 40, storage_options: storage.StorageOptions | None = None
+        self, processor: Any, max_length: int = 40, storage_options: storage.StorageOptions | None = None,
+        pixel_cache_bytes: int = 0,
     ):
+        from tmr_core.images import PixelCache
+
         if max_length < 1:
             raise ValueError(f"max_length: expected >= 1, got {max_length}")
         self.processor = processor
         self.max_length = max_length
         self.storage_options = storage_options
+        self._pixels = PixelCache(pixel_cache_bytes)
 
     @staticmethod
     def _where(row: Mapping, index: int) -> str:
@@ -483,6 +489,36 @@ class MDECollator:
             return label
         raise ValueError(f"{self._where(row, index)}: label {label!r} is not one of {ALIGNMENT_CATEGORIES}")
 
+    def _processed(self, images: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each image's own (pixel_values, pixel_mask), unpadded: processed one by one, as the
+        processor does before it pads a batch to its largest image."""
+        values = self.processor.image_processor(images=images, do_pad=False)["pixel_values"]
+        tensors = [torch.as_tensor(value) for value in values]
+        return [(value, torch.ones(value.shape[-2:], dtype=torch.long)) for value in tensors]
+
+    def _pixel_batch(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        """``pixel_values`` (B, 3, H, W) padded bottom-right with zeros to the batch's largest image
+        and ``pixel_mask`` (B, H, W) 1 on real pixels, as ViLT's processor pads; rows read by URI
+        come from the pixel cache when they were processed before."""
+        keys = [row.get("image_uri") if row.get("image") is None and isinstance(row.get("image_uri"), str) else None
+                for row in rows]
+        found = [self._pixels.get(key) if key is not None else None for key in keys]
+        missing = [i for i, value in enumerate(found) if value is None]
+        if missing:
+            fresh = self._processed([self._image(rows[i], i) for i in missing])
+            for i, (values, mask) in zip(missing, fresh, strict=True):
+                found[i] = (values, mask)
+                if keys[i] is not None:
+                    self._pixels.put(keys[i], (values.clone(), mask.clone()))
+        height = max(values.shape[-2] for values, _ in found)
+        width = max(values.shape[-1] for values, _ in found)
+        pixel_values = torch.zeros(len(rows), found[0][0].shape[0], height, width, dtype=found[0][0].dtype)
+        pixel_mask = torch.zeros(len(rows), height, width, dtype=torch.long)
+        for i, (values, mask) in enumerate(found):
+            pixel_values[i, :, :values.shape[-2], :values.shape[-1]] = values
+            pixel_mask[i, :mask.shape[-2], :mask.shape[-1]] = mask
+        return {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
+
     def _all_or_none(self, rows: Sequence[Mapping], key: str) -> bool:
         present = [row.get(key) is not None for row in rows]
         if any(present) and not all(present):
@@ -493,19 +529,15 @@ class MDECollator:
     def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("rows: expected at least one row")
-        encoded = self.processor(
-            images=[self._image(row, i) for i, row in enumerate(rows)],
-            text=[self._text(row, i) for i, row in enumerate(rows)],
+        encoded = self.processor.tokenizer(
+            [self._text(row, i) for i, row in enumerate(rows)],
             padding="longest",
             truncation=True,
             max_length=self.max_length,
             return_tensors="pt",
         )
-        batch = {
-            key: encoded[key]
-            for key in ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "pixel_mask")
-            if key in encoded
-        }
+        batch = {key: encoded[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded}
+        batch |= self._pixel_batch(rows)
         if self._all_or_none(rows, "label"):
             batch["labels"] = torch.tensor(
                 [self._label(row, i) for i, row in enumerate(rows)], dtype=torch.long
