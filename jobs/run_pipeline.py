@@ -301,14 +301,19 @@ def plan(cfg: Config) -> list[Stage]:
         for ablation in ["full", "text_only"] if cfg.text_only_baseline else ["full"]:
             out = os.path.join(wd, "extractor", task, ablation)
             register = [] if ablation == "full" else ["--tracking.register_as", "null"]
+            # text only reads the text's columns (tokens, labels; RE's head also its noun phrases):
+            # the phrase table (the same rows: each stage's are checked), so it trains while the
+            # image stages run instead of after them
+            table = "divergence" if ablation == "full" else "phrases"
+            table_stage = f"score_divergence.{task}" if ablation == "full" else f"extract_phrases.{task}"
             stages.append(Stage(f"finetune_extractor.{task}.{ablation}", "finetune_extractor",
                                 ["--config", _job_config(cfg, "finetune_extractor", "" if task == "ner" else "re"),
                                  "--task", task, "--ablation", ablation, "--output", out,
-                                 "--data.dataset", task_dir(task, "divergence"), "--data.dataset_name", cfg.source,
+                                 "--data.dataset", task_dir(task, table), "--data.dataset_name", cfg.source,
                                  *(["--data.ground_truth", truth] if synthetic else ["--data.ground_truth", "null"]), *storage_args,
                                  *model_args("--model.text_encoder", "text-encoder"),
                                  *model_args("--model.image_encoder", "image-encoder"), *register, *tracking],
-                                out, [f"score_divergence.{task}"], summary="metrics"))
+                                out, [table_stage], summary="metrics"))
     if cfg.compare:
         trained = [s.id for s in stages if s.job in ("finetune_extractor", "pretrain_mde")]
         stages.append(Stage("compare_runs", "compare_runs",

@@ -397,8 +397,14 @@ def test_the_stages_the_end_waits_on_longest_run_first_and_the_others_yield_the_
     scheduler.done = {"make_tiny_models", "make_synthetic_benchmark", "prepare_dataset.ner", "prepare_dataset.re",
                       "extract_phrases.ner", "extract_phrases.re"}
     scheduler.pending = [s for s in stages if s.id not in scheduler.done]
+    # the text-only baselines read the phrase tables: ready now, taken last (nothing waits on them)
     assert [s.id for s in scheduler._ready()] == ["finetune_text_to_image.re", "finetune_text_to_image.ner",
-                                                  "finetune_grounder", "pretrain_mde"]
+                                                  "finetune_grounder", "pretrain_mde",
+                                                  "finetune_extractor.ner.text_only", "finetune_extractor.re.text_only"]
+    for task in ("ner", "re"):
+        text_only = by_id[f"finetune_extractor.{task}.text_only"]
+        assert set(text_only.needs) == {f"extract_phrases.{task}", "make_tiny_models"}
+        assert text_only.argv[text_only.argv.index("--data.dataset") + 1] == by_id[f"extract_phrases.{task}"].output
     monkeypatch.setattr(run_pipeline, "ray_address", lambda: "local")
     monkeypatch.setattr(run_pipeline, "ray_worker_niceness", lambda: 15)
     monkeypatch.setattr("jobs._tracking.prepare_store", lambda uri: None)
