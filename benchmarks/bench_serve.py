@@ -123,7 +123,9 @@ def tiny_app_args(checkpoints: dict[str, str], tiny: dict[str, str], cache_dir: 
         "phrase_parser": "tiny",
         "generation": {"model": tiny["text_to_image"], "scheduler": "EulerDiscreteScheduler", "steps": 2,
                        "guidance_scale": 1.0, "height": 32, "width": 32},
-        "back_translation_task_models": {},  # one back-translator for both tasks (the config's RE one is the demo's)
+        # these args are laid over configs/serve.tiny.yaml's: {} clears its RE back-translator (the demo's
+        # folder), so both tasks share the tiny untrained one above
+        "back_translation_task_models": {},
         "back_translation_cache": str(cache_dir),
         "image_uri_prefixes": [],
     }

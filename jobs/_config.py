@@ -412,6 +412,12 @@ def _split_cli(argv: list[str]) -> tuple[Path | None, list[tuple[str, str | None
     return config_path, overrides, problems
 
 
+def cli_keys(argv: list[str]) -> set[str]:
+    """The config keys ``argv`` sets, however spelled (``--a.b-c v``, ``--a.b_c=v``): ``a.b_c``."""
+    config_path, overrides, _ = _split_cli(argv)
+    return {key for key, _ in overrides} | ({"config"} if config_path else set())
+
+
 def _build(cls: type, flat: dict[str, Any], prefix: str = "") -> Any:
     hints = _field_types(cls)
     kwargs = {}

@@ -296,7 +296,6 @@ def _run_isolated(step: Any, rows: list[dict], name: str, source: str) -> list[d
     return rows
 
 
-
 def _as_task(row: dict, task: str) -> dict:
     """The row with ``task``'s phrases, v' and regions under the column names the steps read."""
     return {**row, "phrases": row.get(f"phrases_{task}"), "regions": row.get(f"regions_{task}"),

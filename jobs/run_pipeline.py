@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from jobs._config import opt, parse_config, print_config, run_main, save_config
+from jobs._config import cli_keys, opt, parse_config, print_config, run_main, save_config
 from tmr_core.errors import TMRError
 from tmr_core.schema import SPLITS
 
@@ -120,7 +120,8 @@ class Config:
         "RE's back-translator trains twice NER's steps)."
     )
     job_args: dict[str, list[str]] = opt(
-        {}, "Extra --key value arguments per job, after the pipeline's own (e.g. {finetune_extractor: [--optim.epochs, '2']})."
+        {}, "Extra --key value arguments per job, after the pipeline's own (e.g. {finetune_extractor: [--optim.epochs, '2']}); "
+        "one the pipeline sets is an error, but for the back-translators' --tracking.register_as (null: register none)."
     )
 
 
@@ -321,7 +322,8 @@ def plan(cfg: Config) -> list[Stage]:
                              *tracking], os.path.join(wd, "comparison"), trained, summary="none"))
     for stage in stages:
         extra = cfg.job_args.get(stage.job, [])
-        stage.argv = [*without_flags(stage.argv, OVERRIDABLE_FLAGS & set(extra)), *extra]
+        overridden = OVERRIDABLE_FLAGS.get(stage.job, frozenset()) & cli_keys(extra)
+        stage.argv = [*without_flags(stage.argv, {f"--{key}" for key in overridden}), *extra]
     if models:
         declare_model_needs(stages, models)
     return stages
@@ -370,7 +372,9 @@ def declare_model_needs(stages: list[Stage], models: str) -> None:
 
 
 # flags the pipeline sets that --job_args may still override (the pipeline then leaves its own out)
-OVERRIDABLE_FLAGS = frozenset({"--tracking.register_as"})
+# per job, the keys of the pipeline's arguments that --job_args may override (the back-translators'
+# registered names, e.g. null: register nothing); the text-only extractor's null stays
+OVERRIDABLE_FLAGS = {"finetune_text_to_image": frozenset({"tracking.register_as"})}
 
 
 def without_flags(argv: list[str], flags: set[str]) -> list[str]:
@@ -388,18 +392,16 @@ def without_flags(argv: list[str], flags: set[str]) -> list[str]:
 
 def check_job_args(stages: list[Stage], job_args: dict[str, list[str]]) -> None:
     """Reject extra arguments that repeat a flag the pipeline sets itself (paths, tracking …),
-    but for :data:`OVERRIDABLE_FLAGS` (e.g. ``--tracking.register_as null``: register nothing)."""
+    however spelled, but for the job's :data:`OVERRIDABLE_FLAGS`."""
     from jobs._config import ConfigError
 
     problems = []
     for stage in stages:
         extra = job_args.get(stage.job, [])
-        own = {a.replace("-", "_") for a in stage.argv[: len(stage.argv) - len(extra)] if a.startswith("--")}
-        own -= {flag.replace("-", "_") for flag in OVERRIDABLE_FLAGS}
-        for flag in (a for a in extra if a.startswith("--")):
-            if flag.replace("-", "_") in own:
-                problems.append(f"--job_args.{stage.job}: {flag} is set by the pipeline for {stage.id}; "
-                                "change it through the pipeline's own options instead")
+        own = cli_keys(stage.argv[: len(stage.argv) - len(extra)]) - OVERRIDABLE_FLAGS.get(stage.job, frozenset())
+        for key in sorted(cli_keys(extra) & own):
+            problems.append(f"--job_args.{stage.job}: --{key} is set by the pipeline for {stage.id}; "
+                            "change it through the pipeline's own options instead")
     if problems:
         raise ConfigError(sorted(set(problems)))
 

@@ -10,7 +10,6 @@ its model classes run as objects (``in_process_pipeline``), predict's actor clas
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 from pathlib import Path
 
@@ -259,4 +258,4 @@ def test_the_tiny_configs_give_re_its_own_back_translator():
     assert load_config_file(predict.Config, REPO / "configs" / "predict.yaml").back_translation.task_models == {}
     serve_args = yaml.safe_load((REPO / "configs" / "serve.tiny.yaml").read_text())["applications"][0]["args"]
     assert serve_args["back_translation_task_models"] == {"re": cfg.back_translation.task_models["re"]}
-    assert json.dumps(serve_args["generation"]["model"]) == json.dumps(cfg.back_translation.generation.model)
+    assert serve_args["generation"]["model"] == cfg.back_translation.generation.model

@@ -374,4 +374,5 @@ def test_collator_pads_as_the_processor_and_reuses_the_pixels_it_kept(processor,
     assert torch.equal(again["pixel_values"][0], first["pixel_values"][2, :, :, :again["pixel_values"].shape[-1]])
     collate([rows[1], {"caption": "a red car", "image": image("red")}])  # an in-memory image is never kept
     assert processed == [1]
-    assert len(MDECollator(processor, pixel_cache_bytes=0)._pixels) == 0
+    uncached = MDECollator(processor, max_length=8)  # the default: keeps nothing
+    assert torch.equal(uncached(rows)["pixel_values"], expected["pixel_values"]) and len(uncached._pixels) == 0

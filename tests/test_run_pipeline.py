@@ -297,9 +297,21 @@ def test_job_args_reach_every_stage_of_their_job_but_may_not_repeat_the_pipeline
     run_pipeline.check_job_args(stages, unregistered.job_args)
     for stage in (s for s in stages if s.job == "finetune_text_to_image"):
         assert stage.argv.count("--tracking.register_as") == 1 and stage.argv[-2:] == ["--tracking.register_as", "null"]
+    spelled = dataclasses.replace(cfg, job_args={"finetune_text_to_image": ["--tracking.register-as=null"]})
+    for stage in (s for s in run_pipeline.plan(spelled) if s.job == "finetune_text_to_image"):
+        assert "--tracking.register_as" not in stage.argv and stage.argv[-1] == "--tracking.register-as=null"
     clash = dataclasses.replace(cfg, job_args={"finetune_extractor": ["--output", "elsewhere"]})
     with pytest.raises(ConfigError, match="--output is set by the pipeline"):
         run_pipeline.check_job_args(run_pipeline.plan(clash), clash.job_args)
+    for spelling in (["--output=elsewhere"], ["--data.dataset-name", "x"]):  # however the job's parser reads it
+        clash = dataclasses.replace(cfg, job_args={"finetune_extractor": spelling})
+        with pytest.raises(ConfigError, match="is set by the pipeline"):
+            run_pipeline.check_job_args(run_pipeline.plan(clash), clash.job_args)
+    # the text-only baseline's null registration is not an extractor override: it would register
+    # the text-only model under the full model's name
+    renamed = dataclasses.replace(cfg, job_args={"finetune_extractor": ["--tracking.register_as", "tmr-ner"]})
+    with pytest.raises(ConfigError, match="--tracking.register_as is set by the pipeline for finetune_extractor.ner.text_only"):
+        run_pipeline.check_job_args(run_pipeline.plan(renamed), renamed.job_args)
 
 
 def test_demo_on_a_busy_port_prints_the_summary_then_one_line_naming_the_port(monkeypatch, capsys):
@@ -371,6 +383,9 @@ def test_the_stages_the_end_waits_on_longest_run_first_and_the_others_yield_the_
         run_pipeline.check_config(dataclasses.replace(cfg, back_translator_tasks=["ner"]))
     with pytest.raises(ConfigError, match="stage_weights"):
         run_pipeline.check_config(dataclasses.replace(cfg, stage_weights={"pretrain_mde": 0.0}))
+    # the paper config switches to a back-translator per task as its comment says
+    paper = load_config_file(run_pipeline.Config, "configs/pipeline.yaml")
+    run_pipeline.check_config(dataclasses.replace(paper, back_translators="per_task"))
     # the tiny config's RE weight does not stop a run without RE
     run_pipeline.check_config(dataclasses.replace(cfg, tasks=["ner"]))
     assert "finetune_text_to_image.re" not in run_pipeline.chain_lengths(run_pipeline.plan(dataclasses.replace(cfg, tasks=["ner"])),

@@ -286,8 +286,9 @@ class TMRCollator:
         for i, (row, label) in enumerate(zip(rows, where, strict=True)):
             regions = _listed(row.get(regions_key))
             key = self._pixel_key(row.get(uri_key), regions, limit, row.get(ERROR_COLUMNS[uri_key]))
-            if key is not None and key in self._pixels:
-                found[i] = self._pixels.get(key)
+            cached = self._pixels.get(key) if key is not None else None
+            if cached is not None:
+                found[i] = cached
                 continue
             if key is not None and key in pending_keys:
                 pending_keys[key].append(i)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 from PIL import Image
@@ -107,8 +108,6 @@ class PixelCache:
     allowed); store copies, as a view keeps its whole batch alive."""
 
     def __init__(self, max_bytes: int = 0):
-        from collections import OrderedDict
-
         self.max_bytes = max_bytes
         self._entries: OrderedDict = OrderedDict()
         self._bytes = 0
@@ -116,9 +115,6 @@ class PixelCache:
     @staticmethod
     def _size(value: tuple) -> int:
         return sum(t.numel() * t.element_size() for t in value if t is not None)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._entries
 
     def __len__(self) -> int:
         return len(self._entries)

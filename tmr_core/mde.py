@@ -489,34 +489,33 @@ class MDECollator:
             return label
         raise ValueError(f"{self._where(row, index)}: label {label!r} is not one of {ALIGNMENT_CATEGORIES}")
 
-    def _processed(self, images: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each image's own (pixel_values, pixel_mask), unpadded: processed one by one, as the
-        processor does before it pads a batch to its largest image."""
+    def _processed(self, images: list) -> list[torch.Tensor]:
+        """Each image's own pixel values (3, h, w), unpadded: processed one by one, as the processor
+        does before it pads a batch to its largest image."""
         values = self.processor.image_processor(images=images, do_pad=False)["pixel_values"]
-        tensors = [torch.as_tensor(value) for value in values]
-        return [(value, torch.ones(value.shape[-2:], dtype=torch.long)) for value in tensors]
+        return [torch.as_tensor(value) for value in values]
 
     def _pixel_batch(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         """``pixel_values`` (B, 3, H, W) padded bottom-right with zeros to the batch's largest image
         and ``pixel_mask`` (B, H, W) 1 on real pixels, as ViLT's processor pads; rows read by URI
         come from the pixel cache when they were processed before."""
-        keys = [row.get("image_uri") if row.get("image") is None and isinstance(row.get("image_uri"), str) else None
-                for row in rows]
+        caching = self._pixels.max_bytes > 0
+        keys = [row["image_uri"] if caching and row.get("image") is None and isinstance(row.get("image_uri"), str)
+                else None for row in rows]
         found = [self._pixels.get(key) if key is not None else None for key in keys]
         missing = [i for i, value in enumerate(found) if value is None]
         if missing:
-            fresh = self._processed([self._image(rows[i], i) for i in missing])
-            for i, (values, mask) in zip(missing, fresh, strict=True):
-                found[i] = (values, mask)
+            for i, values in zip(missing, self._processed([self._image(rows[i], i) for i in missing]), strict=True):
+                found[i] = (values,)
                 if keys[i] is not None:
-                    self._pixels.put(keys[i], (values.clone(), mask.clone()))
-        height = max(values.shape[-2] for values, _ in found)
-        width = max(values.shape[-1] for values, _ in found)
-        pixel_values = torch.zeros(len(rows), found[0][0].shape[0], height, width, dtype=found[0][0].dtype)
+                    self._pixels.put(keys[i], found[i])  # its own tensor, not a view of a batch
+        images = [values for (values,) in found]
+        height, width = max(v.shape[-2] for v in images), max(v.shape[-1] for v in images)
+        pixel_values = torch.zeros(len(rows), images[0].shape[0], height, width, dtype=images[0].dtype)
         pixel_mask = torch.zeros(len(rows), height, width, dtype=torch.long)
-        for i, (values, mask) in enumerate(found):
+        for i, values in enumerate(images):
             pixel_values[i, :, :values.shape[-2], :values.shape[-1]] = values
-            pixel_mask[i, :mask.shape[-2], :mask.shape[-1]] = mask
+            pixel_mask[i, :values.shape[-2], :values.shape[-1]] = 1
         return {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
 
     def _all_or_none(self, rows: Sequence[Mapping], key: str) -> bool:
