@@ -31,8 +31,10 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) -m jobs.run_demo --config configs/demo.tiny.yaml $(if $(PORT),--port $(PORT))
 
+# -X faulthandler: a crash after the last test (CI once saw "Segmentation fault" after 633 passed)
+# prints every thread's Python stack; pytest's own faulthandler stops at its unconfigure
 test: install
-	$(PY) -m pytest -q
+	$(PY) -X faulthandler -m pytest -q
 
 # SIZE=paper (default: bert-base, ResNet-50, SD v1.5 at 128 px... with random weights, built once) or SIZE=tiny
 bench: install
