@@ -448,9 +448,8 @@ def report_epoch(metrics: dict, state: TrainState, model: Any, optimizer: Any, s
         if is_rank_zero():
             write_checkpoint(tmp, model, optimizer, scheduler, state)
             if local_mode:
-                persisted = persist_local_checkpoint(tmp, folder, name, storage_options)
+                persisted = keep_local_checkpoint(tmp, folder, state, superseded if keep else None, storage_options)
                 checkpoint = Checkpoint(persisted) if persisted else Checkpoint.from_directory(tmp)
-                remove_checkpoints(folder, superseded, storage_options)
             else:
                 checkpoint = Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
@@ -468,6 +467,30 @@ def forget_superseded_checkpoints(state: TrainState, keep: int) -> list[str]:
     for name in superseded:
         del state.scores[name]
     return superseded
+
+
+def keep_local_checkpoint(source: str, folder: str, state: TrainState, superseded: list[str] | None,
+                          storage_options: Any = None) -> str | None:
+    """Local mode: persist this epoch's checkpoint to ``folder``, then (``superseded`` not None: a
+    ``keep`` is set) remove the superseded checkpoints and any :func:`unlisted_checkpoints`.
+    Returns the local path of the persisted checkpoint, or None for a remote folder."""
+    persisted = persist_local_checkpoint(source, folder, checkpoint_name(state.epoch), storage_options)
+    if superseded is not None:
+        remove_checkpoints(folder, sorted(set(superseded) | set(unlisted_checkpoints(folder, state))), storage_options)
+    return persisted
+
+
+def unlisted_checkpoints(folder: str, state: TrainState) -> list[str]:
+    """Checkpoint folders (and half-copied ``.partial`` ones) in a local run folder that
+    ``state.scores`` no longer lists: what a crash between persisting an epoch's checkpoint and
+    removing the ones it superseded left behind, which the resumed state no longer names. [] for a
+    remote folder (its superseded checkpoints are removed by name only)."""
+    from tmr_core import storage
+
+    if storage.is_remote(folder) or not os.path.isdir(folder):
+        return []
+    pattern = rf"{CHECKPOINT_PREFIX}\d+(\.partial)?"
+    return sorted(n for n in os.listdir(folder) if re.fullmatch(pattern, n) and n not in state.scores)
 
 
 def remove_checkpoints(folder: str, names: list[str], storage_options: Any = None) -> None:

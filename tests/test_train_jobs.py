@@ -393,3 +393,33 @@ def test_local_mode_keeps_only_the_best_and_the_latest_checkpoints(tmp_path):
     resumed = _train.TrainState.from_json((tmp_path / "checkpoint_epoch_0005" / _train.STATE_FILE).read_text())
     assert resumed.best_checkpoint == "checkpoint_epoch_0002"
     assert set(resumed.scores) == {"checkpoint_epoch_0002", "checkpoint_epoch_0005"}
+
+
+def test_local_mode_removes_checkpoints_a_crash_left_unlisted(tmp_path):
+    """A crash between persisting epoch 4's checkpoint and removing epoch 3's, which it superseded,
+    left epoch 3 on disk while the state a restart resumes from no longer names it: it stayed for
+    good (13 MB per back-translator epoch). The next epoch removes it, and a half-copied ``.partial``."""
+    folder = tmp_path / "run"
+
+    def finish(state, metric, crash_before_removal=False):
+        state.finish_epoch(metric, steps=1, metrics={})
+        superseded = _train.forget_superseded_checkpoints(state, keep=1)
+        source = tmp_path / "src" / str(state.epoch)
+        source.mkdir(parents=True)
+        (source / _train.STATE_FILE).write_text(state.to_json())
+        if crash_before_removal:
+            _train.persist_local_checkpoint(str(source), str(folder), _train.checkpoint_name(state.epoch))
+            return superseded
+        _train.keep_local_checkpoint(str(source), str(folder), state, superseded)
+        return superseded
+
+    state = _train.TrainState()
+    for metric in (0.5, 0.9, 0.1):
+        finish(state, metric)
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint_epoch_0002", "checkpoint_epoch_0003"]
+    assert finish(state, 0.2, crash_before_removal=True) == ["checkpoint_epoch_0003"]
+    (folder / "checkpoint_epoch_0005.partial").mkdir()  # the restarted run's first copy, cut short too
+    resumed = _train.TrainState.from_json((folder / "checkpoint_epoch_0004" / _train.STATE_FILE).read_text())
+    assert set(resumed.scores) == {"checkpoint_epoch_0002", "checkpoint_epoch_0004"}  # epoch 3 is unlisted
+    finish(resumed, 0.3)
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint_epoch_0002", "checkpoint_epoch_0005"]
