@@ -43,7 +43,6 @@ from tmr_core.inference import BACK_TRANSLATION_COLUMNS
 
 JOB = "predict"
 TASKS = ("ner", "re")
-PHRASE_LENGTHS = {"ner": 4, "re": 6}  # the paper's noun-phrase limits (TMR's code)
 
 
 @dataclass
@@ -307,7 +306,7 @@ class Phrases:
     """Noun phrases for each task's length limit (one parse; given phrases are kept)."""
 
     def __init__(self, cfg: Config):
-        from tmr_core.inference import PhraseStep
+        from tmr_core.inference import PHRASE_LENGTHS, PhraseStep
 
         self.cfg = cfg
         self.steps = {task: PhraseStep(cfg.phrases.parser, PHRASE_LENGTHS[task], cfg.phrases.stanza_dir)

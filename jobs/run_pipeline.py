@@ -208,6 +208,8 @@ def check_config(cfg: Config) -> None:
 
 def plan(cfg: Config) -> list[Stage]:
     """The stages, in order, with every path derived from ``cfg.workdir``."""
+    from tmr_core.inference import PHRASE_LENGTHS
+
     wd = cfg.workdir
     bench = os.path.join(wd, "benchmark")
     models = cfg.models_dir
@@ -248,7 +250,7 @@ def plan(cfg: Config) -> list[Stage]:
                    *source_args, "--output", dataset], dataset, needs_data),
             Stage(f"extract_phrases.{task}", "extract_phrases",
                   ["--config", _job_config(cfg, "extract_phrases"), "--input", dataset, "--output", phrases,
-                   *phrase_args(task), "--max_phrase_len", "4" if task == "ner" else "6"], phrases, [f"prepare_dataset.{task}"]),
+                   *phrase_args(task), "--max_phrase_len", str(PHRASE_LENGTHS[task])], phrases, [f"prepare_dataset.{task}"]),
         ]
     back_translator_stage = {task: [] for task in cfg.tasks}
     generator = {task: model_args("--generation.model", "text-to-image") for task in cfg.tasks}

@@ -264,6 +264,23 @@ def test_re_returns_a_relation_and_probabilities(app):
     assert result["relation"] == max(result["probabilities"], key=result["probabilities"].get)
 
 
+def test_each_task_parses_phrases_as_its_training_tables_were_made(app):
+    """RE's training tables hold phrases of up to 6 words (extract_phrases --max_phrase_len 6, the
+    paper's), NER's up to 4; the served RE model parsed with 4, so its regions were not the ones it
+    was trained on (demo test F1 72.9 served against 74.9 in training)."""
+    from tmr_core.inference import PHRASE_LENGTHS
+    from tmr_core.phrases import tiny_noun_phrases
+
+    tokens = "Kevin Durant joined Golden State Warriors Basketball Club today".split()
+    expected = {task: [p["text"] for p in tiny_noun_phrases(tokens, PHRASE_LENGTHS[task])] for task in ("ner", "re")}
+    assert expected["ner"] != expected["re"]  # a five-word name: cut at 4 for NER only
+    pair = {"head": {"start": 0, "end": 2}, "tail": {"start": 3, "end": 8}}
+    for task, extra in (("ner", {}), ("re", pair)):
+        response = post(app, f"/v1/{task}", {"text": " ".join(tokens), "image": b64(png_bytes()), **extra})
+        assert response.status_code == 200, response.text
+        assert sorted(response.json()["phrases"]) == sorted(expected[task]), task
+
+
 def _big_png(side: int) -> bytes:
     from PIL import Image
 
