@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def test_rows(workdir: Path, task: str) -> list[dict]:
+def stage_test_rows(workdir: Path, task: str) -> list[dict]:
     """The rows finetune_extractor scored, in id order (predict keeps input order)."""
     import pyarrow.dataset as pads
 
@@ -60,13 +60,16 @@ def predict_argv(args: argparse.Namespace, task: str, posts: Path, output: Path)
     row with spans classifies that pair, as the training job does)."""
     workdir = args.workdir
     model = f"{workdir}/extractor/{task}/full/model"
+    # RE's own back-translator exists only with run_pipeline --back_translators per_task
+    re_model = Path(workdir, "t2i", "re", "model")
+    task_models = f"{{re: {re_model}}}" if re_model.is_dir() else "{}"
     return [
         "--config", args.config, "--input", str(posts), "--output", str(output), "--mode", args.mode,
         "--force", "true",
         "--ner_model", model if task == "ner" else "null", "--re_model", model if task == "re" else "null",
         "--back_translation.cache_uri", f"{workdir}/cache/back_translations",
         "--back_translation.generation.model", f"{workdir}/t2i/ner/model",
-        "--back_translation.task_models", f"{{re: {workdir}/t2i/re/model}}",
+        "--back_translation.task_models", task_models,
         "--grounding.detector.model", f"{workdir}/grounder/model",
         "--divergence.checkpoint", f"{workdir}/mde/model",
     ]
@@ -91,12 +94,12 @@ def check_task(args: argparse.Namespace, task: str) -> dict:
     from jobs.finetune_extractor import gold_labels, score_fn
 
     workdir, out_dir = Path(args.workdir), Path(args.output)
-    rows = test_rows(workdir, task)
+    rows = stage_test_rows(workdir, task)
     posts = out_dir / f"test.{task}.jsonl"
     write_input(rows, task, posts)
     if predict.main(predict_argv(args, task, posts, out_dir / task)) != 0:
         raise SystemExit(f"[check_predict_f1] {task}: jobs.predict failed; its log is above")
-    out = [json.loads(line) for line in (out_dir / task / "predictions.jsonl").open()]
+    out = [json.loads(line) for line in (out_dir / task / "predictions.jsonl").read_text().splitlines()]
     if [r["id"] for r in out] != [r["id"] for r in rows] or any(r["error"] for r in out):
         raise SystemExit(f"[check_predict_f1] {task}: predict lost or failed rows ({out_dir / task})")
     extractor = workdir / "extractor" / task / "full"
@@ -105,6 +108,7 @@ def check_task(args: argparse.Namespace, task: str) -> dict:
     none_label = model_config.get("none_label", "None")
     f1 = score_fn(task, none_label)(gold_labels(task, rows), predicted_labels(task, out_dir / task, out))["f1"]
     return {"task": task, "rows": len(rows), "predict_f1": f1, "training_test_f1": training["test_f1"],
+            "equal": abs(f1 - training["test_f1"]) < 1e-9,
             "training_best_epoch": training["best_epoch"],
             "back_translation_used": sum(r["back_translation_used"] for r in out),
             "back_translation_cached": sum(r["back_translation_cached"] for r in out),
@@ -131,14 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n| task | rows | predict F1 | training test F1 | equal | v' used | v' cached | α differs |"
           f"  ({args.mode} mode)\n|---|---|---|---|---|---|---|---|")
     for r in results:
-        equal = abs(r["predict_f1"] - r["training_test_f1"]) < 1e-9
         print(f"| {r['task']} | {r['rows']} | {100 * r['predict_f1']:.2f} | {100 * r['training_test_f1']:.2f} | "
-              f"{equal} | {r['back_translation_used']}/{r['rows']} | {r['back_translation_cached']}/{r['rows']} | "
+              f"{r['equal']} | {r['back_translation_used']}/{r['rows']} | {r['back_translation_cached']}/{r['rows']} | "
               f"{r['alpha_differs']}/{r['rows']} |")
     seconds = time.perf_counter() - started
     print(f"[check_predict_f1] {seconds:.0f} s")
     (Path(args.output) / "check.json").write_text(json.dumps({"results": results, "seconds": seconds}, indent=2))
-    return 0 if all(abs(r["predict_f1"] - r["training_test_f1"]) < 1e-9 for r in results) else 1
+    return 0 if all(r["equal"] for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -471,8 +471,9 @@ def forget_superseded_checkpoints(state: TrainState, keep: int) -> list[str]:
 
 def keep_local_checkpoint(source: str, folder: str, state: TrainState, superseded: list[str] | None,
                           storage_options: Any = None) -> str | None:
-    """Local mode: persist this epoch's checkpoint to ``folder``, then (``superseded`` not None: a
-    ``keep`` is set) remove the superseded checkpoints and any :func:`unlisted_checkpoints`.
+    """Local mode: persist this epoch's checkpoint to ``folder``, then remove the superseded
+    checkpoints and any :func:`unlisted_checkpoints`. ``superseded`` None (no
+    ``ray.checkpoints_to_keep``): every checkpoint stays, so nothing is removed.
     Returns the local path of the persisted checkpoint, or None for a remote folder."""
     persisted = persist_local_checkpoint(source, folder, checkpoint_name(state.epoch), storage_options)
     if superseded is not None:
@@ -481,16 +482,17 @@ def keep_local_checkpoint(source: str, folder: str, state: TrainState, supersede
 
 
 def unlisted_checkpoints(folder: str, state: TrainState) -> list[str]:
-    """Checkpoint folders (and half-copied ``.partial`` ones) in a local run folder that
-    ``state.scores`` no longer lists: what a crash between persisting an epoch's checkpoint and
-    removing the ones it superseded left behind, which the resumed state no longer names. [] for a
-    remote folder (its superseded checkpoints are removed by name only)."""
+    """Checkpoint folders in a local run folder that ``state.scores`` no longer lists, other than
+    the best (which the job exports; a state written before ``scores`` existed lists nothing) and
+    the latest: what a crash between persisting an epoch's checkpoint and removing the ones it
+    superseded left behind, which the resumed state no longer names. [] for a remote folder (its
+    superseded checkpoints are removed by name only, so a crash there can still leave some)."""
     from tmr_core import storage
 
     if storage.is_remote(folder) or not os.path.isdir(folder):
         return []
-    pattern = rf"{CHECKPOINT_PREFIX}\d+(\.partial)?"
-    return sorted(n for n in os.listdir(folder) if re.fullmatch(pattern, n) and n not in state.scores)
+    listed = set(state.scores) | {state.best_checkpoint, checkpoint_name(state.epoch)}
+    return sorted(n for n in os.listdir(folder) if re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", n) and n not in listed)
 
 
 def remove_checkpoints(folder: str, names: list[str], storage_options: Any = None) -> None:

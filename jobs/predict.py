@@ -306,7 +306,8 @@ class Phrases:
     """Noun phrases for each task's length limit (one parse; given phrases are kept)."""
 
     def __init__(self, cfg: Config):
-        from tmr_core.inference import PHRASE_LENGTHS, PhraseStep
+        from tmr_core.inference import PhraseStep
+        from tmr_core.phrases import PHRASE_LENGTHS
 
         self.cfg = cfg
         self.steps = {task: PhraseStep(cfg.phrases.parser, PHRASE_LENGTHS[task], cfg.phrases.stanza_dir)

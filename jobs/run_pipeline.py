@@ -208,7 +208,7 @@ def check_config(cfg: Config) -> None:
 
 def plan(cfg: Config) -> list[Stage]:
     """The stages, in order, with every path derived from ``cfg.workdir``."""
-    from tmr_core.inference import PHRASE_LENGTHS
+    from tmr_core.phrases import PHRASE_LENGTHS
 
     wd = cfg.workdir
     bench = os.path.join(wd, "benchmark")

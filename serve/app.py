@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from ray.serve import Application
 
 from serve.deployments import BackTranslator, TMRModel
 from serve.ingress import IngressSettings, TMRIngress
-from tmr_core.inference import PHRASE_LENGTHS
+from tmr_core.phrases import PHRASE_LENGTHS
 
 
 class GenerationArgs(BaseModel):
@@ -76,10 +76,11 @@ class AppArgs(BaseModel):
         "stanza", description="stanza constituency parser (needs its English models) or the offline tiny heuristic."
     )
     stanza_dir: str | None = Field(None, description="stanza models folder; null: stanza's default.")
-    max_phrase_len: int | dict[Literal["ner", "re"], int] = Field(
+    max_phrase_len: dict[Literal["ner", "re"], PositiveInt] = Field(
         default_factory=lambda: dict(PHRASE_LENGTHS),
         description="Longest noun phrase, in words, per task ({ner: 4, re: 6}: the paper's, which the training "
-        "tables' extract_phrases and jobs.predict use); one number applies to both tasks.")
+        "tables' extract_phrases and jobs.predict use); a task left out gets the paper's, one number applies "
+        "to both tasks.")
     generation: GenerationArgs = Field(default_factory=GenerationArgs)
     back_translation_task_models: dict[Literal["ner", "re"], str] = Field(
         default_factory=dict,
@@ -130,20 +131,14 @@ class AppArgs(BaseModel):
                              "generation.model")
         return models
 
-    @field_validator("max_phrase_len")
+    @field_validator("max_phrase_len", mode="before")
     @classmethod
-    def _phrase_lengths_positive(cls, lengths: int | dict[str, int]) -> int | dict[str, int]:
-        values = lengths.values() if isinstance(lengths, dict) else [lengths]
-        if any(value < 1 for value in values):
-            raise ValueError(f"max_phrase_len: every length must be ≥ 1, got {lengths}")
-        return lengths
-
-    def phrase_len_for(self, task: str) -> int:
-        """The longest noun phrase ``task``'s model parses: ``max_phrase_len``'s entry for it, the
-        paper's (:data:`tmr_core.inference.PHRASE_LENGTHS`) when the mapping leaves it out."""
-        if isinstance(self.max_phrase_len, int):
-            return self.max_phrase_len
-        return self.max_phrase_len.get(task, PHRASE_LENGTHS[task])
+    def _phrase_length_per_task(cls, lengths: Any) -> Any:
+        # one number (the configs before per-task limits) applies to both tasks; a task left out of
+        # a mapping gets the paper's, so the validated args show every limit the models parse with
+        if isinstance(lengths, dict):
+            return {**PHRASE_LENGTHS, **lengths}
+        return dict.fromkeys(PHRASE_LENGTHS, lengths)
 
     def generation_for(self, task: str) -> GenerationArgs:
         """The generation settings ``task``'s v' is made and looked up with: ``generation`` with its

@@ -274,7 +274,7 @@ class TMRModel:
         if model_uri is None:
             raise ValueError(f"{task}_model is null: no {task!r} model to serve")
         try:
-            self.phrases = PhraseStep(settings.phrase_parser, settings.phrase_len_for(task), settings.stanza_dir,
+            self.phrases = PhraseStep(settings.phrase_parser, settings.max_phrase_len[task], settings.stanza_dir,
                                       use_gpu=device.startswith("cuda"))
         except ValueError as error:
             raise ValueError(f"phrase_parser: {error}") from error

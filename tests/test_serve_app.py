@@ -120,6 +120,19 @@ def test_tiny_phrase_parser_keeps_names_and_determiner_phrases():
     assert tiny_noun_phrases(["rt", "@x", ":", "hello"], 4) == []
 
 
+def test_phrase_limits_are_per_task_with_the_papers_as_defaults():
+    from pydantic import ValidationError
+
+    from serve.app import AppArgs
+
+    assert AppArgs().max_phrase_len == {"ner": 4, "re": 6}
+    assert AppArgs(max_phrase_len=5).max_phrase_len == {"ner": 5, "re": 5}  # a config from before: both tasks
+    assert AppArgs(max_phrase_len={"re": 3}).max_phrase_len == {"ner": 4, "re": 3}
+    for bad, field in ((0, "max_phrase_len.ner"), ({"re": 0}, "max_phrase_len.re"), ({"mre": 6}, "max_phrase_len.mre")):
+        with pytest.raises(ValidationError, match=field.replace(".", r"\.")):
+            AppArgs(max_phrase_len=bad)
+
+
 def test_request_schemas_name_the_bad_field():
     from pydantic import ValidationError
 
@@ -266,10 +279,9 @@ def test_re_returns_a_relation_and_probabilities(app):
 
 def test_each_task_parses_phrases_as_its_training_tables_were_made(app):
     """RE's training tables hold phrases of up to 6 words (extract_phrases --max_phrase_len 6, the
-    paper's), NER's up to 4; the served RE model parsed with 4, so its regions were not the ones it
-    was trained on (demo test F1 72.9 served against 74.9 in training)."""
-    from tmr_core.inference import PHRASE_LENGTHS
-    from tmr_core.phrases import tiny_noun_phrases
+    paper's), NER's up to 4; the served RE model parsed with NER's 4, so with stanza a long name
+    would have grounded other regions than training saw (the demo's phrases never exceed 4 words)."""
+    from tmr_core.phrases import PHRASE_LENGTHS, tiny_noun_phrases
 
     tokens = "Kevin Durant joined Golden State Warriors Basketball Club today".split()
     expected = {task: [p["text"] for p in tiny_noun_phrases(tokens, PHRASE_LENGTHS[task])] for task in ("ner", "re")}

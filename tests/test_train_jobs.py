@@ -398,7 +398,7 @@ def test_local_mode_keeps_only_the_best_and_the_latest_checkpoints(tmp_path):
 def test_local_mode_removes_checkpoints_a_crash_left_unlisted(tmp_path):
     """A crash between persisting epoch 4's checkpoint and removing epoch 3's, which it superseded,
     left epoch 3 on disk while the state a restart resumes from no longer names it: it stayed for
-    good (13 MB per back-translator epoch). The next epoch removes it, and a half-copied ``.partial``."""
+    good (13 MB per back-translator epoch). The next epoch removes it, and never the best one."""
     folder = tmp_path / "run"
 
     def finish(state, metric, crash_before_removal=False):
@@ -418,8 +418,13 @@ def test_local_mode_removes_checkpoints_a_crash_left_unlisted(tmp_path):
         finish(state, metric)
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint_epoch_0002", "checkpoint_epoch_0003"]
     assert finish(state, 0.2, crash_before_removal=True) == ["checkpoint_epoch_0003"]
-    (folder / "checkpoint_epoch_0005.partial").mkdir()  # the restarted run's first copy, cut short too
     resumed = _train.TrainState.from_json((folder / "checkpoint_epoch_0004" / _train.STATE_FILE).read_text())
     assert set(resumed.scores) == {"checkpoint_epoch_0002", "checkpoint_epoch_0004"}  # epoch 3 is unlisted
     finish(resumed, 0.3)
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint_epoch_0002", "checkpoint_epoch_0005"]
+
+    # a state written before `scores` existed lists no checkpoint: its best one still stays
+    legacy = _train.TrainState.from_json((folder / "checkpoint_epoch_0005" / _train.STATE_FILE).read_text())
+    legacy.scores = {}
+    finish(legacy, 0.1)
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint_epoch_0002", "checkpoint_epoch_0006"]

@@ -51,6 +51,7 @@ from tmr_core.encoders import (
 from tmr_core.fusion import divergence_fusion
 from tmr_core.heads import NERHead, REHead, split_bio
 from tmr_core.modeling import PretrainedModule
+from tmr_core.phrases import PHRASE_LENGTHS
 from tmr_core.schema import NER_TAGS
 
 # Paper Table 2's ablations as TMRConfig switches; each removes only what its name says.
@@ -64,8 +65,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 
 TASK_DEFAULTS = {
-    "ner": {"max_length": 80, "max_phrase_len": 4},
-    "re": {"max_length": 128, "max_phrase_len": 6},
+    "ner": {"max_length": 80, "max_phrase_len": PHRASE_LENGTHS["ner"]},
+    "re": {"max_length": 128, "max_phrase_len": PHRASE_LENGTHS["re"]},
 }
 
 

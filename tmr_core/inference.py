@@ -86,10 +86,6 @@ def _free_accelerator_memory() -> None:
 
 # --------------------------------------------------------------------------- phrases
 
-# The paper's noun-phrase limits per task (TMR's code): the training tables' extract_phrases runs,
-# predict and each served task's model parse with the same one.
-PHRASE_LENGTHS = {"ner": 4, "re": 6}
-
 
 class PhraseStep:
     """Noun phrases of each row's tokens (T^p's spans), up to ``max_phrase_len`` words.

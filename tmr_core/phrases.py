@@ -16,6 +16,10 @@ from typing import Any
 
 from tmr_core.errors import DataFormatError, TMRError
 
+# The paper's noun-phrase limits per task (TMR's code): the training tables' extract_phrases runs,
+# the extractor's config, predict and each served task's model use the same one.
+PHRASE_LENGTHS = {"ner": 4, "re": 6}
+
 NOUN_PHRASE_LABELS = ("NP",)
 STANZA_DOWNLOAD_HINT = (
     "download it once with: python -c \"import stanza; "
