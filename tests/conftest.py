@@ -2,7 +2,12 @@
 
 import os
 
-from tests.fixtures.storage import FAKE_AWS_ENV
+import pytest
+
+# imported below before pytest loads it as a plugin: keep its asserts rewritten
+pytest.register_assert_rewrite("tests.fixtures")
+
+from tests.fixtures.storage import FAKE_AWS_ENV  # noqa: E402
 
 # Offline and quiet before anything imports transformers or ray. Fake AWS credentials for the whole
 # session (tests talk to moto's local S3 only, never to AWS): Ray workers inherit them whenever the
