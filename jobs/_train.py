@@ -448,7 +448,7 @@ def report_epoch(metrics: dict, state: TrainState, model: Any, optimizer: Any, s
         if is_rank_zero():
             write_checkpoint(tmp, model, optimizer, scheduler, state)
             if local_mode:
-                persisted = keep_local_checkpoint(tmp, folder, state, superseded if keep else None, storage_options)
+                persisted = keep_local_checkpoint(tmp, folder, state, superseded, bool(keep), storage_options)
                 checkpoint = Checkpoint(persisted) if persisted else Checkpoint.from_directory(tmp)
             else:
                 checkpoint = Checkpoint.from_directory(tmp)
@@ -469,14 +469,14 @@ def forget_superseded_checkpoints(state: TrainState, keep: int) -> list[str]:
     return superseded
 
 
-def keep_local_checkpoint(source: str, folder: str, state: TrainState, superseded: list[str] | None,
+def keep_local_checkpoint(source: str, folder: str, state: TrainState, superseded: list[str], prune: bool,
                           storage_options: Any = None) -> str | None:
-    """Local mode: persist this epoch's checkpoint to ``folder``, then remove the superseded
-    checkpoints and any :func:`unlisted_checkpoints`. ``superseded`` None (no
-    ``ray.checkpoints_to_keep``): every checkpoint stays, so nothing is removed.
+    """Local mode: persist this epoch's checkpoint to ``folder``; with ``prune``
+    (``ray.checkpoints_to_keep`` set) remove the superseded checkpoints and any
+    :func:`unlisted_checkpoints`, else every checkpoint stays.
     Returns the local path of the persisted checkpoint, or None for a remote folder."""
     persisted = persist_local_checkpoint(source, folder, checkpoint_name(state.epoch), storage_options)
-    if superseded is not None:
+    if prune:
         remove_checkpoints(folder, sorted(set(superseded) | set(unlisted_checkpoints(folder, state))), storage_options)
     return persisted
 

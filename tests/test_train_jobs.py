@@ -410,7 +410,7 @@ def test_local_mode_removes_checkpoints_a_crash_left_unlisted(tmp_path):
         if crash_before_removal:
             _train.persist_local_checkpoint(str(source), str(folder), _train.checkpoint_name(state.epoch))
             return superseded
-        _train.keep_local_checkpoint(str(source), str(folder), state, superseded)
+        _train.keep_local_checkpoint(str(source), str(folder), state, superseded, prune=True)
         return superseded
 
     state = _train.TrainState()
